@@ -1,0 +1,541 @@
+"""Tasks, data loading, the question heuristic, the multi-task batch sampler and the collator.
+
+A task is a name, its label names and where its text comes from. Every source is a Hub dataset id with
+a mirror folder name: with `--data_dir DIR` the split is read from `DIR/<mirror>/<split>.parquet` (or
+.csv/.tsv/.jsonl/.json), otherwise from the Hub. The same config therefore runs online and offline.
+
+Default tasks:
+- `sentiment`: GLUE SST-2 (`stanfordnlp/sst2`), train on `train`, evaluate on `validation`.
+- `question`: weak supervision. A pool of SST-2 sentences (statements) and TREC questions (`CogComp/trec`),
+  labelled by `is_question_heuristic` only; a held-out part of the pool is the task's validation split.
+  DailyDialog's gold dialog acts (mirror only) are an extra evaluation set, never training data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_STRATEGIES = ("round_robin", "proportional", "temperature")
+DATA_EXTENSIONS = {"parquet": "parquet", "csv": "csv", "tsv": "csv", "jsonl": "json", "json": "json"}
+
+# ---------------------------------------------------------------------------------------------------------
+# The question heuristic (the teacher of the `question` task)
+# ---------------------------------------------------------------------------------------------------------
+
+WH_WORDS = frozenset("what how why who whom whose where when which".split())
+AUXILIARIES = frozenset(
+    "is are am was were do does did can could will would shall should may might must have has had "
+    "isn't aren't wasn't weren't don't doesn't didn't can't couldn't won't wouldn't shouldn't haven't hasn't "
+    "hadn't mustn't ca wo".split()  # "ca n't" / "wo n't" as SST-2 and DailyDialog tokenize them
+)
+# "what a film !", "how nice of you ." : wh-word + these opens an exclamation, not a question.
+_EXCLAMATIVE_NEXT = frozenset("a an".split())
+_TOKEN = re.compile(r"[a-z']+")
+
+
+def is_question_heuristic(text: str) -> bool:
+    """The weak labeller: a sentence is a question if it ends with `?`, or if it opens with a wh-word or an
+    auxiliary verb and is not closed as a statement or exclamation.
+
+    Refinements over the plain rule (each one pinned by tests/test_data.py):
+    - a final `?` (ignoring closing quotes/brackets) always wins;
+    - "what a ..."/"what an ..." open exclamations ("what a film !");
+    - a sentence ending in `!` is an exclamation ("how nice !");
+    - a wh-opening that ends in `.` is a statement ("when it ends , you sigh .", "what i liked was the cast .");
+    - a wh-word followed by a comma is an interjection, not a question ("well , what , it 's fine .").
+    """
+    stripped = text.strip().rstrip("\"')]} ")
+    if not stripped:
+        return False
+    if stripped.endswith("?"):
+        return True
+    words = _TOKEN.findall(stripped.lower())
+    if not words:
+        return False
+    first = words[0]
+    if first not in WH_WORDS and first not in AUXILIARIES:
+        return False
+    if stripped.endswith("!"):
+        return False
+    if first in WH_WORDS:
+        if len(words) > 1 and words[1] in _EXCLAMATIVE_NEXT:
+            return False
+        if stripped.endswith("."):
+            return False
+    return True
+
+
+def reference_rule_wh_or_qmark(text: str) -> bool:
+    """The simplest rule quoted in the data README: ends with `?` or starts with what/how."""
+    stripped = text.strip()
+    words = _TOKEN.findall(stripped.lower())
+    return stripped.endswith("?") or (bool(words) and words[0] in {"what", "how"})
+
+
+def strip_question_marks(text: str) -> str:
+    """The unpunctuated view of a text: every `?` removed, spaces tidied."""
+    return " ".join(text.replace("?", " ").split())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Task definitions
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """One split of one dataset. `dataset` is the Hub id; `mirror` the folder under `--data_dir`."""
+
+    dataset: str
+    mirror: str
+    split: str
+    text_column: str
+    label_column: str | None = None  # None: labels come from the task's label_fn
+    transform: Callable[[str], str] | None = None  # applied to the text before labelling/tokenizing
+
+    def describe(self, data_dir: str | None) -> str:
+        if data_dir is None:
+            return f"{self.dataset} [{self.split}]"
+        return str(Path(data_dir) / self.mirror / f"{self.split}.*")
+
+
+@dataclass(frozen=True)
+class EvalSource:
+    name: str  # the metric prefix: eval_<name>_accuracy
+    source: Source
+    mirror_only: bool = False  # not on the Hub in a loadable form: skipped without --data_dir
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    label_names: tuple[str, ...]
+    train: tuple[Source, ...]
+    eval: tuple[EvalSource, ...] = ()  # empty first entry: hold out part of the train pool instead
+    label_fn: Callable[[str], int] | None = None
+    holdout_name: str | None = None  # eval set name of the held-out part of the pool
+    description: str = ""
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def to_config(self) -> dict:
+        return {"name": self.name, "num_labels": self.num_labels, "id2label": dict(enumerate(self.label_names))}
+
+
+def _question_label(text: str) -> int:
+    return int(is_question_heuristic(text))
+
+
+SST2_TRAIN = Source("stanfordnlp/sst2", "sst2", "train", "sentence", "label")
+SST2_VALIDATION = Source("stanfordnlp/sst2", "sst2", "validation", "sentence", "label")
+TREC_TRAIN = Source("CogComp/trec", "trec", "train", "text")
+DAILYDIALOG = Source("li2017dailydialog/daily_dialog", "dailydialog", "validation", "text", "is_question")
+
+TASKS: dict[str, TaskSpec] = {
+    "sentiment": TaskSpec(
+        name="sentiment",
+        label_names=("negative", "positive"),
+        train=(SST2_TRAIN,),
+        eval=(EvalSource("sentiment", SST2_VALIDATION),),
+        description="Binary sentiment of movie-review text (GLUE SST-2).",
+    ),
+    "question": TaskSpec(
+        name="question",
+        label_names=("not_question", "question"),
+        train=(Source("stanfordnlp/sst2", "sst2", "train", "sentence"), TREC_TRAIN),
+        eval=(
+            EvalSource("question_gold", DAILYDIALOG, mirror_only=True),
+            EvalSource(
+                "question_gold_noqm",
+                replace(DAILYDIALOG, transform=strip_question_marks),
+                mirror_only=True,
+            ),
+        ),
+        label_fn=_question_label,
+        holdout_name="question",
+        description="Is the sentence a question? Trained on heuristic labels of SST-2 and TREC text; "
+        "measured against gold dialog acts of DailyDialog.",
+    ),
+}
+
+
+def get_tasks(names: Sequence[str]) -> list[TaskSpec]:
+    if not names:
+        raise ValueError(f"No tasks given; choose from {sorted(TASKS)} (e.g. --tasks sentiment question).")
+    duplicates = sorted({n for n in names if list(names).count(n) > 1})
+    if duplicates:
+        raise ValueError(f"Duplicate task names {duplicates} in --tasks; list each task once.")
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"Unknown task(s) {unknown}; known tasks: {sorted(TASKS)}.")
+    return [TASKS[n] for n in names]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and checking
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_source(source: Source, data_dir: str | None):
+    """Load one split as a `datasets.Dataset`, from the mirror folder when `data_dir` is set, else the Hub."""
+    import datasets
+
+    if data_dir is not None:
+        folder = Path(data_dir) / source.mirror
+        if not Path(data_dir).is_dir():
+            raise ValueError(f"--data_dir {data_dir!r} does not exist or is not a folder.")
+        for ext, builder in DATA_EXTENSIONS.items():
+            path = folder / f"{source.split}.{ext}"
+            if path.is_file():
+                kwargs = {"delimiter": "\t"} if ext == "tsv" else {}
+                try:
+                    return datasets.load_dataset(
+                        builder, data_files={source.split: str(path)}, split=source.split, **kwargs
+                    )
+                except Exception as err:  # datasets raises many types for unreadable files
+                    raise ValueError(
+                        f"{path}: could not be read as {ext} ({type(err).__name__}: {str(err)[:300]}). "
+                        f"Check that the file is valid {ext}, UTF-8 encoded, or replace it."
+                    ) from err
+        raise ValueError(
+            f"--data_dir {data_dir!r} has no file for dataset {source.dataset!r} split {source.split!r}: looked for "
+            f"{folder / (source.split + '.parquet')} (or .csv/.tsv/.jsonl/.json). Mirror it there, or drop "
+            f"--data_dir to read it from the Hub."
+        )
+    try:
+        return datasets.load_dataset(source.dataset, split=source.split)
+    except Exception as err:
+        raise ValueError(
+            f"Could not load {source.dataset!r} split {source.split!r} from the Hub ({type(err).__name__}: "
+            f"{str(err)[:300]}). If this machine is offline, pass --data_dir with a local mirror "
+            f"(e.g. --data_dir ../shared/data), or connect to the Hub."
+        ) from err
+
+
+def check_columns(ds, source: Source, data_dir: str | None) -> None:
+    wanted = [c for c in (source.text_column, source.label_column) if c is not None]
+    missing = [c for c in wanted if c not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"{source.describe(data_dir)}: missing column(s) {missing}; found {ds.column_names}. "
+            f"Rename the column(s) in the file or change the task's source definition in data.py."
+        )
+
+
+def check_texts(texts: Sequence, where: str, column: str) -> None:
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: column {column!r} row {row} is {text!r}, expected a string.")
+        if not text.strip():
+            raise ValueError(
+                f"{where}: column {column!r} row {row} is empty or whitespace only; remove the row or fill it."
+            )
+
+
+def check_labels(labels: Sequence, num_labels: int, where: str, column: str) -> None:
+    for row, label in enumerate(labels):
+        if label is None or isinstance(label, bool) or not isinstance(label, (int, np.integer, float)):
+            raise ValueError(f"{where}: column {column!r} row {row} is {label!r}, expected an integer class id.")
+        if isinstance(label, float) and (not math.isfinite(label) or not label.is_integer()):
+            raise ValueError(f"{where}: column {column!r} row {row} is {label!r}, expected an integer class id.")
+        if not 0 <= int(label) < num_labels:
+            raise ValueError(
+                f"{where}: column {column!r} row {row} has value {label!r}, expected 0..{num_labels - 1} "
+                f"(num_labels={num_labels}). Fix the label or the task's label names."
+            )
+
+
+def _read_source(source: Source, task: TaskSpec, data_dir: str | None) -> tuple[list[str], list[int]]:
+    ds = load_source(source, data_dir)
+    where = source.describe(data_dir)
+    if len(ds) == 0:
+        raise ValueError(f"{where}: the split has zero rows; task {task.name!r} needs data there.")
+    check_columns(ds, source, data_dir)
+    texts = ds[source.text_column]
+    check_texts(texts, where, source.text_column)
+    if source.transform is not None:
+        texts = [source.transform(t) for t in texts]
+    if source.label_column is not None:
+        labels = ds[source.label_column]
+        check_labels(labels, task.num_labels, where, source.label_column)
+        labels = [int(x) for x in labels]
+    elif task.label_fn is not None:
+        labels = [task.label_fn(t) for t in texts]
+    else:
+        raise ValueError(f"task {task.name!r}: source {where} has no label column and the task no label_fn.")
+    return texts, labels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building the datasets
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MultiTaskData:
+    """Tokenized data for every task: one concatenated train set plus named evaluation sets."""
+
+    tasks: list[TaskSpec]
+    train: object  # datasets.Dataset with input_ids, length, task_ids, labels; rows grouped by task
+    task_sizes: list[int]  # train rows per task, in task order (rows are contiguous per task)
+    eval_sets: dict[str, object] = field(default_factory=dict)  # name -> datasets.Dataset
+    eval_tasks: dict[str, str] = field(default_factory=dict)  # eval set name -> task name
+    eval_texts: dict[str, list[str]] = field(default_factory=dict)  # for baselines and error analysis
+    samples: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # a few (text, label) per task
+
+
+def _subsample(texts: list[str], labels: list[int], limit: int | None, seed: int) -> tuple[list[str], list[int]]:
+    if limit is None or limit >= len(texts):
+        return texts, labels
+    keep = np.sort(np.random.default_rng(seed).permutation(len(texts))[:limit])
+    return [texts[i] for i in keep], [labels[i] for i in keep]
+
+
+def augment_questions(texts: list[str], labels: list[int], strip_prob: float, lower_prob: float, seed: int):
+    """Noise the training text of heuristic-labelled questions so the student must learn syntax, not '?'.
+
+    Labels are kept from the original text (the teacher saw the punctuation; the student does not always).
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for text, label in zip(texts, labels):
+        if label == 1 and strip_prob > 0 and rng.random() < strip_prob:
+            text = strip_question_marks(text) or text
+        if lower_prob > 0 and rng.random() < lower_prob:
+            text = text.lower()
+        out.append(text)
+    return out
+
+
+def build_data(tasks: list[TaskSpec], tokenizer, args, seed: int = 42) -> MultiTaskData:
+    """Load, label, check and tokenize every task. `args` is train.DataArguments (duck-typed).
+
+    Fields used: data_dir, max_seq_length, max_train_samples, max_eval_samples, question_pool_per_source,
+    question_holdout_fraction, question_strip_qmark_prob, question_lowercase_prob, gold_eval.
+    """
+    import datasets
+
+    data = MultiTaskData(tasks=tasks, train=None, task_sizes=[])
+    train_parts = []
+    for task_id, task in enumerate(tasks):
+        texts, labels = [], []
+        for i, source in enumerate(task.train):
+            t, y = _read_source(source, task, args.data_dir)
+            if task.label_fn is not None and source.label_column is None:
+                t, y = _subsample(t, y, args.question_pool_per_source, seed + i)
+            texts += t
+            labels += y
+        if task.holdout_name is not None:
+            # Hold out part of the pool as the task's own validation split (heuristic labels, like training).
+            order = np.random.default_rng(seed).permutation(len(texts))
+            n_eval = max(1, int(round(len(texts) * args.question_holdout_fraction)))
+            eval_idx, train_idx = np.sort(order[:n_eval]), np.sort(order[n_eval:])
+            held_texts, held_labels = [texts[i] for i in eval_idx], [labels[i] for i in eval_idx]
+            texts, labels = [texts[i] for i in train_idx], [labels[i] for i in train_idx]
+            held_texts, held_labels = _subsample(held_texts, held_labels, args.max_eval_samples, seed)
+            _add_eval(data, task.holdout_name, task, task_id, held_texts, held_labels, tokenizer, args)
+            texts = augment_questions(
+                texts, labels, args.question_strip_qmark_prob, args.question_lowercase_prob, seed
+            )
+        texts, labels = _subsample(texts, labels, args.max_train_samples, seed)
+        if len(set(labels)) < 2:
+            raise ValueError(
+                f"task {task.name!r}: the training data has only class(es) {sorted(set(labels))} of "
+                f"{list(task.label_names)}; a classifier needs examples of at least two classes."
+            )
+        data.samples[task.name] = list(zip(texts[:3], labels[:3]))
+        train_parts.append(_tokenize(texts, labels, task_id, tokenizer, args.max_seq_length, f"{task.name}/train"))
+        data.task_sizes.append(len(texts))
+        for eval_source in task.eval:
+            if eval_source.mirror_only and (args.data_dir is None or not args.gold_eval):
+                if args.data_dir is None and args.gold_eval:
+                    logger.warning(
+                        "Skipping eval set %r: %s is only read from a --data_dir mirror.",
+                        eval_source.name,
+                        eval_source.source.dataset,
+                    )
+                continue
+            t, y = _read_source(eval_source.source, task, args.data_dir)
+            if not eval_source.mirror_only:
+                t, y = _subsample(t, y, args.max_eval_samples, seed)
+            _add_eval(data, eval_source.name, task, task_id, t, y, tokenizer, args)
+    data.train = datasets.concatenate_datasets(train_parts)
+    return data
+
+
+def _add_eval(data: MultiTaskData, name, task, task_id, texts, labels, tokenizer, args) -> None:
+    ds = _tokenize(texts, labels, task_id, tokenizer, args.max_seq_length, f"{task.name}/{name}")
+    data.eval_sets[name] = ds
+    data.eval_tasks[name] = task.name
+    data.eval_texts[name] = texts
+
+
+def _tokenize(texts: list[str], labels: list[int], task_id: int, tokenizer, max_length: int, what: str):
+    """Tokenize with a fast tokenizer through `datasets.map` (cached by fingerprint), no padding."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": texts, "labels": labels})
+
+    def encode(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        full = [len(x) for x in ids]
+        # Truncate by hand to count what was cut; keep the closing special token (e.g. [SEP]).
+        ids = [x if len(x) <= max_length else x[: max_length - 1] + x[-1:] for x in ids]
+        return {
+            "input_ids": ids,
+            "length": [len(x) for x in ids],
+            "full_length": full,
+            "task_ids": [task_id] * len(ids),
+        }
+
+    ds = ds.map(encode, batched=True, remove_columns=["text"], desc=f"Tokenizing {what}")
+    truncated = int(np.sum(np.asarray(ds["full_length"]) > max_length))
+    if truncated:
+        logger.warning("%s: %d text(s) longer than %d tokens were truncated.", what, truncated, max_length)
+    return ds.remove_columns("full_length")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampler and collator
+# ---------------------------------------------------------------------------------------------------------
+
+
+class MultiTaskBatchSampler(Sampler[list[int]]):
+    """Yields single-task batches of indices into the concatenated train set, interleaving tasks.
+
+    One epoch is `sum_t ceil(n_t / batch_size)` batches whatever the strategy (every example once, on
+    average); the strategy only decides which task each batch comes from:
+    - `round_robin`: tasks take turns; a task that runs out restarts on a fresh permutation, so small tasks
+      are revisited and large ones are partly seen within one epoch.
+    - `proportional`: each task's batches exactly once, in a shuffled order (p_t proportional to n_t).
+    - `temperature`: each batch's task drawn with p_t proportional to n_t ** (1 / T); T = 1 is proportional,
+      large T approaches uniform.
+    Within a task, `group_by_length` batches rows of similar length (shuffled mega-batches of 50 batches,
+    sorted by length, split, then the batches shuffled), which cuts padding.
+
+    Randomness comes from a generator seeded with `seed + epoch`: every process builds the same global list,
+    and accelerate's `BatchSamplerShard` deals its batches to the ranks; resuming at a step replays it exactly.
+    """
+
+    def __init__(
+        self,
+        task_sizes: Sequence[int],
+        batch_size: int,
+        strategy: str = "round_robin",
+        temperature: float = 2.0,
+        seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        drop_last: bool = False,
+    ):
+        if strategy not in SAMPLING_STRATEGIES:
+            raise ValueError(f"Unknown task sampling strategy {strategy!r}; choose from {list(SAMPLING_STRATEGIES)}.")
+        if temperature <= 0:
+            raise ValueError(f"task_sampling_temperature must be > 0, got {temperature}.")
+        if any(n <= 0 for n in task_sizes):
+            raise ValueError(f"Every task needs training rows; sizes per task are {list(task_sizes)}.")
+        self.task_sizes = list(task_sizes)
+        self.offsets = np.concatenate([[0], np.cumsum(self.task_sizes)[:-1]]).astype(int).tolist()
+        self.batch_size = batch_size
+        self.strategy = strategy
+        self.temperature = temperature
+        self.seed = seed
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def batches_per_task(self) -> list[int]:
+        if self.drop_last:
+            return [n // self.batch_size for n in self.task_sizes]
+        return [math.ceil(n / self.batch_size) for n in self.task_sizes]
+
+    def __len__(self) -> int:
+        return sum(self.batches_per_task())
+
+    def task_probabilities(self) -> np.ndarray:
+        sizes = np.asarray(self.task_sizes, dtype=float)
+        if self.strategy == "round_robin":
+            weights = np.ones_like(sizes)
+        elif self.strategy == "proportional":
+            weights = sizes
+        else:
+            weights = sizes ** (1.0 / self.temperature)
+        return weights / weights.sum()
+
+    def _task_batches(self, task: int, generator: torch.Generator) -> list[list[int]]:
+        n, offset, bs = self.task_sizes[task], self.offsets[task], self.batch_size
+        perm = torch.randperm(n, generator=generator).numpy() + offset
+        if self.lengths is not None:
+            mega = bs * 50
+            chunks = [perm[i : i + mega] for i in range(0, n, mega)]
+            perm = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
+        batches = [perm[i : i + bs].tolist() for i in range(0, n, bs)]
+        if self.drop_last and len(batches[-1]) < bs:
+            batches.pop()
+        if self.lengths is not None:
+            order = torch.randperm(len(batches), generator=generator).tolist()
+            batches = [batches[i] for i in order]
+        return batches
+
+    def task_schedule(self, generator: torch.Generator) -> list[int]:
+        counts = self.batches_per_task()
+        total = sum(counts)
+        if self.strategy == "round_robin":
+            return [step % len(counts) for step in range(total)]
+        if self.strategy == "proportional":
+            schedule = torch.tensor([t for t, c in enumerate(counts) for _ in range(c)])
+            return schedule[torch.randperm(total, generator=generator)].tolist()
+        probs = torch.as_tensor(self.task_probabilities(), dtype=torch.float64)
+        return torch.multinomial(probs, total, replacement=True, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        streams: list[list[list[int]]] = [[] for _ in self.task_sizes]
+        for task in self.task_schedule(generator):
+            if not streams[task]:
+                streams[task] = self._task_batches(task, generator)[::-1]  # pop() from the end = in order
+            yield streams[task].pop()
+
+
+@dataclass
+class MultiTaskCollator:
+    """Pads a list of tokenized rows to the longest one and stacks task ids and labels.
+
+    `pad_to_multiple_of` rounds the padded length up (fewer distinct shapes for compiled or GPU kernels).
+    """
+
+    pad_token_id: int = 0
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = int(math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of)
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, (f, n) in enumerate(zip(features, lengths)):
+            input_ids[row, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "task_ids" in features[0]:
+            batch["task_ids"] = torch.tensor([f["task_ids"] for f in features], dtype=torch.long)
+        if "labels" in features[0]:
+            batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+        return batch

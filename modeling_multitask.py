@@ -1,0 +1,307 @@
+"""A shared sentence encoder with one linear head per task.
+
+    text -> encoder (BERT family) -> token states -> pooling (mean) -> sentence embedding -> head[task] -> logits
+
+This file is self-contained (torch, transformers and the standard library only): `save_pretrained`
+copies it next to the weights, and `AutoModel.from_pretrained(path, trust_remote_code=True)` runs it
+from the Hub or from a folder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+POOLING_MODES = ("mean", "cls", "max")
+LOSS_WEIGHTINGS = ("static", "uncertainty")
+
+
+class MultiTaskConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`MultiTaskModel`]: the encoder's own config plus the pooling and the tasks.
+
+    Args:
+        encoder (`dict`, *optional*):
+            The encoder's config as a dict (`BertConfig().to_dict()`), so the model can be rebuilt without
+            the original checkpoint. Must hold a `model_type` known to `AutoConfig`.
+        tasks (`list[dict]`, *optional*):
+            One entry per task, in head order: `{"name": str, "num_labels": int, "id2label": {int: str}}`.
+            The position of a task in this list is its task id.
+        pooling (`str`, *optional*, defaults to `"mean"`):
+            How token states become a sentence embedding: `"mean"` (mask-aware average), `"cls"` (first token)
+            or `"max"` (mask-aware max).
+        classifier_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout applied to the sentence embedding before each head.
+        loss_weighting (`str`, *optional*, defaults to `"static"`):
+            `"static"`: the joint loss is `sum_t task_weights[t] * loss_t`. `"uncertainty"`: learned
+            homoscedastic-uncertainty weights (Kendall, Gal & Cipolla, 2018), `sum_t exp(-s_t) * loss_t + s_t`.
+        task_weights (`dict[str, float]`, *optional*):
+            Static weight per task name; tasks not listed weigh 1.0.
+        encoder_name_or_path (`str`, *optional*):
+            Where the encoder weights came from (a Hub id or a folder); informational only.
+    """
+
+    model_type = "multitask_sentence_encoder"
+
+    def __init__(
+        self,
+        encoder: dict | None = None,
+        tasks: list[dict] | None = None,
+        pooling: str = "mean",
+        classifier_dropout: float = 0.1,
+        loss_weighting: str = "static",
+        task_weights: dict[str, float] | None = None,
+        encoder_name_or_path: str | None = None,
+        **kwargs,
+    ):
+        self.encoder = dict(encoder) if encoder is not None else None
+        self.tasks = [_normalise_task(t, i) for i, t in enumerate(tasks or [])]
+        self.pooling = pooling
+        self.classifier_dropout = classifier_dropout
+        self.loss_weighting = loss_weighting
+        self.task_weights = dict(task_weights or {})
+        self.encoder_name_or_path = encoder_name_or_path
+        super().__init__(**kwargs)
+        self._check()
+
+    def _check(self) -> None:
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"MultiTaskConfig: pooling={self.pooling!r} is not one of {list(POOLING_MODES)}.")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(
+                f"MultiTaskConfig: loss_weighting={self.loss_weighting!r} is not one of {list(LOSS_WEIGHTINGS)}."
+            )
+        if not 0.0 <= float(self.classifier_dropout) < 1.0:
+            raise ValueError(f"MultiTaskConfig: classifier_dropout={self.classifier_dropout} must be in [0, 1).")
+        names = [t["name"] for t in self.tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"MultiTaskConfig: duplicate task names {duplicates}; each task needs a unique name.")
+        unknown = sorted(set(self.task_weights) - set(names))
+        if unknown:
+            raise ValueError(f"MultiTaskConfig: task_weights names unknown tasks {unknown}; known tasks: {names}.")
+        for name, weight in self.task_weights.items():
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"MultiTaskConfig: task_weights[{name!r}]={weight!r} must be a finite number >= 0.")
+        if self.encoder is not None:
+            if "model_type" not in self.encoder:
+                raise ValueError("MultiTaskConfig: the encoder config has no 'model_type'; save it with to_dict().")
+            for key in ("hidden_size", "num_hidden_layers"):
+                if key in self.encoder and int(self.encoder[key]) <= 0:
+                    raise ValueError(f"MultiTaskConfig: encoder {key}={self.encoder[key]} must be positive.")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t["name"] for t in self.tasks]
+
+    def encoder_config(self) -> PretrainedConfig:
+        if self.encoder is None:
+            raise ValueError("MultiTaskConfig has no encoder config; build it with MultiTaskModel.from_encoder().")
+        encoder = dict(self.encoder)
+        return AutoConfig.for_model(encoder.pop("model_type"), **encoder)
+
+
+def _normalise_task(task: dict, index: int) -> dict:
+    if not isinstance(task, dict) or "name" not in task:
+        raise ValueError(f"MultiTaskConfig: task #{index} must be a dict with a 'name', got {task!r}.")
+    name = task["name"]
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"MultiTaskConfig: task #{index} has an empty or non-string name {name!r}.")
+    id2label = task.get("id2label")
+    num_labels = task.get("num_labels", len(id2label) if id2label else None)
+    if not isinstance(num_labels, int) or num_labels < 2:
+        raise ValueError(
+            f"MultiTaskConfig: task {name!r} has num_labels={num_labels!r}; a classification head needs at least 2."
+        )
+    id2label = {int(k): str(v) for k, v in (id2label or {i: f"LABEL_{i}" for i in range(num_labels)}).items()}
+    if sorted(id2label) != list(range(num_labels)):
+        raise ValueError(
+            f"MultiTaskConfig: task {name!r} has num_labels={num_labels} but id2label keys {sorted(id2label)}; "
+            f"expected keys 0..{num_labels - 1}."
+        )
+    return {"name": name, "num_labels": num_labels, "id2label": id2label}
+
+
+@dataclass
+class MultiTaskOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor`, *optional*): joint loss over the tasks with labels in the batch.
+        logits (`dict[str, torch.FloatTensor]` or `torch.FloatTensor`): `(batch, num_labels)` per task, or one
+            tensor when a single `task` was selected.
+        embeddings (`torch.FloatTensor`): pooled sentence embeddings, `(batch, hidden)`.
+        task_losses (`dict[str, torch.FloatTensor]`, *optional*): unweighted mean loss per task in the batch.
+        task_weights (`dict[str, torch.FloatTensor]`, *optional*): the weight each task loss got.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: dict[str, torch.FloatTensor] | torch.FloatTensor | None = None
+    embeddings: torch.FloatTensor | None = None
+    task_losses: dict[str, torch.FloatTensor] | None = None
+    task_weights: dict[str, torch.FloatTensor] | None = None
+
+
+def pool(token_states: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """Turn `(batch, seq, hidden)` token states into `(batch, hidden)` sentence embeddings, ignoring padding."""
+    if mode == "cls":
+        return token_states[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(token_states.dtype)  # (batch, seq, 1)
+    if mode == "max":
+        return token_states.masked_fill(mask == 0, torch.finfo(token_states.dtype).min).max(dim=1).values
+    summed = (token_states * mask).sum(dim=1)  # (batch, hidden)
+    counts = mask.sum(dim=1).clamp(min=1e-9)  # (batch, 1)
+    return summed / counts
+
+
+class MultiTaskPreTrainedModel(PreTrainedModel):
+    config_class = MultiTaskConfig
+    config: MultiTaskConfig
+    base_model_prefix = "encoder"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The encoder is a PreTrainedModel of its own: transformers dispatches its modules to its own init.
+        super()._init_weights(module)
+        if isinstance(module, MultiTaskModel) and module.loss_log_vars is not None:
+            nn.init.zeros_(module.loss_log_vars)
+
+
+class MultiTaskModel(MultiTaskPreTrainedModel):
+    """Shared encoder + pooling + one `nn.Linear` head per task; `forward` routes rows to heads by task id."""
+
+    def __init__(self, config: MultiTaskConfig):
+        super().__init__(config)
+        if not config.tasks:
+            raise ValueError("MultiTaskModel needs at least one task in config.tasks.")
+        self.encoder = AutoModel.from_config(config.encoder_config(), add_pooling_layer=False)
+        hidden = self.encoder.config.hidden_size
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.heads = nn.ModuleDict({t["name"]: nn.Linear(hidden, t["num_labels"]) for t in config.tasks})
+        if config.loss_weighting == "uncertainty":
+            # s_t = log(sigma_t^2), one per task (Kendall, Gal & Cipolla, 2018).
+            self.loss_log_vars = nn.Parameter(torch.zeros(len(config.tasks)))
+        else:
+            self.loss_log_vars = None
+        self.post_init()
+
+    @classmethod
+    def from_encoder(
+        cls,
+        encoder_name_or_path: str,
+        tasks: list[dict],
+        pooling: str = "mean",
+        classifier_dropout: float = 0.1,
+        loss_weighting: str = "static",
+        task_weights: dict[str, float] | None = None,
+        **encoder_kwargs,
+    ) -> "MultiTaskModel":
+        """Start from pretrained encoder weights (a Hub id or a local folder) with freshly initialised heads."""
+        encoder = AutoModel.from_pretrained(encoder_name_or_path, add_pooling_layer=False, **encoder_kwargs)
+        encoder_dict = encoder.config.to_dict()
+        for key in ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+            encoder_dict.pop(key, None)
+        config = MultiTaskConfig(
+            encoder=encoder_dict,
+            tasks=tasks,
+            pooling=pooling,
+            classifier_dropout=classifier_dropout,
+            loss_weighting=loss_weighting,
+            task_weights=task_weights,
+            encoder_name_or_path=str(encoder_name_or_path),
+        )
+        model = cls(config)
+        model.encoder.load_state_dict(encoder.state_dict())
+        model.to(encoder.dtype)
+        return model
+
+    def task_id(self, task: str) -> int:
+        names = self.config.task_names
+        if task not in names:
+            raise ValueError(f"Unknown task {task!r}; this model's tasks are {names}.")
+        return names.index(task)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        token_states = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state  # (batch, seq, hidden)
+        return pool(token_states, attention_mask, self.config.pooling)  # (batch, hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        task: str | None = None,
+    ) -> MultiTaskOutput:
+        """
+        Args:
+            task_ids: `(batch,)` task index of each row's label (position in `config.tasks`); needed with `labels`
+                unless `task` names the single task of the whole batch.
+            labels: `(batch,)` class index of each row, for the head named by its task id.
+            task: a task name; then `logits` is that head's tensor instead of a dict.
+        """
+        if task is not None:
+            selected = self.task_id(task)
+            if task_ids is None:
+                task_ids = torch.full_like(input_ids[:, 0], selected)
+        embeddings = self.embed(input_ids, attention_mask, token_type_ids)
+        features = self.dropout(embeddings)
+        # One encoder pass serves every head: heads are tiny, so every row goes through each of them.
+        logits = {name: head(features) for name, head in self.heads.items()}  # name -> (batch, num_labels)
+
+        loss = task_losses = task_weights = None
+        if labels is not None:
+            if task_ids is None:
+                raise ValueError("forward() got labels without task_ids (or task): cannot tell which head they train.")
+            loss, task_losses, task_weights = self._joint_loss(logits, labels, task_ids)
+
+        if task is not None:
+            logits = logits[task]
+        return MultiTaskOutput(
+            loss=loss, logits=logits, embeddings=embeddings, task_losses=task_losses, task_weights=task_weights
+        )
+
+    def _joint_loss(self, logits: dict[str, torch.Tensor], labels: torch.Tensor, task_ids: torch.Tensor):
+        total = None
+        task_losses, task_weights = {}, {}
+        for index, name in enumerate(self.config.task_names):
+            rows = task_ids == index
+            if not bool(rows.any()):
+                # Keep every head in the graph so DDP finds no unused parameters on steps without this task.
+                term = 0.0 * logits[name].sum()
+                if self.loss_log_vars is not None:
+                    term = term + 0.0 * self.loss_log_vars[index]
+            else:
+                task_loss = F.cross_entropy(logits[name][rows].float(), labels[rows])
+                task_losses[name] = task_loss.detach()
+                if self.loss_log_vars is not None:
+                    log_var = self.loss_log_vars[index]
+                    weight = torch.exp(-log_var)
+                    term = weight * task_loss + log_var
+                else:
+                    weight = torch.tensor(float(self.config.task_weights.get(name, 1.0)), device=task_loss.device)
+                    term = weight * task_loss
+                task_weights[name] = weight.detach()
+            total = term if total is None else total + term
+        return total, task_losses, task_weights
+
+
+__all__ = ["MultiTaskConfig", "MultiTaskModel", "MultiTaskOutput", "MultiTaskPreTrainedModel", "pool"]

