@@ -504,10 +504,7 @@ def epoch_table(log_history: list[dict], eval_names: list[str], task_names: list
                 key = f"train_epoch_{task}_{metric}"
                 if key in entry:
                     row["train"].setdefault(task, {})[metric] = entry[key]
-        for name in eval_names:
-            prefix = f"eval_{name}_"
-            values = {k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix)}
-            values = {k: v for k, v in values.items() if not k.endswith(("runtime", "per_second", "preparation_time"))}
+        for name, values in split_eval_metrics(entry, eval_names).items():
             if values:
                 row["eval"][name] = values
         if "step" in entry:
@@ -515,16 +512,15 @@ def epoch_table(log_history: list[dict], eval_names: list[str], task_names: list
     return [rows[k] for k in sorted(rows) if rows[k]["train"] or rows[k]["eval"]]
 
 
+EVAL_METRICS = ("loss", "accuracy", "f1", "precision", "recall", "f1_pos")
+
+
 def split_eval_metrics(metrics: dict, eval_names: list[str]) -> dict[str, dict]:
-    out = {}
-    for name in eval_names:
-        prefix = f"eval_{name}_"
-        out[name] = {
-            k[len(prefix) :]: v
-            for k, v in metrics.items()
-            if k.startswith(prefix) and not k.endswith(("runtime", "per_second", "preparation_time"))
-        }
-    return out
+    """{"eval_question_gold_f1": x, ...} -> {"question_gold": {"f1": x}, ...} (names may prefix each other)."""
+    return {
+        name: {m: metrics[f"eval_{name}_{m}"] for m in EVAL_METRICS if f"eval_{name}_{m}" in metrics}
+        for name in eval_names
+    }
 
 
 def plot_curves(metrics: dict, output_dir: Path) -> list[str]:

@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_yaml(path: Path, values: dict) -> str:
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    return str(path)
+
+
+# ---- arguments ----
+
+
+def test_yaml_gives_defaults_and_flags_override(tmp_path):
+    config = write_yaml(tmp_path / "c.yaml", {"learning_rate": 1e-4, "max_seq_length": 40, "tasks": ["sentiment"]})
+    model_args, data_args, mt_args, training_args = train.parse_args(
+        [config, "--learning_rate", "3e-5", "--output_dir", str(tmp_path / "out")]
+    )
+    assert training_args.learning_rate == 3e-5
+    assert data_args.max_seq_length == 40
+    assert data_args.tasks == ["sentiment"]
+    assert training_args.output_dir == str(tmp_path / "out")
+
+
+def test_config_flag_form_and_task_weight_mapping(tmp_path):
+    config = write_yaml(tmp_path / "c.yaml", {"task_weights": {"sentiment": 1.0, "question": 0.5}})
+    _, _, mt_args, _ = train.parse_args(["--config", config])
+    assert mt_args.weights() == {"sentiment": 1.0, "question": 0.5}
+
+
+def test_yaml_unknown_key_is_rejected_with_a_suggestion(tmp_path):
+    config = write_yaml(tmp_path / "c.yaml", {"learning_rte": 1e-4})
+    with pytest.raises(ValueError, match=r"c\.yaml: unknown key 'learning_rte'\. Did you mean 'learning_rate'\?"):
+        train.parse_args([config])
+
+
+def test_unknown_cli_flag_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="learning_rte"):
+        train.parse_args(["--learning_rte", "1e-4"])
+
+
+def test_shipped_configs_parse():
+    for config in sorted((ROOT / "configs").glob("*.yaml")):
+        train.parse_args([str(config)])
+
+
+def test_bad_task_weight_entry():
+    _, _, mt_args, _ = train.parse_args(["--task_weights", "sentiment:2"])
+    with pytest.raises(ValueError, match=r"task_weights entry 'sentiment:2' must look like name=weight"):
+        mt_args.weights()
+
+
+# ---- freezing (the full behaviour tests live in test_freezing.py) ----
+
+
+def test_freeze_lower_layers_by_fraction(make_model):
+    model = make_model()  # 2 layers
+    trainable, total = train.apply_freezing(model, ["embeddings", "layers:0-5/12"])
+    layers = train.encoder_layers(model)
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert all(p.requires_grad for p in layers[1].parameters())
+    assert not any(p.requires_grad for p in model.encoder.embeddings.parameters())
+    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) < total
+
+
+def test_freeze_all_then_unfreeze_heads_is_a_linear_probe(make_model):
+    model = make_model()
+    trainable, _ = train.apply_freezing(model, ["all"], ["heads"])
+    assert trainable == sum(p.numel() for p in model.heads.parameters())
+
+
+def test_freeze_errors_name_the_fix(make_model):
+    with pytest.raises(ValueError, match=r"layer range 7-11 does not fit a 2-layer encoder.*'layers:0-6/12'"):
+        train.apply_freezing(make_model(), ["layers:7-11"])
+    with pytest.raises(ValueError, match=r"no task 'topic'; this model's tasks are \['sentiment', 'question'\]"):
+        train.apply_freezing(make_model(), ["head:topic"])
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        train.apply_freezing(make_model(), ["all"])
+
+
+# ---- end to end ----
+
+
+def tiny_run_args(encoder, data_dir, output_dir, *extra):
+    return [
+        str(ROOT / "configs" / "quick.yaml"),
+        "--encoder", str(encoder),
+        "--data_dir", str(data_dir),
+        "--output_dir", str(output_dir),
+        "--max_train_samples", "96",
+        "--question_pool_per_source", "60",
+        "--max_eval_samples", "40",
+        "--max_seq_length", "32",
+        "--per_device_train_batch_size", "8",
+        "--num_train_epochs", "2",
+        "--learning_rate", "1e-3",
+        "--logging_steps", "4",
+        "--dataloader_num_workers", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_train_end_to_end_in_process(tiny_encoder_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    metrics = train.main(tiny_run_args(tiny_encoder_dir, tiny_data_dir, out))
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "modeling_multitask.py", "metrics.json"):
+        assert (out / name).is_file(), name
+    for plot in ("loss_curves.png", "accuracy_curves.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / ".final.partial").exists()
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["final"] == json.loads(json.dumps(metrics["final"]))
+    assert set(saved["final"]) == {"sentiment", "question", "question_gold", "question_gold_noqm"}
+    for name, values in saved["final"].items():
+        assert {"accuracy", "f1", "loss", "precision", "recall"} <= set(values), name
+        assert 0.0 <= values["accuracy"] <= 1.0
+    assert set(saved["before"]) == set(saved["final"])
+    # One row per epoch, with per-task training loss/accuracy and every eval set.
+    assert [row["epoch"] for row in saved["epochs"]] == [1.0, 2.0]
+    for row in saved["epochs"]:
+        assert set(row["train"]) == {"sentiment", "question"}
+        assert set(row["eval"]) == set(saved["final"])
+        assert row["train"]["sentiment"]["loss"] > 0
+    assert saved["train"]["rows_per_task"] == {"sentiment": 96, "question": 96}
+    assert saved["heuristics"]["question_gold"]["heuristic"]["accuracy"] > 0.5
+    config = json.loads((out / "config.json").read_text())
+    assert [t["name"] for t in config["tasks"]] == ["sentiment", "question"]
+    assert config["tasks"][1]["id2label"] == {"0": "not_question", "1": "question"}
+
+
+@pytest.mark.integration
+def test_accelerate_launch_with_the_packaged_encoder(tiny_data_dir, tmp_path):
+    """The README's entry point, on the real MiniLM and a few hundred real rows."""
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+        str(ROOT / "train.py"), str(ROOT / "configs" / "quick.yaml"),
+        "--data_dir", str(tiny_data_dir),
+        "--output_dir", str(out),
+        "--max_train_samples", "256",
+        "--question_pool_per_source", "100",
+        "--max_eval_samples", "100",
+        "--max_steps", "12",
+        "--per_device_train_batch_size", "16",
+        "--eval_strategy", "no",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["global_steps"] == 12
+    assert metrics["recipe"]["encoder"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert metrics["train"]["total_parameters"] > 22_000_000
+    # Trained for a few steps on easy data: the question head already beats chance on its held-out split.
+    assert metrics["final"]["question"]["accuracy"] > metrics["before"]["question"]["accuracy"]
+    assert (out / "model.safetensors").stat().st_size > 80_000_000
+    assert "Parameters: 22,566,916 trainable of 22,566,916 total" in result.stdout + result.stderr
