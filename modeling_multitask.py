@@ -204,7 +204,12 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         task_weights: dict[str, float] | None = None,
         **encoder_kwargs,
     ) -> "MultiTaskModel":
-        """Start from pretrained encoder weights (a Hub id or a local folder) with freshly initialised heads."""
+        """Start from pretrained encoder weights (a Hub id or a local folder) with freshly initialised heads.
+
+        Weights load as float32 unless `dtype` is given: mixed precision (bf16/fp16 autocast) wants fp32 master
+        weights, and a half-precision checkpoint would otherwise train in half precision.
+        """
+        encoder_kwargs.setdefault("dtype", torch.float32)
         encoder = AutoModel.from_pretrained(encoder_name_or_path, add_pooling_layer=False, **encoder_kwargs)
         encoder_dict = encoder.config.to_dict()
         for key in ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
