@@ -77,10 +77,13 @@ def is_question_heuristic(text: str) -> bool:
 
 
 def reference_rule_wh_or_qmark(text: str) -> bool:
-    """The simplest rule quoted in the data README: ends with `?` or starts with what/how."""
+    """The simplest rule quoted in the data README: ends with `?` or starts with what/how.
+
+    Read as a raw string prefix ("however" counts), which reproduces the README's reference F1 (0.854 as
+    written, 0.350 with `?` removed, on DailyDialog validation).
+    """
     stripped = text.strip()
-    words = _TOKEN.findall(stripped.lower())
-    return stripped.endswith("?") or (bool(words) and words[0] in {"what", "how"})
+    return stripped.endswith("?") or stripped.lower().startswith(("what", "how"))
 
 
 def strip_question_marks(text: str) -> str:
