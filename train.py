@@ -504,10 +504,7 @@ def epoch_table(log_history: list[dict], eval_names: list[str], task_names: list
                 key = f"train_epoch_{task}_{metric}"
                 if key in entry:
                     row["train"].setdefault(task, {})[metric] = entry[key]
-        for name in eval_names:
-            prefix = f"eval_{name}_"
-            values = {k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix)}
-            values = {k: v for k, v in values.items() if not k.endswith(("runtime", "per_second", "preparation_time"))}
+        for name, values in split_eval_metrics(entry, eval_names).items():
             if values:
                 row["eval"][name] = values
         if "step" in entry:
@@ -516,14 +513,16 @@ def epoch_table(log_history: list[dict], eval_names: list[str], task_names: list
 
 
 def split_eval_metrics(metrics: dict, eval_names: list[str]) -> dict[str, dict]:
-    out = {}
-    for name in eval_names:
-        prefix = f"eval_{name}_"
-        out[name] = {
-            k[len(prefix) :]: v
-            for k, v in metrics.items()
-            if k.startswith(prefix) and not k.endswith(("runtime", "per_second", "preparation_time"))
-        }
+    """`eval_<set>_<metric>` keys -> {set: {metric: value}}. The longest matching set name wins: 'question' is a
+    prefix of 'question_gold', whose keys must not land in the 'question' set."""
+    out = {name: {} for name in eval_names}
+    by_length = sorted(eval_names, key=len, reverse=True)
+    for key, value in metrics.items():
+        if key.endswith(("runtime", "per_second", "preparation_time")):
+            continue
+        name = next((n for n in by_length if key.startswith(f"eval_{n}_")), None)
+        if name is not None:
+            out[name][key[len(f"eval_{name}_") :]] = value
     return out
 
 
