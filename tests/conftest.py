@@ -48,9 +48,10 @@ def _vocab() -> list[str]:
         for rel, col in (("sst2/train.parquet", "sentence"), ("trec/train.parquet", "text")):
             for text in pd.read_parquet(SHARED_DATA / rel)[col].head(3000):
                 words.update(text.lower().split())
-    words.update("what how why who where when which is are do does can a film good bad ? ! . ,".split())
+    # Added after the cut: sorted() puts digits and punctuation first, so the cut would drop these words.
+    must_have = "what how why who where when which is are do does can a film good bad this any ? ! . ,".split()
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    pieces = sorted(words)[:3000] + letters + [f"##{c}" for c in letters] + list("0123456789?!.,'-")
+    pieces = sorted(words)[:3000] + must_have + letters + [f"##{c}" for c in letters] + list("0123456789?!.,'-")
     return SPECIAL + sorted(set(pieces) - set(SPECIAL))
 
 
@@ -62,7 +63,8 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-encoder")
     vocab = _vocab()
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizer(vocab_file=str(folder / "vocab.txt"), do_lower_case=True, model_max_length=128)
+    # transformers v5's BertTokenizer takes `vocab`; a `vocab_file=` keyword is ignored (every word -> [UNK]).
+    tokenizer = BertTokenizer(vocab=str(folder / "vocab.txt"), do_lower_case=True, model_max_length=128)
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     BertModel(BertConfig(**{**TINY_ENCODER, "vocab_size": len(vocab)}), add_pooling_layer=False).save_pretrained(
