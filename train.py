@@ -16,6 +16,9 @@ Launch (a YAML config gives the defaults, flags override it; every `TrainingArgu
 
     # another encoder from the Hub (needs network)
     accelerate launch train.py configs/default.yaml --encoder bert-base-uncased
+
+    # upload the final folder (model card, plots, code, weights, tokenizer) once training is done (needs network)
+    accelerate launch train.py configs/quick.yaml --data_dir ../shared/data --push_to_hub true --hub_model_id me/mt
 """
 
 from __future__ import annotations
@@ -750,6 +753,8 @@ def take_over_push_to_hub(training_args: TrainingArguments) -> str | None:
     if not training_args.push_to_hub:
         return None
     hub.check_push_credentials(training_args.hub_token)
+    if training_args.hub_strategy.value in ("checkpoint", "all_checkpoints"):
+        logger.warning("--hub_strategy %s is ignored: only the final folder is uploaded.", training_args.hub_strategy)
     repo = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
     training_args.push_to_hub = False
     logger.info("push_to_hub: the final folder goes to %s after training; the Trainer itself will not push.", repo)
