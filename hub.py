@@ -439,9 +439,9 @@ def check_push_credentials(token: str | None) -> None:
 
     if token is None and get_token() is None:
         raise ValueError(
-            "--push_to_hub needs a Hugging Face token with write access: run `hf auth login`, set HF_TOKEN, or "
-            "pass --hub_token. (Or drop --push_to_hub and upload later with `python hub.py push OUTPUT_DIR "
-            "--hub_model_id NAME`.)"
+            "Uploading to the Hub (--push_to_hub) needs a Hugging Face token with write access: run "
+            "`hf auth login`, set HF_TOKEN, or pass --hub_token. A finished run can be uploaded later with "
+            "`python hub.py push OUTPUT_DIR --hub_model_id NAME`."
         )
 
 

@@ -428,7 +428,7 @@ def test_push_to_hub_without_token_fails_before_training(tiny_encoder_dir, tiny_
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     started = time.time()
-    with pytest.raises(ValueError, match=r"--push_to_hub needs a Hugging Face token"):
+    with pytest.raises(ValueError, match=r"Uploading to the Hub \(--push_to_hub\) needs a Hugging Face token"):
         train.main(_train_args(tiny_encoder_dir, tiny_data_dir, tmp_path / "o", "--push_to_hub", "true"))
     assert not (tmp_path / "o" / "metrics.json").exists()
     assert time.time() - started < 60
