@@ -39,7 +39,8 @@ ST_POOLING_DIR = "1_Pooling"
 ST_ROOT_FILES = ("modules.json", "config_sentence_transformers.json")
 # What a run folder holds besides the model and must not be uploaded: Trainer checkpoints, TensorBoard logs,
 # the staging folder of an unfinished save, hidden files.
-NOT_UPLOADED = ("checkpoint-", "runs", ".")
+NOT_UPLOADED_PREFIXES = ("checkpoint-", ".")
+NOT_UPLOADED_NAMES = ("runs",)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -389,7 +390,9 @@ def uploadable_names(folder: str | Path) -> list[str]:
     return sorted(
         p.name
         for p in Path(folder).iterdir()
-        if not p.name.startswith(NOT_UPLOADED) and not p.name.endswith((".partial", ".tmp"))
+        if not p.name.startswith(NOT_UPLOADED_PREFIXES)
+        and p.name not in NOT_UPLOADED_NAMES
+        and not p.name.endswith((".partial", ".tmp"))
     )
 
 
