@@ -284,6 +284,79 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
             loss=loss, logits=logits, embeddings=embeddings, task_losses=task_losses, task_weights=task_weights
         )
 
+    def max_input_length(self, tokenizer) -> int:
+        """Longest input this model takes: the tokenizer's limit, capped by the encoder's position table
+        (tokenizers without a limit report a huge sentinel as `model_max_length`)."""
+        positions = getattr(self.encoder.config, "max_position_embeddings", None) or 512
+        return int(min(tokenizer.model_max_length, positions))
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        texts: list[str],
+        tokenizer,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        return_embeddings: bool = False,
+        show_progress_bar: bool = False,
+    ) -> list[dict]:
+        """Label every text for every task with one encoder pass per batch.
+
+        Texts are sorted by token count so each batch pads only to its own longest row (never to the model's
+        maximum length); results come back in input order. Runs in eval mode on the model's device.
+
+        Args:
+            texts: raw sentences.
+            tokenizer: the tokenizer saved with the model (`AutoTokenizer.from_pretrained(same folder)`).
+            batch_size: texts per encoder pass.
+            max_length: truncate longer inputs to this many tokens; default `max_input_length(tokenizer)`.
+            return_embeddings: also return each text's pooled sentence embedding as a list of floats.
+            show_progress_bar: a tqdm bar over texts on stderr.
+
+        Returns:
+            One dict per text: `{task: {"label": str, "score": float}, ...}` (score = softmax probability of the
+            label), plus `"embedding": list[float]` when `return_embeddings`.
+        """
+        from transformers.utils import logging as hf_logging
+
+        if isinstance(texts, str):
+            raise ValueError("predict() takes a list of texts; wrap a single text in a list: predict([text], ...).")
+        if batch_size < 1:
+            raise ValueError(f"predict(): batch_size must be >= 1, got {batch_size}.")
+        texts = list(texts)
+        if not texts:
+            return []
+        max_length = max_length or self.max_input_length(tokenizer)
+        encoded = tokenizer(texts, truncation=True, max_length=max_length)
+        order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]), reverse=True)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
+        results: list[dict | None] = [None] * len(texts)
+        was_training = self.training
+        self.eval()
+        try:
+            with hf_logging.tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as bar:
+                for start in range(0, len(order), batch_size):
+                    rows = order[start : start + batch_size]
+                    batch = tokenizer.pad(
+                        [{k: encoded[k][i] for k in keys} for i in rows], padding="longest", return_tensors="pt"
+                    )
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    output = self(**batch)
+                    probabilities = {name: logits.float().softmax(-1).cpu() for name, logits in output.logits.items()}
+                    embeddings = output.embeddings.float().cpu() if return_embeddings else None
+                    for j, i in enumerate(rows):
+                        result = {}
+                        for task in self.config.tasks:
+                            score, label = probabilities[task["name"]][j].max(-1)
+                            result[task["name"]] = {"label": task["id2label"][int(label)], "score": float(score)}
+                        if embeddings is not None:
+                            result["embedding"] = embeddings[j].tolist()
+                        results[i] = result
+                    bar.update(len(rows))
+        finally:
+            self.train(was_training)
+        return results
+
     def _joint_loss(self, logits: dict[str, torch.Tensor], labels: torch.Tensor, task_ids: torch.Tensor):
         total = None
         task_losses, task_weights = {}, {}

@@ -16,6 +16,9 @@ Launch (a YAML config gives the defaults, flags override it; every `TrainingArgu
 
     # another encoder from the Hub (needs network)
     accelerate launch train.py configs/default.yaml --encoder bert-base-uncased
+
+    # upload the final folder (model card, plots, code, weights, tokenizer) once training is done (needs network)
+    accelerate launch train.py configs/quick.yaml --data_dir ../shared/data --push_to_hub true --hub_model_id me/mt
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import data as mtdata
+import hub
 from modeling_multitask import MultiTaskConfig, MultiTaskModel
 
 logger = logging.getLogger(__name__)
@@ -158,6 +162,14 @@ class MultiTaskArguments:
         default=False, metadata={"help": "Allow writing into an output folder that already holds another run."}
     )
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Round padded lengths up to this."})
+    export_sentence_transformers: str = field(
+        default="inline",
+        metadata={
+            "help": "inline: the output folder also loads with sentence_transformers.SentenceTransformer (adds a "
+            "copy of the encoder in 0_Transformer/); DIR: write that sentence-transformers folder to DIR instead; "
+            "none: neither."
+        },
+    )
 
     def __post_init__(self):
         if self.task_sampling_temperature <= 0:
@@ -598,6 +610,7 @@ def main(argv: list[str] | None = None) -> dict:
     weights = mt_args.weights()
     MultiTaskConfig(tasks=task_configs, task_weights=weights, loss_weighting=mt_args.loss_weighting)
     resume_from = check_output_dir(training_args, mt_args) if training_args.process_index == 0 else None
+    hub_repo = take_over_push_to_hub(training_args)
     set_seed(training_args.seed)
 
     encoder_path = resolve_encoder(model_args.encoder)
@@ -704,16 +717,58 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
     if trainer.is_world_process_zero():
-        save_outputs(trainer.accelerator.unwrap_model(trainer.model), tokenizer, metrics, training_args)
+        saved = save_outputs(
+            trainer.accelerator.unwrap_model(trainer.model),
+            tokenizer,
+            metrics,
+            training_args,
+            export_sentence_transformers=mt_args.export_sentence_transformers,
+            model_id=hub_repo,
+        )
+        if hub_repo is not None:
+            hub.push_folder(
+                training_args.output_dir,
+                hub_repo,
+                names=saved,
+                token=training_args.hub_token,
+                private=training_args.hub_private_repo,
+                revision=training_args.hub_revision,
+            )
     trainer.accelerator.wait_for_everyone()
     for name, values in final.items():
         logger.info("final %s: %s", name, {k: round(v, 4) for k, v in values.items()})
     return metrics
 
 
-def save_outputs(model: MultiTaskModel, tokenizer, metrics: dict, training_args: TrainingArguments) -> None:
-    """Write the model, tokenizer, plots and metrics.json into a staging folder, then move them into place,
-    metrics.json last: a killed run never leaves a folder that looks finished."""
+def take_over_push_to_hub(training_args: TrainingArguments) -> str | None:
+    """With --push_to_hub, return the repo id and switch the Trainer's own pushing off.
+
+    The Trainer would create the repo when it is built and upload every checkpoint during training, with its
+    own model card (which keeps one eval set of several). Instead nothing touches the network until the run is
+    saved; then hub.push_folder uploads the final folder once, with our card. Checkpoint pushing
+    (--hub_strategy checkpoint/all_checkpoints) is therefore not supported."""
+    if not training_args.push_to_hub:
+        return None
+    hub.check_push_credentials(training_args.hub_token)
+    if training_args.hub_strategy.value in ("checkpoint", "all_checkpoints"):
+        logger.warning("--hub_strategy %s is ignored: only the final folder is uploaded.", training_args.hub_strategy)
+    repo = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    training_args.push_to_hub = False
+    logger.info("push_to_hub: the final folder goes to %s after training; the Trainer itself will not push.", repo)
+    return repo
+
+
+def save_outputs(
+    model: MultiTaskModel,
+    tokenizer,
+    metrics: dict,
+    training_args: TrainingArguments,
+    export_sentence_transformers: str = "inline",
+    model_id: str | None = None,
+) -> list[str]:
+    """Write the model, tokenizer, plots, metrics.json, the model card (README.md) and the sentence-transformers
+    files into a staging folder, then move them into place, metrics.json last: a killed run never leaves a folder
+    that looks finished. Returns the top-level names written (what push_to_hub uploads)."""
     out = Path(training_args.output_dir)
     staging = out / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -723,6 +778,13 @@ def save_outputs(model: MultiTaskModel, tokenizer, metrics: dict, training_args:
     plot_curves(metrics, staging)
     (staging / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    if export_sentence_transformers == "inline":
+        hub.export_sentence_transformers(model, tokenizer, staging)
+    elif export_sentence_transformers != "none":
+        hub.export_sentence_transformers(model, tokenizer, export_sentence_transformers)
+        logger.info("Wrote a sentence-transformers folder to %s", export_sentence_transformers)
+    # The card's usage snippet loads the Hub repo, or this folder where it will end up.
+    hub.render_card(staging, model_id=model_id or str(out.resolve()))
     names = sorted(p.name for p in staging.iterdir() if p.name != "metrics.json") + ["metrics.json"]
     for name in names:
         target = out / name
@@ -730,7 +792,8 @@ def save_outputs(model: MultiTaskModel, tokenizer, metrics: dict, training_args:
             shutil.rmtree(target)
         os.replace(staging / name, target)
     staging.rmdir()
-    logger.info("Saved model, tokenizer, plots and metrics.json to %s", out)
+    logger.info("Saved model, tokenizer, plots, model card and metrics.json to %s", out)
+    return names
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def _vocab() -> list[str]:
             for text in pd.read_parquet(SHARED_DATA / rel)[col].head(3000):
                 counts.update(text.lower().split())
     words = [w for w, _ in counts.most_common(3000)]
-    words += "what how why who where when which is are do does can a film good bad ? ! . ,".split()
+    words += "what how why who where when which is are do does can a film good bad this any ? ! . ,".split()
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     pieces = words + letters + [f"##{c}" for c in letters] + list("0123456789?!.,'-")
     return SPECIAL + sorted(set(pieces) - set(SPECIAL))

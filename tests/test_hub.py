@@ -1,0 +1,514 @@
+"""The three ways a trained model leaves this repository: AutoModel + trust_remote_code from any folder or repo,
+the model card (README.md), the sentence-transformers view; plus the Hub upload wiring and old checkpoints.
+
+Most tests share one real `train.py` run on the tiny encoder (`tiny_run`, a few steps), made with
+`--push_to_hub` against a fake `HfApi` that records what would be sent.
+
+Regenerate docs/sample_model_card.md (a few steps of the packaged MiniLM on the small data mirror):
+
+    WRITE_SAMPLE_CARD=1 pytest tests/test_hub.py -k sample_card
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_V1 = ROOT / "tests" / "fixtures" / "tiny_model_v1"
+DOCS = ROOT / "docs"
+TEXTS = ["is this any good", "a gorgeous film .", "what is the capital of france ?", "why", "bad film , good cast !"]
+IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _train_args(encoder, data_dir, output_dir, *extra) -> list[str]:
+    return [
+        "--encoder", str(encoder), "--data_dir", str(data_dir), "--output_dir", str(output_dir),
+        "--tasks", "sentiment", "question",
+        "--max_train_samples", "64", "--question_pool_per_source", "60", "--max_eval_samples", "40",
+        "--max_seq_length", "32", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "64",
+        "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "2", "--logging_steps", "2",
+        "--report_to", "none", "--seed", "7", *extra,
+    ]  # fmt: skip
+
+
+class FakeHubApi:
+    """Stands in for the network side of `huggingface_hub.HfApi`: records calls, computes what would be sent."""
+
+    def __init__(self, output_dir: Path, namespace: str = "someone"):
+        self.output_dir = output_dir
+        self.namespace = namespace
+        self.calls: list[tuple[str, dict]] = []
+        self.sent: dict[str, bytes] = {}
+
+    def _record(self, name: str, kwargs: dict) -> None:
+        # Where the run was when the call came: before save_outputs had finished, metrics.json did not exist.
+        kwargs = dict(kwargs, _run_finished=(self.output_dir / "metrics.json").is_file())
+        self.calls.append((name, kwargs))
+
+    def create_repo(self, api, repo_id, **kwargs):
+        self._record("create_repo", {"repo_id": repo_id, "token": api.token, **kwargs})
+        full = repo_id if "/" in repo_id else f"{self.namespace}/{repo_id}"
+        return SimpleNamespace(repo_id=full, url=f"https://huggingface.co/{full}")
+
+    def create_branch(self, api, repo_id, **kwargs):
+        self._record("create_branch", {"repo_id": repo_id, **kwargs})
+
+    def upload_folder(self, api, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+        from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+
+        self._record("upload_folder", {"repo_id": repo_id, "folder_path": folder_path, **kwargs})
+        # The same selection upload_folder makes before it hashes and sends anything.
+        folder = Path(folder_path)
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.glob("**/*") if p.is_file())
+        ignore = list(ignore_patterns or []) + DEFAULT_IGNORE_PATTERNS
+        for rel in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore):
+            self.sent[rel] = (folder / rel).read_bytes()
+
+    def install(self, monkeypatch) -> None:
+        from huggingface_hub import HfApi
+
+        for name in ("create_repo", "create_branch", "upload_folder"):
+            fake = getattr(self, name)
+            monkeypatch.setattr(HfApi, name, lambda api, *a, _fake=fake, **k: _fake(api, *a, **k))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_encoder_dir, tiny_data_dir, tmp_path_factory):
+    """One short train.py run (in process, so the fake Hub API applies) with --push_to_hub."""
+    import train
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    hub_api = FakeHubApi(out)
+    with pytest.MonkeyPatch.context() as mp:
+        hub_api.install(mp)
+        mp.delenv("HF_TOKEN", raising=False)
+        metrics = train.main(
+            _train_args(
+                tiny_encoder_dir, tiny_data_dir, out,
+                "--push_to_hub", "true", "--hub_model_id", "tiny-multitask", "--hub_token", "hf_test_token",
+                "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1",
+            )
+        )  # fmt: skip
+    return SimpleNamespace(out=out, metrics=metrics, hub=hub_api)
+
+
+def _saved_metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+
+
+def _code_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The saved folder loads anywhere
+# ---------------------------------------------------------------------------------------------------------
+
+LOAD_ELSEWHERE = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    folder, texts, result_file, repo_root = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+    assert repo_root not in [p.rstrip("/") for p in sys.path], sys.path
+    try:
+        import modeling_multitask
+    except ImportError:
+        pass
+    else:
+        raise AssertionError(f"modeling_multitask importable from {modeling_multitask.__file__}")
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    plain = AutoTokenizer.from_pretrained(folder)  # as users type it; stdin is closed, so no prompt waits
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    assert plain(texts)["input_ids"] == tokenizer(texts)["input_ids"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        output = model(**batch)
+    json.dump(
+        {
+            "module": type(model).__module__,
+            "logits": {task: v.tolist() for task, v in output.logits.items()},
+            "embeddings": output.embeddings.tolist(),
+        },
+        open(result_file, "w"),
+    )
+    """
+)
+
+
+def _clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def test_saved_folder_has_auto_map_code_and_card(tiny_run):
+    config = json.loads((tiny_run.out / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "modeling_multitask.MultiTaskConfig",
+        "AutoModel": "modeling_multitask.MultiTaskModel",
+    }
+    assert (tiny_run.out / "modeling_multitask.py").read_text() == (ROOT / "modeling_multitask.py").read_text()
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md", "metrics.json"):
+        assert (tiny_run.out / name).is_file(), name
+    final = [p for p in tiny_run.out.glob("**/*") if not p.relative_to(tiny_run.out).parts[0].startswith("checkpoint-")]
+    assert not [p for p in final if p.suffix in (".bin", ".pt", ".pth", ".pkl")], "weights must be safetensors only"
+
+
+def test_loads_anywhere_with_trust_remote_code(tiny_run, tmp_path):
+    """Fresh interpreter, cwd elsewhere, repo not on sys.path, offline: same logits and embeddings as in-process."""
+    from modeling_multitask import MultiTaskModel
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result_file = tmp_path / "result.json"
+    subprocess.run(
+        [sys.executable, "-c", LOAD_ELSEWHERE, str(tiny_run.out), json.dumps(TEXTS), str(result_file), str(ROOT)],
+        cwd=elsewhere, env=_clean_env(), stdin=subprocess.DEVNULL, check=True, timeout=300,
+    )  # fmt: skip
+    result = json.loads(result_file.read_text())
+    assert result["module"].startswith("transformers_modules."), result["module"]
+
+    from transformers import AutoTokenizer
+
+    model = MultiTaskModel.from_pretrained(tiny_run.out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run.out, trust_remote_code=True)
+    with torch.no_grad():
+        expected = model(**tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    assert set(result["logits"]) == set(model.config.task_names) == {"sentiment", "question"}
+    for task, logits in expected.logits.items():
+        assert torch.tensor(result["logits"][task]).sub(logits).abs().max() <= 1e-5, task
+    assert torch.tensor(result["embeddings"]).sub(expected.embeddings).abs().max() <= 1e-5
+    assert expected.embeddings.std(0).max() > 0, "texts must not all embed alike (a tokenizer that only knows [UNK])"
+
+
+def test_checkpoint_v1_still_loads_with_same_outputs():
+    """tests/fixtures/tiny_model_v1 was saved by an earlier version (make_tiny_model_v1.py): today's classes and the
+    stored remote code must both load it and reproduce the outputs stored with it."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from modeling_multitask import MultiTaskModel
+
+    expected = json.loads((FIXTURE_V1 / "expected_outputs.json").read_text())
+    size = sum(p.stat().st_size for p in FIXTURE_V1.iterdir())
+    assert size < 200_000, f"fixture grew to {size} bytes"
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURE_V1, trust_remote_code=True)
+    batch = tokenizer(expected["texts"], padding=True, return_tensors="pt")
+
+    current, info = MultiTaskModel.from_pretrained(FIXTURE_V1, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    remote = AutoModel.from_pretrained(FIXTURE_V1, trust_remote_code=True)
+    for model in (current.eval(), remote.eval()):
+        with torch.no_grad():
+            output = model(**batch)
+        for task, logits in expected["logits"].items():
+            assert output.logits[task].sub(torch.tensor(logits)).abs().max() <= 1e-5, (type(model).__module__, task)
+        assert output.embeddings.sub(torch.tensor(expected["embeddings"])).abs().max() <= 1e-5
+    assert current.config.task_names == ["sentiment", "question"]
+    assert current.config.tasks[1]["id2label"] == {0: "not_question", 1: "question"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model card
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_card_metadata(tiny_run):
+    from huggingface_hub import ModelCard, metadata_load
+
+    card = ModelCard.load(tiny_run.out / "README.md")
+    meta = metadata_load(tiny_run.out / "README.md")
+    assert card.data.to_dict()["model-index"] == meta["model-index"]
+    assert meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "text-classification"
+    assert meta["license"] == "apache-2.0"
+    assert meta["language"] == "en"
+    assert {"stanfordnlp/sst2", "CogComp/trec", "li2017dailydialog/daily_dialog"} <= set(meta["datasets"])
+    assert {"multi-task", "sentence-transformers", "sentiment", "question"} <= set(meta["tags"])
+    # The tiny encoder is a local folder: a path is not a Hub id, so no base_model (the Hub would reject it).
+    assert "base_model" not in meta
+
+
+def test_card_model_index_round_trips_to_metrics_json(tiny_run):
+    from huggingface_hub import metadata_load
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    final = _saved_metrics(tiny_run.out)["final"]
+    name, results = model_index_to_eval_results(metadata_load(tiny_run.out / "README.md")["model-index"])
+    assert name == "tiny-multitask"
+    got = {(r.dataset_config, r.metric_type): r.metric_value for r in results}
+    want = {(s, m): final[s][m] for s in final for m in ("accuracy", "f1")}
+    assert set(want) == {(s, m) for s in ("sentiment", "question", "question_gold", "question_gold_noqm")
+                         for m in ("accuracy", "f1")}  # fmt: skip
+    assert got == want  # exact floats: the card carries metrics.json's numbers, not rounded copies
+    tasks = {r.dataset_config: r.task_name for r in results}
+    assert tasks == {"sentiment": "sentiment", "question": "question", "question_gold": "question",
+                     "question_gold_noqm": "question"}  # fmt: skip
+
+
+def test_card_body(tiny_run):
+    text = (tiny_run.out / "README.md").read_text()
+    metrics = _saved_metrics(tiny_run.out)
+    images = IMAGE.findall(text)
+    assert set(images) == {"loss_curves.png", "accuracy_curves.png"}
+    for image in images:
+        assert (tiny_run.out / image).is_file(), image
+    # tasks with label names
+    assert "`0` negative, `1` positive" in text and "`0` not_question, `1` question" in text
+    # before -> after per eval set, formatted from metrics.json
+    for name, values in metrics["final"].items():
+        before = metrics["before"][name]
+        results = text.split("## Results")[1].split("###")[0]
+        row = next(line for line in results.splitlines() if line.startswith(f"| `{name}` | "))
+        for value in (before["accuracy"], values["accuracy"], before["f1"], values["f1"]):
+            assert f"{value:.4f}" in row, (name, row)
+    # heuristic baselines on the question sets
+    for name, rules in metrics["heuristics"].items():
+        assert f"{rules['heuristic']['accuracy']:.4f}" in text, name
+    # per-epoch tables: one per task, a row per logged step plus "before"
+    assert text.count("| epoch | step | train loss | train acc |") == 2
+    assert "| 0 (before) | 0 |" in text
+    # the recipe
+    for label in ("Encoder", "Freezing", "Task sampling", "Batch size", "Learning rate", "Hardware", "Training time"):
+        assert f"| {label} |" in text, label
+    assert metrics["recipe"]["hardware"] in text
+    # limitations
+    assert "heuristic" in text.split("## Limitations")[1] and "movie" in text.split("## Limitations")[1]
+
+
+def test_card_usage_snippets_run_when_copied(tiny_run, tmp_path):
+    """The card's Python blocks, pointed at the folder instead of the Hub repo, run in a fresh interpreter."""
+    import hub
+
+    card = tmp_path / "card.md"
+    hub.render_card(tiny_run.out, model_id=str(tiny_run.out), output=card)
+    blocks = _code_blocks(card.read_text())
+    assert len(blocks) == 2 and "trust_remote_code=True" in blocks[0] and "SentenceTransformer" in blocks[1]
+    script = tmp_path / "snippet.py"
+    script.write_text("\n".join(blocks))
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=_clean_env(), stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'sentiment': {'label':" in done.stdout and "torch.Size([2, 32])" in done.stdout
+
+
+def test_card_renders_without_sentence_transformers_or_before_eval(tiny_run, tmp_path):
+    import hub
+
+    folder = tmp_path / "run"
+    shutil.copytree(tiny_run.out, folder, ignore=shutil.ignore_patterns("checkpoint-*", "0_Transformer"))
+    for name in ("modules.json", "1_Pooling"):
+        shutil.rmtree(folder / name) if (folder / name).is_dir() else (folder / name).unlink()
+    metrics = _saved_metrics(folder)
+    metrics["before"] = {}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    text = str(hub.render_card(folder, model_id="me/x"))
+    assert "SentenceTransformer" not in text and "0 (before)" not in text
+    assert "| `sentiment` | sentiment | SST-2 validation |" in text
+
+
+def test_hub_ids_and_local_paths(tmp_path):
+    import hub
+
+    assert hub.hub_id_or_none("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert hub.hub_id_or_none("bert-base-uncased") == "bert-base-uncased"
+    assert hub.hub_id_or_none(str(tmp_path)) is None
+    assert hub.hub_id_or_none("./runs/x") is None
+    assert hub.hub_id_or_none("a/b/c") is None
+
+
+def test_render_card_names_a_missing_metrics_file(tmp_path):
+    import hub
+
+    with pytest.raises(ValueError, match=r"has no metrics.json; render the card from a finished train.py"):
+        hub.render_card(tmp_path)
+
+
+def test_eval_sets_sharing_a_prefix_stay_apart():
+    """'question' is a prefix of 'question_gold': its metrics must not absorb the gold set's keys."""
+    import train
+
+    flat = {"eval_question_accuracy": 0.5, "eval_question_gold_accuracy": 0.9, "eval_question_gold_noqm_f1": 0.7,
+            "eval_question_runtime": 1.0, "epoch": 1.0}  # fmt: skip
+    split = train.split_eval_metrics(flat, ["question", "question_gold", "question_gold_noqm"])
+    assert split == {"question": {"accuracy": 0.5}, "question_gold": {"accuracy": 0.9}, "question_gold_noqm": {"f1": 0.7}}
+
+
+def test_sample_card_is_current(tiny_run, tiny_data_dir, tmp_path):
+    """docs/sample_model_card.md is generated (see the module docstring); it must have today's template's layout."""
+    if os.environ.get("WRITE_SAMPLE_CARD") == "1":
+        _write_sample_card(tiny_data_dir, tmp_path)
+    sample = (DOCS / "sample_model_card.md").read_text()
+    current = (tiny_run.out / "README.md").read_text()
+
+    def layout(text: str) -> list[str]:
+        body = text.split("\n---\n", 1)[1]
+        return [line for line in body.splitlines() if line.startswith("#")][1:]  # [0] is the model's name
+
+    assert layout(sample) == layout(current), "rerun: WRITE_SAMPLE_CARD=1 pytest tests/test_hub.py -k sample_card"
+    for image in IMAGE.findall(sample):
+        assert (DOCS / image).is_file(), image
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in sample
+
+
+def _write_sample_card(data_dir: Path, tmp_path: Path) -> None:
+    import hub
+    import train
+
+    out = tmp_path / "sample-run"
+    train.main(_train_args("sentence-transformers/all-MiniLM-L6-v2", data_dir, out, "--save_strategy", "no"))
+    files = DOCS / "sample_model_card_files"
+    shutil.rmtree(files, ignore_errors=True)
+    files.mkdir(parents=True)
+    for plot in hub.PLOTS:
+        shutil.copy(out / plot, files / plot)
+    hub.render_card(
+        out, model_id="your-name/multitask-minilm", image_prefix="sample_model_card_files/",
+        output=DOCS / "sample_model_card.md",
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# push_to_hub (the only piece not run against a live Hub: no network here)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_push_to_hub_uploads_the_final_folder_once(tiny_run):
+    calls = [name for name, _ in tiny_run.hub.calls]
+    assert calls == ["create_repo", "upload_folder"]
+    create, upload = (kwargs for _, kwargs in tiny_run.hub.calls)
+    # The Trainer never reached the Hub during training: the first call came after the folder was complete.
+    assert create["_run_finished"] and upload["_run_finished"]
+    assert create["repo_id"] == "tiny-multitask" and create["token"] == "hf_test_token"
+    assert upload["repo_id"] == "someone/tiny-multitask"
+    assert Path(upload["folder_path"]) == tiny_run.out
+
+    sent = set(tiny_run.hub.sent)
+    expected = {
+        "README.md", "config.json", "model.safetensors", "modeling_multitask.py", "tokenizer.json",
+        "tokenizer_config.json", "loss_curves.png", "accuracy_curves.png", "metrics.json", "training_args.json",
+        "modules.json", "config_sentence_transformers.json", "1_Pooling/config.json", "0_Transformer/config.json",
+        "0_Transformer/model.safetensors", "0_Transformer/sentence_bert_config.json", "0_Transformer/tokenizer.json",
+        "0_Transformer/tokenizer_config.json",
+    }  # fmt: skip
+    assert sent == expected
+    # ...while the folder also holds a Trainer checkpoint, which stays local.
+    assert list(tiny_run.out.glob("checkpoint-*/model.safetensors"))
+
+
+def test_pushed_card_is_ours_and_names_the_repo(tiny_run):
+    card = tiny_run.hub.sent["README.md"].decode()
+    assert "model-index" in card and "## Training recipe" in card
+    # A bare --hub_model_id becomes the canonical id the Hub returned, and the snippet loads that.
+    assert 'AutoModel.from_pretrained("someone/tiny-multitask", trust_remote_code=True)' in card
+    assert "This model is a fine-tuned version of" not in card  # Trainer.create_model_card's wording
+
+
+def test_push_to_hub_without_token_fails_before_training(tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    import train
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    started = time.time()
+    with pytest.raises(ValueError, match=r"Uploading to the Hub \(--push_to_hub\) needs a Hugging Face token"):
+        train.main(_train_args(tiny_encoder_dir, tiny_data_dir, tmp_path / "o", "--push_to_hub", "true"))
+    assert not (tmp_path / "o" / "metrics.json").exists()
+    assert time.time() - started < 60
+
+
+def test_push_cli_uploads_existing_run(tiny_run, tmp_path, monkeypatch):
+    import hub
+
+    folder = tmp_path / "run"
+    shutil.copytree(tiny_run.out, folder)
+    (folder / ".final.partial").mkdir()
+    (folder / ".final.partial" / "model.safetensors").write_bytes(b"half-written")
+    fake = FakeHubApi(folder, namespace="me")
+    fake.install(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", "hf_cli_token")
+    hub.main(["push", str(folder), "--hub_model_id", "me/cli-model"])
+    assert [name for name, _ in fake.calls] == ["create_repo", "upload_folder"]
+    assert set(fake.sent) == set(tiny_run.hub.sent)  # same files; checkpoints and the staging folder stay local
+    assert 'from_pretrained("me/cli-model"' in fake.sent["README.md"].decode()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sentence-transformers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _pooled(model, tokenizer, texts) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**tokenizer(texts, padding=True, return_tensors="pt")).embeddings
+
+
+def test_saved_folder_is_a_sentence_transformer(tiny_run):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    from modeling_multitask import MultiTaskModel
+
+    st = SentenceTransformer(str(tiny_run.out), device="cpu")
+    assert getattr(st[0].auto_model, "pooler", None) is None  # built like the multi-task encoder, no BERT pooler
+    model = MultiTaskModel.from_pretrained(tiny_run.out)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run.out, trust_remote_code=True)
+    got = st.encode(TEXTS, convert_to_tensor=True, batch_size=2)
+    assert got.shape == (len(TEXTS), model.config.encoder["hidden_size"])
+    assert got.sub(_pooled(model, tokenizer, TEXTS)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+def test_export_sentence_transformers_matches_pooled_output(make_model, tiny_tokenizer, tmp_path, pooling):
+    from sentence_transformers import SentenceTransformer
+
+    import hub
+
+    model = make_model(pooling=pooling)
+    with torch.no_grad():  # move the encoder off its init so a stale copy would show
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    names = hub.export_sentence_transformers(model, tiny_tokenizer, tmp_path / "st")
+    assert sorted(names) == sorted(p.name for p in (tmp_path / "st").iterdir())
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    got = st.encode(TEXTS, convert_to_tensor=True)
+    assert got.sub(_pooled(model, tiny_tokenizer, TEXTS)).abs().max() <= 1e-5
+
+
+def test_export_option_writes_a_separate_folder(tiny_run, make_model, tiny_tokenizer, tmp_path):
+    """--export_sentence_transformers DIR: the run folder stays lean, DIR is the sentence-transformers model."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import TrainingArguments
+
+    import train
+
+    out, st_dir = tmp_path / "out", tmp_path / "st"
+    model = make_model()
+    args = TrainingArguments(output_dir=str(out), report_to="none")
+    names = train.save_outputs(
+        model, tiny_tokenizer, _saved_metrics(tiny_run.out), args, export_sentence_transformers=str(st_dir)
+    )
+    assert "modules.json" not in names and not (out / "0_Transformer").exists()
+    assert "SentenceTransformer" not in (out / "README.md").read_text()
+    got = SentenceTransformer(str(st_dir), device="cpu").encode(TEXTS, convert_to_tensor=True)
+    assert got.sub(_pooled(model, tiny_tokenizer, TEXTS)).abs().max() <= 1e-5
+    parsed = train.parse_args(["--output_dir", str(out), "--export_sentence_transformers", "none"])
+    assert parsed[2].export_sentence_transformers == "none"
