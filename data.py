@@ -175,16 +175,113 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def get_tasks(names: Sequence[str]) -> list[TaskSpec]:
+def get_tasks(names: Sequence[str], custom: dict[str, TaskSpec] | None = None) -> list[TaskSpec]:
+    """The TaskSpecs named by `--tasks`, from the built-in TASKS and the config's `task_definitions`."""
+    known = {**TASKS, **(custom or {})}
     if not names:
-        raise ValueError(f"No tasks given; choose from {sorted(TASKS)} (e.g. --tasks sentiment question).")
+        raise ValueError(f"No tasks given; choose from {sorted(known)} (e.g. --tasks sentiment question).")
     duplicates = sorted({n for n in names if list(names).count(n) > 1})
     if duplicates:
         raise ValueError(f"Duplicate task names {duplicates} in --tasks; list each task once.")
-    unknown = [n for n in names if n not in TASKS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"Unknown task(s) {unknown}; known tasks: {sorted(TASKS)}.")
-    return [TASKS[n] for n in names]
+        raise ValueError(
+            f"Unknown task(s) {unknown}; known tasks: {sorted(known)}. Declare a new task under "
+            f"`task_definitions` in the YAML config."
+        )
+    return [known[n] for n in names]
+
+
+TASK_DEFINITION_KEYS = {
+    "name": "task name (also the head name and the eval metric prefix)",
+    "dataset": "Hub dataset id, read when --data_dir is not set",
+    "mirror": "folder under --data_dir (default: the last part of the dataset id)",
+    "train_split": "split to train on (default: train)",
+    "eval_split": "split to evaluate on (default: none)",
+    "text_column": "column holding the text",
+    "label_column": "column holding integer class ids 0..num_labels-1",
+    "label_names": "list of class names, in class-id order",
+    "num_labels": "number of classes (optional; must equal len(label_names))",
+}
+_REQUIRED_DEFINITION_KEYS = ("name", "dataset", "text_column", "label_column")
+
+
+def parse_task_definitions(value) -> dict[str, TaskSpec]:
+    """Turn the config's `task_definitions` (a list of mappings, or that list as a JSON string) into TaskSpecs.
+
+    Example (YAML):
+        task_definitions:
+          - {name: topic, dataset: CogComp/trec, mirror: trec, train_split: train, eval_split: test,
+             text_column: text, label_column: coarse_label, label_names: [ABBR, DESC, ENTY, HUM, LOC, NUM]}
+    """
+    import difflib
+    import json
+
+    if value is None or value == "" or value == []:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"task_definitions: not a valid JSON list of mappings ({err}).") from err
+    if not isinstance(value, list):
+        raise ValueError(f"task_definitions: expected a list of mappings, got {type(value).__name__}.")
+    specs: dict[str, TaskSpec] = {}
+    for index, item in enumerate(value):
+        where = f"task_definitions[{index}]"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected a mapping with keys {list(TASK_DEFINITION_KEYS)}, got {item!r}.")
+        where = f"{where} ({item.get('name')!r})" if "name" in item else where
+        for key in item:
+            if key not in TASK_DEFINITION_KEYS:
+                close = difflib.get_close_matches(str(key), TASK_DEFINITION_KEYS, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"{where}: unknown key {key!r}.{hint} Allowed keys: {list(TASK_DEFINITION_KEYS)}.")
+        missing = [k for k in _REQUIRED_DEFINITION_KEYS if not item.get(k)]
+        if missing:
+            raise ValueError(f"{where}: missing required key(s) {missing}; add them to the definition.")
+        for key in ("name", "dataset", "mirror", "train_split", "eval_split", "text_column", "label_column"):
+            if key in item and item[key] is not None and not (isinstance(item[key], str) and item[key].strip()):
+                raise ValueError(f"{where}: {key} must be a non-empty string, got {item[key]!r}.")
+        name = item["name"]
+        if name in TASKS:
+            raise ValueError(f"{where}: task name {name!r} is already a built-in task; choose another name.")
+        if name in specs:
+            raise ValueError(f"{where}: duplicate task name {name!r}; each definition needs a unique name.")
+        num_labels = item.get("num_labels")
+        if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int)):
+            raise ValueError(f"{where}: num_labels must be an integer, got {num_labels!r}.")
+        label_names = item.get("label_names")
+        if label_names is None:
+            if num_labels is None:
+                raise ValueError(f"{where}: give label_names (a list of class names) or num_labels.")
+            label_names = [f"LABEL_{i}" for i in range(num_labels)]
+        if not isinstance(label_names, list) or not all(isinstance(n, (str, int)) for n in label_names):
+            raise ValueError(f"{where}: label_names must be a list of class names, got {label_names!r}.")
+        label_names = tuple(str(n) for n in label_names)
+        if num_labels is not None and num_labels != len(label_names):
+            raise ValueError(
+                f"{where}: num_labels={num_labels} but label_names has {len(label_names)} entries "
+                f"{list(label_names)}; list exactly one name per class (or drop num_labels)."
+            )
+        if len(label_names) < 2:
+            raise ValueError(f"{where}: a classification task needs at least 2 classes, got {list(label_names)}.")
+        if len(set(label_names)) != len(label_names):
+            raise ValueError(f"{where}: label_names {list(label_names)} repeat a name; class names must differ.")
+        mirror = item.get("mirror") or item["dataset"].rstrip("/").split("/")[-1]
+
+        def source(split: str) -> Source:
+            return Source(item["dataset"], mirror, split, item["text_column"], item["label_column"])
+
+        eval_split = item.get("eval_split")
+        specs[name] = TaskSpec(
+            name=name,
+            label_names=label_names,
+            train=(source(item.get("train_split") or "train"),),
+            eval=(EvalSource(name, source(eval_split)),) if eval_split else (),
+            description=f"Custom task from {item['dataset']} ({item['text_column']} -> {item['label_column']}).",
+        )
+    return specs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,6 +297,12 @@ def load_source(source: Source, data_dir: str | None):
         folder = Path(data_dir) / source.mirror
         if not Path(data_dir).is_dir():
             raise ValueError(f"--data_dir {data_dir!r} does not exist or is not a folder.")
+        looked_for = f"{folder / (source.split + '.parquet')} (or .csv/.tsv/.jsonl/.json)"
+        if not folder.is_dir():
+            raise ValueError(
+                f"--data_dir {data_dir!r} has no folder {source.mirror!r} for dataset {source.dataset!r}: looked for "
+                f"{looked_for}. Mirror the dataset there, or drop --data_dir to read it from the Hub."
+            )
         for ext, builder in DATA_EXTENSIONS.items():
             path = folder / f"{source.split}.{ext}"
             if path.is_file():
@@ -209,23 +312,48 @@ def load_source(source: Source, data_dir: str | None):
                         builder, data_files={source.split: str(path)}, split=source.split, **kwargs
                     )
                 except Exception as err:  # datasets raises many types for unreadable files
-                    raise ValueError(
-                        f"{path}: could not be read as {ext} ({type(err).__name__}: {str(err)[:300]}). "
-                        f"Check that the file is valid {ext}, UTF-8 encoded, or replace it."
-                    ) from err
+                    raise _unreadable(path, ext, err) from err
+        found = sorted(p.name for p in folder.iterdir())
         raise ValueError(
             f"--data_dir {data_dir!r} has no file for dataset {source.dataset!r} split {source.split!r}: looked for "
-            f"{folder / (source.split + '.parquet')} (or .csv/.tsv/.jsonl/.json). Mirror it there, or drop "
-            f"--data_dir to read it from the Hub."
+            f"{looked_for}; {folder} holds {found}. Add the split file, or fix the split name in the config."
         )
     try:
         return datasets.load_dataset(source.dataset, split=source.split)
     except Exception as err:
+        offline = datasets.config.HF_HUB_OFFLINE or getattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+        why = "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and it is not cached" if offline else "see above"
         raise ValueError(
-            f"Could not load {source.dataset!r} split {source.split!r} from the Hub ({type(err).__name__}: "
-            f"{str(err)[:300]}). If this machine is offline, pass --data_dir with a local mirror "
+            f"Could not load {source.dataset!r} split {source.split!r} from the Hub: {why} ({type(err).__name__}: "
+            f"{str(err)[:300]}). Pass --data_dir with a local mirror holding {source.mirror}/{source.split}.parquet "
             f"(e.g. --data_dir ../shared/data), or connect to the Hub."
         ) from err
+
+
+def _unreadable(path: Path, ext: str, err: BaseException) -> ValueError:
+    """One clear message for a data file that exists but cannot be read; names encoding problems as such."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, UnicodeDecodeError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, UnicodeDecodeError):
+        return ValueError(
+            f"{path}: is not UTF-8 encoded (byte {cause.object[cause.start:cause.start + 1]!r} at offset "
+            f"{cause.start} of a chunk: {cause.reason}). Re-save the file as UTF-8, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path.name}`."
+        )
+    detail = " <- ".join(
+        f"{type(e).__name__}: {str(e)[:200]}" for e in _exception_chain(err) if str(e)
+    )
+    return ValueError(f"{path}: could not be read as {ext} ({detail}). Check that the file is valid {ext}, or replace it.")
+
+
+def _exception_chain(err: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
 
 
 def check_columns(ds, source: Source, data_dir: str | None) -> None:
@@ -249,16 +377,37 @@ def check_texts(texts: Sequence, where: str, column: str) -> None:
 
 
 def check_labels(labels: Sequence, num_labels: int, where: str, column: str) -> None:
+    expected = f"expected an integer class id 0..{num_labels - 1}"
     for row, label in enumerate(labels):
-        if label is None or isinstance(label, bool) or not isinstance(label, (int, np.integer, float)):
-            raise ValueError(f"{where}: column {column!r} row {row} is {label!r}, expected an integer class id.")
-        if isinstance(label, float) and (not math.isfinite(label) or not label.is_integer()):
-            raise ValueError(f"{where}: column {column!r} row {row} is {label!r}, expected an integer class id.")
+        if label is None or isinstance(label, bool) or not isinstance(label, (int, np.integer, float, np.floating)):
+            raise ValueError(
+                f"{where}: column {column!r} row {row} is {label!r}, {expected}; fill or drop the row (text labels "
+                f"must be mapped to ids in label_names order)."
+            )
+        if isinstance(label, (float, np.floating)) and (not math.isfinite(label) or not float(label).is_integer()):
+            raise ValueError(f"{where}: column {column!r} row {row} is {label!r}, {expected}; fix or drop the row.")
+    for row, label in enumerate(labels):
         if not 0 <= int(label) < num_labels:
+            values = sorted({int(x) for x in labels})
+            shown = values if len(values) <= 20 else values[:10] + ["..."] + values[-5:]
             raise ValueError(
                 f"{where}: column {column!r} row {row} has value {label!r}, expected 0..{num_labels - 1} "
-                f"(num_labels={num_labels}). Fix the label or the task's label names."
+                f"(num_labels={num_labels}); the column holds the values {shown}. Fix the label, or make the "
+                f"task's label_names/num_labels match the data."
             )
+
+
+def check_label_feature(ds, source: Source, task: TaskSpec, where: str) -> None:
+    """A ClassLabel column knows its class count: it must agree with the task's label names."""
+    import datasets
+
+    feature = ds.features.get(source.label_column)
+    if isinstance(feature, datasets.ClassLabel) and feature.num_classes != task.num_labels:
+        raise ValueError(
+            f"{where}: column {source.label_column!r} is a ClassLabel with {feature.num_classes} classes "
+            f"{feature.names}, but task {task.name!r} has num_labels={task.num_labels} {list(task.label_names)}. "
+            f"Make the task's label_names match the data."
+        )
 
 
 def _read_source(source: Source, task: TaskSpec, data_dir: str | None) -> tuple[list[str], list[int]]:
@@ -272,6 +421,7 @@ def _read_source(source: Source, task: TaskSpec, data_dir: str | None) -> tuple[
     if source.transform is not None:
         texts = [source.transform(t) for t in texts]
     if source.label_column is not None:
+        check_label_feature(ds, source, task, where)
         labels = ds[source.label_column]
         check_labels(labels, task.num_labels, where, source.label_column)
         labels = [int(x) for x in labels]
@@ -298,6 +448,7 @@ class MultiTaskData:
     eval_tasks: dict[str, str] = field(default_factory=dict)  # eval set name -> task name
     eval_texts: dict[str, list[str]] = field(default_factory=dict)  # for baselines and error analysis
     samples: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # a few (text, label) per task
+    truncated: dict[str, int] = field(default_factory=dict)  # "task/split" -> texts cut to max_seq_length
 
 
 def _subsample(texts: list[str], labels: list[int], limit: int | None, seed: int) -> tuple[list[str], list[int]]:
@@ -360,7 +511,9 @@ def build_data(tasks: list[TaskSpec], tokenizer, args, seed: int = 42) -> MultiT
                 f"{list(task.label_names)}; a classifier needs examples of at least two classes."
             )
         data.samples[task.name] = list(zip(texts[:3], labels[:3]))
-        train_parts.append(_tokenize(texts, labels, task_id, tokenizer, args.max_seq_length, f"{task.name}/train"))
+        train_parts.append(
+            _tokenize(texts, labels, task_id, tokenizer, args.max_seq_length, f"{task.name}/train", data.truncated)
+        )
         data.task_sizes.append(len(texts))
         for eval_source in task.eval:
             if eval_source.mirror_only and (args.data_dir is None or not args.gold_eval):
@@ -376,18 +529,30 @@ def build_data(tasks: list[TaskSpec], tokenizer, args, seed: int = 42) -> MultiT
                 t, y = _subsample(t, y, args.max_eval_samples, seed)
             _add_eval(data, eval_source.name, task, task_id, t, y, tokenizer, args)
     data.train = datasets.concatenate_datasets(train_parts)
+    if sum(data.truncated.values()):
+        # One warning for the whole run: long texts are expected, a warning per split would drown the log.
+        logger.warning(
+            "%d text(s) longer than max_seq_length=%d tokens were truncated (%s).",
+            sum(data.truncated.values()),
+            args.max_seq_length,
+            ", ".join(f"{k}: {v}" for k, v in data.truncated.items() if v),
+        )
     return data
 
 
 def _add_eval(data: MultiTaskData, name, task, task_id, texts, labels, tokenizer, args) -> None:
-    ds = _tokenize(texts, labels, task_id, tokenizer, args.max_seq_length, f"{task.name}/{name}")
+    ds = _tokenize(texts, labels, task_id, tokenizer, args.max_seq_length, f"{task.name}/{name}", data.truncated)
     data.eval_sets[name] = ds
     data.eval_tasks[name] = task.name
     data.eval_texts[name] = texts
 
 
-def _tokenize(texts: list[str], labels: list[int], task_id: int, tokenizer, max_length: int, what: str):
-    """Tokenize with a fast tokenizer through `datasets.map` (cached by fingerprint), no padding."""
+def _tokenize(
+    texts: list[str], labels: list[int], task_id: int, tokenizer, max_length: int, what: str, truncated=None
+):
+    """Tokenize with a fast tokenizer through `datasets.map` (cached by fingerprint), no padding.
+
+    Texts longer than `max_length` are cut; their count goes into `truncated[what]` (logged here if None)."""
     import datasets
 
     ds = datasets.Dataset.from_dict({"text": texts, "labels": labels})
@@ -405,9 +570,11 @@ def _tokenize(texts: list[str], labels: list[int], task_id: int, tokenizer, max_
         }
 
     ds = ds.map(encode, batched=True, remove_columns=["text"], desc=f"Tokenizing {what}")
-    truncated = int(np.sum(np.asarray(ds["full_length"]) > max_length))
-    if truncated:
-        logger.warning("%s: %d text(s) longer than %d tokens were truncated.", what, truncated, max_length)
+    count = int(np.sum(np.asarray(ds["full_length"]) > max_length))
+    if truncated is not None:
+        truncated[what] = count
+    elif count:
+        logger.warning("%s: %d text(s) longer than %d tokens were truncated.", what, count, max_length)
     return ds.remove_columns("full_length")
 
 

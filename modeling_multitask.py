@@ -19,6 +19,15 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import ModelOutput
 
 POOLING_MODES = ("mean", "cls", "max")
+# Sizes of the encoder config that must be positive integers for the model to be built at all.
+ENCODER_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
 LOSS_WEIGHTINGS = ("static", "uncertainty")
 
 
@@ -92,9 +101,13 @@ class MultiTaskConfig(PretrainedConfig):
         if self.encoder is not None:
             if "model_type" not in self.encoder:
                 raise ValueError("MultiTaskConfig: the encoder config has no 'model_type'; save it with to_dict().")
-            for key in ("hidden_size", "num_hidden_layers"):
-                if key in self.encoder and int(self.encoder[key]) <= 0:
-                    raise ValueError(f"MultiTaskConfig: encoder {key}={self.encoder[key]} must be positive.")
+            for key in ENCODER_SIZES:
+                value = self.encoder.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                    raise ValueError(
+                        f"MultiTaskConfig: encoder {key}={value!r} must be a positive integer; the saved "
+                        f"config.json is damaged or was edited by hand."
+                    )
 
     @property
     def task_names(self) -> list[str]:
@@ -276,6 +289,12 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         if labels is not None:
             if task_ids is None:
                 raise ValueError("forward() got labels without task_ids (or task): cannot tell which head they train.")
+            if bool(((task_ids < 0) | (task_ids >= len(self.heads))).any()):
+                # Rows with an unknown task id would otherwise train no head and vanish from the loss.
+                raise ValueError(
+                    f"forward() got task_ids {sorted(set(task_ids.tolist()))}; this model's task ids are "
+                    f"0..{len(self.heads) - 1} ({self.config.task_names})."
+                )
             loss, task_losses, task_weights = self._joint_loss(logits, labels, task_ids)
 
         if task is not None:
@@ -363,8 +382,9 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         for index, name in enumerate(self.config.task_names):
             rows = task_ids == index
             if not bool(rows.any()):
-                # Keep every head in the graph so DDP finds no unused parameters on steps without this task.
-                term = 0.0 * logits[name].sum()
+                # Keep every head in the graph so DDP finds no unused parameters on steps without this task;
+                # nan_to_num so a broken head cannot turn another task's loss into NaN (and hide which one broke).
+                term = 0.0 * logits[name].nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).sum()
                 if self.loss_log_vars is not None:
                     term = term + 0.0 * self.loss_log_vars[index]
             else:

@@ -45,6 +45,7 @@ import yaml
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from transformers import (
+    AutoConfig,
     AutoTokenizer,
     HfArgumentParser,
     Trainer,
@@ -52,8 +53,8 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
+import checkpoints
 import data as mtdata
 import hub
 from modeling_multitask import MultiTaskConfig, MultiTaskModel
@@ -116,6 +117,14 @@ class DataArguments:
     question_lowercase_prob: float = field(default=0.0, metadata={"help": "Share of training texts lowercased."})
     gold_eval: bool = field(
         default=True, metadata={"help": "Evaluate the question head on DailyDialog gold acts (from --data_dir)."}
+    )
+    task_definitions: str | None = field(
+        default=None,
+        metadata={
+            "help": "Custom tasks, named in --tasks like the built-in ones. YAML: a list of mappings with keys "
+            f"{list(mtdata.TASK_DEFINITION_KEYS)} (see data.parse_task_definitions); on the command line the same "
+            "list as JSON."
+        },
     )
     def __post_init__(self):
         if self.max_seq_length < 8:
@@ -227,6 +236,9 @@ def load_config(path: str) -> dict:
             raise ValueError(f"{path}: unknown key {key!r}.{hint} See `python train.py --help` for all arguments.")
     if isinstance(values.get("task_weights"), dict):
         values["task_weights"] = [f"{k}={v}" for k, v in values["task_weights"].items()]
+    if isinstance(values.get("task_definitions"), list):
+        # A string field (argparse cannot hold a list of mappings); checked by data.parse_task_definitions.
+        values["task_definitions"] = json.dumps(values["task_definitions"])
     return values
 
 
@@ -312,6 +324,49 @@ def apply_freezing(model: MultiTaskModel, freeze: list[str], unfreeze: list[str]
     return trainable, total
 
 
+def check_model_setup(
+    encoder_path: str,
+    task_configs: list[dict],
+    weights: dict[str, float],
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    mt_args: MultiTaskArguments,
+) -> None:
+    """Check the encoder config, max_seq_length and the freezing specs before any data is read or file written.
+
+    The model is built on the meta device: the same code as the real run (so the same errors), with no weights
+    read and no memory used.
+    """
+    try:
+        encoder_config = AutoConfig.from_pretrained(encoder_path)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"--encoder {model_args.encoder!r}: cannot read its config ({type(err).__name__}: {str(err)[:300]}). "
+            f"Pass a local folder holding config.json and weights, or connect to the Hub (a Hub id needs network "
+            f"unless it is cached; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r})."
+        ) from err
+    max_positions = getattr(encoder_config, "max_position_embeddings", None)
+    if max_positions and data_args.max_seq_length > max_positions:
+        raise ValueError(
+            f"max_seq_length={data_args.max_seq_length} exceeds the encoder's max_position_embeddings="
+            f"{max_positions} ({model_args.encoder}); set --max_seq_length {max_positions} or less."
+        )
+    encoder = encoder_config.to_dict()
+    for key in ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        encoder.pop(key, None)
+    config = MultiTaskConfig(
+        encoder=encoder,
+        tasks=task_configs,
+        pooling=model_args.pooling,
+        classifier_dropout=model_args.classifier_dropout,
+        loss_weighting=mt_args.loss_weighting,
+        task_weights=weights,
+    )
+    with torch.device("meta"):
+        skeleton = MultiTaskModel(config)
+    apply_freezing(skeleton, mt_args.freeze, mt_args.unfreeze)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------------------
@@ -332,8 +387,10 @@ class _TaskStatsCallback(TrainerCallback):
         self.trainer.log(self.trainer.pop_task_stats("epoch", "train_epoch"))
 
 
-class MultiTaskTrainer(Trainer):
+class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
     """`Trainer` with a task-interleaving batch sampler, the model's joint loss and metrics per task.
+
+    Checkpoints hold no pickle and appear atomically (see checkpoints.py).
 
     Eval sets are a dict name -> dataset; `eval_tasks` maps each name to the head it evaluates, giving
     `eval_<name>_{loss,accuracy,f1,precision,recall,f1_pos}`.
@@ -350,6 +407,18 @@ class MultiTaskTrainer(Trainer):
         # Per task: [sum of loss * rows, rows, correct rows], over the logging interval and over the epoch.
         self.task_stats = {k: torch.zeros(len(self.task_names), 3) for k in ("interval", "epoch")}
         self.add_callback(_TaskStatsCallback(self))
+
+    # ---- checkpoints: the per-task running statistics resume with the run ----
+    def checkpoint_extra_state(self) -> dict:
+        return {f"task_stats_{k}": v.clone() for k, v in self.task_stats.items()}
+
+    def restore_checkpoint_extra_state(self, extra: dict) -> None:
+        # At an epoch boundary the finished epoch's statistics were logged (or lost with the kill): start at zero.
+        at_epoch_boundary = float(self.state.epoch or 0).is_integer()
+        for which, stats in self.task_stats.items():
+            saved = extra.get(f"task_stats_{which}")
+            if saved is not None and saved.shape == stats.shape and not (which == "epoch" and at_epoch_boundary):
+                stats.copy_(saved)
 
     # ---- data ----
     def get_train_dataloader(self) -> DataLoader:
@@ -380,8 +449,10 @@ class MultiTaskTrainer(Trainer):
         loss = outputs.loss
         if not torch.isfinite(loss.detach()).all():
             present = [self.task_names[i] for i in torch.unique(inputs["task_ids"]).tolist()]
+            broken = [k for k, v in (outputs.task_losses or {}).items() if not torch.isfinite(v).all()]
             raise FloatingPointError(
-                f"Non-finite training loss ({loss.item()}) at step {self.state.global_step + 1} on task(s) {present}"
+                f"Non-finite training loss ({loss.item()}) at step {self.state.global_step + 1} on task(s) "
+                f"{broken or present}"
                 f" (per-task: {({k: v.item() for k, v in outputs.task_losses.items()})}). Stopping instead of "
                 f"training on garbage: lower --learning_rate, check the data of that task, or use fp32."
             )
@@ -481,26 +552,47 @@ def heuristic_metrics(texts_by_set: dict[str, list[str]], labels_by_set: dict[st
 
 
 def check_output_dir(training_args: TrainingArguments, mt_args: MultiTaskArguments) -> str | None:
-    """Refuse to mix two runs in one folder; returns the checkpoint to resume from, if any."""
+    """Refuse to mix two runs in one folder; returns the checkpoint to resume from, if any.
+
+    Touches nothing: with --overwrite_output_dir the folder is emptied by `clear_output_dir`, once every check
+    of the config and the data has passed.
+    """
     out = Path(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
+    world_size = training_args.world_size
+    holds_files = out.is_dir() and any(out.iterdir())
     if resume in ("auto", "latest", "True", "true"):
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is None:
-            logger.info("resume_from_checkpoint=%s: no checkpoint in %s, starting fresh.", resume, out)
-        return last
+        last = checkpoints.latest_checkpoint(out, world_size)
+        if last is not None:
+            logger.info("resume_from_checkpoint=%s: resuming from %s.", resume, last)
+            return last
+        if holds_files and not mt_args.overwrite_output_dir:
+            raise ValueError(
+                f"--resume_from_checkpoint {resume}: {out} holds no complete checkpoint-N folder but other files "
+                f"{sorted(p.name for p in out.iterdir())[:8]}. Pass --overwrite_output_dir true to start afresh "
+                f"there, or choose another --output_dir."
+            )
+        logger.info("resume_from_checkpoint=%s: no checkpoint in %s, starting fresh.", resume, out)
+        return None
     if resume is not None:
-        if not Path(resume).is_dir():
-            raise ValueError(f"--resume_from_checkpoint {resume!r} is not a folder.")
+        checkpoints.check_checkpoint(resume, world_size)
         return resume
-    if out.is_dir() and any(out.iterdir()) and not mt_args.overwrite_output_dir:
+    if holds_files and not mt_args.overwrite_output_dir:
+        hint = ""
+        if checkpoints.latest_checkpoint(out, world_size) is not None:
+            hint = "--resume_from_checkpoint auto to continue it, "
         raise ValueError(
-            f"Output folder {out} already holds files of another run. Pass --overwrite_output_dir true to "
-            f"replace it, --resume_from_checkpoint auto to continue it, or choose another --output_dir."
+            f"Output folder {out} already holds files of another run ({sorted(p.name for p in out.iterdir())[:8]}). "
+            f"Pass --overwrite_output_dir true to replace it, {hint}or choose another --output_dir."
         )
-    if out.is_dir() and mt_args.overwrite_output_dir:
-        shutil.rmtree(out)
     return None
+
+
+def clear_output_dir(training_args: TrainingArguments) -> None:
+    out = Path(training_args.output_dir)
+    if out.is_dir() and any(out.iterdir()):
+        logger.warning("--overwrite_output_dir: deleting the previous run in %s.", out)
+        shutil.rmtree(out)
 
 
 def epoch_table(log_history: list[dict], eval_names: list[str], task_names: list[str]) -> list[dict]:
@@ -604,17 +696,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # nothing to pin to; silences a warning per loader
-    # Everything that can be checked without data is checked before any file is touched.
-    tasks = mtdata.get_tasks(data_args.tasks)
+    # Every check of the config and the data runs before the output folder is touched: the config, the output
+    # folder and the model setup (freezing specs, on a weightless skeleton) first, then the data as it loads.
+    tasks = mtdata.get_tasks(data_args.tasks, mtdata.parse_task_definitions(data_args.task_definitions))
     task_configs = [t.to_config() for t in tasks]
     weights = mt_args.weights()
     MultiTaskConfig(tasks=task_configs, task_weights=weights, loss_weighting=mt_args.loss_weighting)
-    resume_from = check_output_dir(training_args, mt_args) if training_args.process_index == 0 else None
+    resume_from = check_output_dir(training_args, mt_args)
     hub_repo = take_over_push_to_hub(training_args)
-    set_seed(training_args.seed)
-
     encoder_path = resolve_encoder(model_args.encoder)
     logger.info("Encoder: %s (from %s)", model_args.encoder, encoder_path)
+    check_model_setup(encoder_path, task_configs, weights, model_args, data_args, mt_args)
+    set_seed(training_args.seed)
+
     tokenizer = AutoTokenizer.from_pretrained(encoder_path)
     with training_args.main_process_first(desc="loading and tokenizing the data"):
         mt = mtdata.build_data(tasks, tokenizer, data_args, seed=training_args.data_seed or training_args.seed)
@@ -626,6 +720,8 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("Eval set %r (head %r): %d rows", name, mt.eval_tasks[name], len(ds))
     row = mt.train[0]
     logger.info("Processed row 0: %s -> %r", row["input_ids"][:24], tokenizer.decode(row["input_ids"][:24]))
+    if resume_from is None and mt_args.overwrite_output_dir and training_args.process_index == 0:
+        clear_output_dir(training_args)
 
     model = MultiTaskModel.from_encoder(
         encoder_path,
