@@ -110,7 +110,9 @@ class Source:
     def describe(self, data_dir: str | None) -> str:
         if data_dir is None:
             return f"{self.dataset} [{self.split}]"
-        return str(Path(data_dir) / self.mirror / f"{self.split}.*")
+        folder = Path(data_dir) / self.mirror
+        found = [folder / f"{self.split}.{ext}" for ext in DATA_EXTENSIONS if (folder / f"{self.split}.{ext}").is_file()]
+        return str(found[0] if found else folder / f"{self.split}.*")  # the file the error is about
 
 
 @dataclass(frozen=True)
@@ -303,9 +305,15 @@ def load_source(source: Source, data_dir: str | None):
                 f"--data_dir {data_dir!r} has no folder {source.mirror!r} for dataset {source.dataset!r}: looked for "
                 f"{looked_for}. Mirror the dataset there, or drop --data_dir to read it from the Hub."
             )
+        # A local file is no download: without this, datasets pings S3 to count one (network even with a mirror).
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
         for ext, builder in DATA_EXTENSIONS.items():
             path = folder / f"{source.split}.{ext}"
             if path.is_file():
+                empty_columns = _columns_if_empty(path, ext)
+                if empty_columns is not None:
+                    # datasets fails on empty files with unrelated errors; the caller reports "zero rows".
+                    return datasets.Dataset.from_dict({c: [] for c in empty_columns})
                 kwargs = {"delimiter": "\t"} if ext == "tsv" else {}
                 try:
                     return datasets.load_dataset(
@@ -328,6 +336,28 @@ def load_source(source: Source, data_dir: str | None):
             f"{str(err)[:300]}). Pass --data_dir with a local mirror holding {source.mirror}/{source.split}.parquet "
             f"(e.g. --data_dir ../shared/data), or connect to the Hub."
         ) from err
+
+
+def _columns_if_empty(path: Path, ext: str) -> list[str] | None:
+    """The column names of a data file that holds no rows, or None if it has rows (or cannot tell cheaply)."""
+    if ext == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except Exception:  # not parquet: the loader reports it
+            return None
+        return list(meta.schema.names) if meta.num_rows == 0 else None
+    with open(path, "rb") as f:
+        head = [line for line in (f.readline() for _ in range(64)) if line.strip()][:2]
+        if ext in ("csv", "tsv"):
+            if len(head) >= 2:
+                return None
+            header = head[0].decode("utf-8", errors="replace").strip() if head else ""
+            return [c for c in header.split("\t" if ext == "tsv" else ",") if c]
+        if not head or (ext == "json" and b"".join(head).strip() == b"[]"):
+            return []
+    return None
 
 
 def _unreadable(path: Path, ext: str, err: BaseException) -> ValueError:

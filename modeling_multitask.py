@@ -382,9 +382,11 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         for index, name in enumerate(self.config.task_names):
             rows = task_ids == index
             if not bool(rows.any()):
-                # Keep every head in the graph so DDP finds no unused parameters on steps without this task;
-                # nan_to_num so a broken head cannot turn another task's loss into NaN (and hide which one broke).
-                term = 0.0 * logits[name].nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).sum()
+                # Keep every head in the graph so DDP finds no unused parameters on steps without this task.
+                # Built from the head's parameters, not its logits, and nan_to_num'ed: a broken head must not
+                # turn another task's loss or the encoder's gradients into NaN (and hide which task broke).
+                head = self.heads[name]
+                term = 0.0 * sum(p.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).sum() for p in head.parameters())
                 if self.loss_log_vars is not None:
                     term = term + 0.0 * self.loss_log_vars[index]
             else:

@@ -406,6 +406,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         self._eval_task: str | None = None
         # Per task: [sum of loss * rows, rows, correct rows], over the logging interval and over the epoch.
         self.task_stats = {k: torch.zeros(len(self.task_names), 3) for k in ("interval", "epoch")}
+        self._step_tasks: set[str] = set()  # tasks of the batches in the current optimizer step
         self.add_callback(_TaskStatsCallback(self))
 
     # ---- checkpoints: the per-task running statistics resume with the run ----
@@ -458,7 +459,22 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
             )
         if model.training:
             self._accumulate(outputs, inputs)
+            self._step_tasks.update(self.task_names[i] for i in torch.unique(inputs["task_ids"]).tolist())
         return (loss, outputs) if return_outputs else loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        tasks, self._step_tasks = sorted(self._step_tasks), set()
+        # A finite loss can still give non-finite gradients (overflow in backward); the optimizer step would
+        # then write NaN into every weight. With fp16 the GradScaler skips such steps itself, so leave it be.
+        if grad_norm is not None and getattr(self.accelerator, "scaler", None) is None:
+            if not math.isfinite(float(grad_norm)):
+                raise FloatingPointError(
+                    f"Non-finite gradient norm ({float(grad_norm)}) at step {self.state.global_step + 1} on task(s) "
+                    f"{tasks}. Stopping before the optimizer writes it into the weights: lower --learning_rate, "
+                    f"set --max_grad_norm, check the data of that task, or use fp32."
+                )
+        return grad_norm
 
     @torch.no_grad()
     def _accumulate(self, outputs, inputs) -> None:

@@ -1,0 +1,370 @@
+"""Bad input fails early with one clear ValueError (what was expected, what was found, where, how to fix).
+
+The table below pins each message; the end-to-end tests check that the checks run before the output folder
+is created or touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import data as mtdata
+import train
+
+GOOD_TEXTS = ["a good film", "a bad film", "what a film", "is it good ?"]
+GOOD_LABELS = [1, 0, 1, 0]
+
+
+def definition(**overrides) -> dict:
+    """A custom task read from <data_dir>/topic/train.<ext>, as a user would declare it in the YAML."""
+    return {
+        "name": "topic",
+        "dataset": "someone/topic",
+        "mirror": "topic",
+        "train_split": "train",
+        "text_column": "text",
+        "label_column": "label",
+        "label_names": ["neg", "pos"],
+        **overrides,
+    }
+
+
+def write_parquet(folder: Path, columns: dict, split: str = "train") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{split}.parquet"
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def load_task(data_dir: Path, tokenizer, definitions: list[dict], **data_kwargs) -> mtdata.MultiTaskData:
+    """The path train.main takes: parse the definitions, pick the tasks, load and check the data."""
+    specs = mtdata.parse_task_definitions(json.dumps(definitions))
+    tasks = mtdata.get_tasks([d["name"] for d in definitions], specs)
+    args = train.DataArguments(
+        data_dir=str(data_dir) if data_dir is not None else None,
+        max_seq_length=data_kwargs.pop("max_seq_length", 32),
+        gold_eval=False,
+        **data_kwargs,
+    )
+    return mtdata.build_data(tasks, tokenizer, args, seed=0)
+
+
+def rows(texts=None, labels=None) -> dict:
+    return {"text": GOOD_TEXTS if texts is None else texts, "label": GOOD_LABELS if labels is None else labels}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table: (what is wrong, how to provoke it, the message it must give)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _data_case(columns, **definition_overrides):
+    def run(ctx):
+        write_parquet(ctx.tmp_path / "mirror" / "topic", columns)
+        load_task(ctx.tmp_path / "mirror", ctx.tokenizer, [definition(**definition_overrides)])
+
+    return run
+
+
+def _file_case(name: str, content: bytes, **definition_overrides):
+    def run(ctx):
+        folder = ctx.tmp_path / "mirror" / "topic"
+        folder.mkdir(parents=True)
+        (folder / name).write_bytes(content)
+        load_task(ctx.tmp_path / "mirror", ctx.tokenizer, [definition(**definition_overrides)])
+
+    return run
+
+
+def _unknown_config_key(ctx):
+    path = ctx.tmp_path / "config.yaml"
+    path.write_text("tasks: [sentiment]\nlearning_rat: 0.001\n", encoding="utf-8")
+    train.load_config(str(path))
+
+
+def _unknown_definition_key(ctx):
+    mtdata.parse_task_definitions([{**definition(), "label_col": "label"}])
+
+
+def _duplicate_cli_tasks(ctx):
+    mtdata.get_tasks(["sentiment", "question", "sentiment"])
+
+
+def _duplicate_definitions(ctx):
+    mtdata.parse_task_definitions([definition(), definition(dataset="other/topic")])
+
+
+def _unknown_task(ctx):
+    mtdata.get_tasks(["sentiment", "topic"])
+
+
+def _label_names_wrong_length(ctx):
+    mtdata.parse_task_definitions([definition(num_labels=3)])
+
+
+def _num_labels_vs_classlabel(ctx):
+    # A label column saved as ClassLabel(negative, positive), as in the SST-2 mirror: a 3-class task disagrees.
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])})
+    (ctx.tmp_path / "mirror" / "topic").mkdir(parents=True)
+    datasets.Dataset.from_dict(rows(), features=features).to_parquet(str(ctx.tmp_path / "mirror" / "topic" / "train.parquet"))
+    load_task(ctx.tmp_path / "mirror", ctx.tokenizer, [definition(label_names=["a", "b", "c"])])
+
+
+def _missing_dataset_folder(ctx):
+    (ctx.tmp_path / "mirror").mkdir()
+    load_task(ctx.tmp_path / "mirror", ctx.tokenizer, [definition()])
+
+
+def _missing_split_file(ctx):
+    write_parquet(ctx.tmp_path / "mirror" / "topic", rows(), split="test")
+    load_task(ctx.tmp_path / "mirror", ctx.tokenizer, [definition()])
+
+
+def _hub_while_offline(ctx):
+    mtdata.load_source(mtdata.SST2_TRAIN, data_dir=None)
+
+
+def _freeze_missing_layer(ctx):
+    train.apply_freezing(ctx.make_model(), ["layers:0-5"])
+
+
+def _freeze_missing_task(ctx):
+    train.apply_freezing(ctx.make_model(), ["encoder"], ["head:topic"])
+
+
+def _forward_unknown_task(ctx):
+    ctx.make_model()(input_ids=torch.tensor([[2, 10, 3]]), task="topic")
+
+
+def _forward_unknown_task_id(ctx):
+    ctx.make_model()(input_ids=torch.tensor([[2, 10, 3]]), task_ids=torch.tensor([5]), labels=torch.tensor([0]))
+
+
+def _output_dir_other_run(ctx):
+    out = ctx.tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}", encoding="utf-8")
+    train.check_output_dir(
+        train.TrainingArguments(output_dir=str(out), report_to="none"), train.MultiTaskArguments()
+    )
+
+
+def _resume_incomplete_checkpoint(ctx):
+    checkpoint = ctx.tmp_path / "run" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(b"")
+    train.check_output_dir(
+        train.TrainingArguments(output_dir=str(checkpoint.parent), resume_from_checkpoint=str(checkpoint), report_to="none"),
+        train.MultiTaskArguments(),
+    )
+
+
+def _max_seq_length_over_positions(ctx):
+    train.check_model_setup(
+        str(ctx.tiny_encoder_dir),
+        [mtdata.TASKS["sentiment"].to_config()],
+        {},
+        train.ModelArguments(encoder=str(ctx.tiny_encoder_dir)),
+        train.DataArguments(max_seq_length=256),
+        train.MultiTaskArguments(),
+    )
+
+
+CASES = [
+    ("unknown config key", _unknown_config_key, r"unknown key 'learning_rat'\. Did you mean 'learning_rate'\?"),
+    ("unknown task definition key", _unknown_definition_key, r"\('topic'\): unknown key 'label_col'\. Did you mean 'label_column'\?"),
+    ("missing text column", _data_case({"sentence": GOOD_TEXTS, "label": GOOD_LABELS}),
+     r"topic/train\.parquet: missing column\(s\) \['text'\]; found \['sentence', 'label'\]\. Rename"),
+    ("missing label column", _data_case({"text": GOOD_TEXTS, "class": GOOD_LABELS}),
+     r"train\.parquet: missing column\(s\) \['label'\]; found \['text', 'class'\]"),
+    ("label out of range", _data_case(rows(labels=[1, 0, 2, 0])),
+     r"train\.parquet: column 'label' row 2 has value 2, expected 0\.\.1 \(num_labels=2\); the column holds the "
+     r"values \[0, 1, 2\]\. Fix the label, or make the task's label_names/num_labels match the data"),
+    ("label negative", _data_case(rows(labels=[1, -1, 1, 0])), r"column 'label' row 1 has value -1, expected 0\.\.1"),
+    ("label float", _data_case(rows(labels=[1.0, 0.5, 1.0, 0.0])),
+     r"column 'label' row 1 is 0\.5, expected an integer class id 0\.\.1; fix or drop the row"),
+    ("label NaN", _data_case(rows(labels=[1.0, 0.0, float("nan"), 0.0])), r"column 'label' row 2 is nan, expected an integer"),
+    ("label None", _data_case(rows(labels=pa.array([1, None, 1, 0], type=pa.int64()))),
+     r"column 'label' row 1 is None, expected an integer class id 0\.\.1; fill or drop the row"),
+    ("label text", _data_case(rows(labels=["pos", "neg", "pos", "neg"])), r"row 0 is 'pos', expected an integer class id"),
+    ("empty text", _data_case(rows(texts=["a good film", "", "what a film", "is it ?"])),
+     r"column 'text' row 1 is empty or whitespace only; remove the row or fill it"),
+    ("whitespace-only text", _data_case(rows(texts=["a good film", "bad", " \t ", "is it ?"])),
+     r"column 'text' row 2 is empty or whitespace only"),
+    ("text None", _data_case(rows(texts=pa.array(["a", None, "b", "c"], type=pa.string()))),
+     r"column 'text' row 1 is None, expected a string"),
+    ("split with zero rows", _data_case({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}),
+     r"train\.parquet: the split has zero rows; task 'topic' needs data there"),
+    ("duplicate task names in --tasks", _duplicate_cli_tasks, r"Duplicate task names \['sentiment'\] in --tasks; list each task once"),
+    ("duplicate task definitions", _duplicate_definitions,
+     r"task_definitions\[1\] \('topic'\): duplicate task name 'topic'; each definition needs a unique name"),
+    ("unknown task", _unknown_task, r"Unknown task\(s\) \['topic'\]; known tasks: \['question', 'sentiment'\]\. Declare"),
+    ("one class only", _data_case(rows(labels=[1, 1, 1, 1])),
+     r"task 'topic': the training data has only class\(es\) \[1\] of \['neg', 'pos'\]; a classifier needs"),
+    ("num_labels disagrees with the data", _num_labels_vs_classlabel,
+     r"topic/train\.parquet: column 'label' is a ClassLabel with 2 classes \['negative', 'positive'\], but task "
+     r"'topic' has num_labels=3 \['a', 'b', 'c'\]"),
+    ("label name list of the wrong length", _label_names_wrong_length,
+     r"num_labels=3 but label_names has 2 entries \['neg', 'pos'\]; list exactly one name per class"),
+    ("data file missing", _missing_split_file,
+     r"has no file for dataset 'someone/topic' split 'train': looked for .*topic/train\.parquet \(or "
+     r"\.csv/\.tsv/\.jsonl/\.json\); .*topic holds \['test\.parquet'\]"),
+    ("--data_dir lacks the dataset", _missing_dataset_folder,
+     r"has no folder 'topic' for dataset 'someone/topic': looked for .*topic/train\.parquet"),
+    ("not parquet", _file_case("train.parquet", b"text,label\nnot parquet,1\n"),
+     r"train\.parquet: could not be read as parquet \(.*Parquet magic bytes not found"),
+    ("not csv", _file_case("train.csv", b'text,label\n"an unclosed quote,1\nb,0\n'),
+     r"train\.csv: could not be read as csv \(.*EOF inside string"),
+    ("not jsonl", _file_case("train.jsonl", b'{"text": "a", "label": 1}\n{"text": broken\n'),
+     r"train\.jsonl: could not be read as jsonl \(.*JSON parse error"),
+    ("not UTF-8", _file_case("train.csv", "text,label\ncaf\xe9 good,1\nbad,0\n".encode("latin-1")),
+     r"train\.csv: is not UTF-8 encoded \(byte b'\\xe9' .*Re-save the file as UTF-8"),
+    ("Hub id while offline", _hub_while_offline,
+     r"Could not load 'stanfordnlp/sst2' split 'train' from the Hub: offline mode is on .*Pass --data_dir with a "
+     r"local mirror holding sst2/train\.parquet .*or connect to the Hub"),
+    ("freeze a layer that does not exist", _freeze_missing_layer,
+     r"freeze 'layers:0-5': layer range 0-5 does not fit a 2-layer encoder \(valid 0\.\.1\)"),
+    ("freeze a task that does not exist", _freeze_missing_task,
+     r"freeze 'head:topic': no task 'topic'; this model's tasks are \['sentiment', 'question'\]"),
+    ("forward with an unknown task", _forward_unknown_task,
+     r"Unknown task 'topic'; this model's tasks are \['sentiment', 'question'\]"),
+    ("forward with an unknown task id", _forward_unknown_task_id,
+     r"forward\(\) got task_ids \[5\]; this model's task ids are 0\.\.1"),
+    ("output folder holds another run", _output_dir_other_run,
+     r"Output folder .*run already holds files of another run \(\['metrics\.json'\]\)\. Pass --overwrite_output_dir true"),
+    ("resume from an incomplete checkpoint", _resume_incomplete_checkpoint,
+     r"checkpoint-4 lacks \['config\.json', 'trainer_state\.json', 'optimizer\.safetensors', .*It is incomplete"),
+    ("max_seq_length beyond the encoder", _max_seq_length_over_positions,
+     r"max_seq_length=256 exceeds the encoder's max_position_embeddings=128"),
+]
+
+
+class Context:
+    def __init__(self, tmp_path, tokenizer, make_model, tiny_data_dir, tiny_encoder_dir):
+        self.tmp_path = tmp_path
+        self.tokenizer = tokenizer
+        self.make_model = make_model
+        self.tiny_data_dir = tiny_data_dir
+        self.tiny_encoder_dir = tiny_encoder_dir
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_tokenizer, make_model, tiny_data_dir, tiny_encoder_dir):
+    return Context(tmp_path, tiny_tokenizer, make_model, tiny_data_dir, tiny_encoder_dir)
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 20
+    assert len({name for name, _, _ in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("provoke, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_raises_one_clear_value_error(ctx, provoke, message):
+    with pytest.raises(ValueError, match=message):
+        provoke(ctx)
+
+
+def test_good_custom_task_loads(tmp_path, tiny_tokenizer):
+    """The same helper with valid data works, so the table's failures come from the bad input alone."""
+    write_parquet(tmp_path / "mirror" / "topic", rows())
+    write_parquet(tmp_path / "mirror" / "topic", rows(labels=[1, 0, 0, 1]), split="test")
+    mt = load_task(tmp_path / "mirror", tiny_tokenizer, [definition(eval_split="test", num_labels=2)])
+    assert mt.task_sizes == [4]
+    assert mt.train["labels"] == GOOD_LABELS
+    assert mt.eval_tasks == {"topic": "topic"}
+    assert mt.tasks[0].to_config()["id2label"] == {0: "neg", 1: "pos"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Truncation is a warning, once, with a count
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_long_texts_are_truncated_with_one_counting_warning(tmp_path, tiny_tokenizer, caplog):
+    long = "what a good film it is and what a bad film it was , is it ?"
+    write_parquet(tmp_path / "mirror" / "topic", rows(texts=[long, "a bad film", long, long]))
+    write_parquet(tmp_path / "mirror" / "topic", rows(texts=[long, "good", "bad", long]), split="test")
+    with caplog.at_level(logging.WARNING, logger="data"):
+        mt = load_task(tmp_path / "mirror", tiny_tokenizer, [definition(eval_split="test")], max_seq_length=8)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "truncated" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert warnings[0].getMessage().startswith("5 text(s) longer than max_seq_length=8 tokens were truncated")
+    assert "topic/train: 3" in warnings[0].getMessage() and "topic/topic: 2" in warnings[0].getMessage()
+    assert max(mt.train["length"]) == 8
+    sep = tiny_tokenizer.sep_token_id
+    assert all(ids[-1] == sep for ids in mt.train["input_ids"])  # the closing token survives the cut
+
+
+def test_no_warning_when_nothing_is_truncated(tmp_path, tiny_tokenizer, caplog):
+    write_parquet(tmp_path / "mirror" / "topic", rows())
+    with caplog.at_level(logging.WARNING, logger="data"):
+        load_task(tmp_path / "mirror", tiny_tokenizer, [definition()])
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Through train.main: nothing is written before every check passed
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _argv(tmp_path, encoder, data_dir, out, *extra) -> list[str]:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "tasks: [topic]\n"
+        f"task_definitions: {json.dumps([definition()])}\n"
+        "max_seq_length: 32\nper_device_train_batch_size: 2\nmax_steps: 2\nreport_to: none\n"
+        "save_strategy: 'no'\neval_strategy: 'no'\ndisable_tqdm: true\n",
+        encoding="utf-8",
+    )
+    return [str(config), "--encoder", str(encoder), "--data_dir", str(data_dir), "--output_dir", str(out), *extra]
+
+
+def _previous_run(out: Path) -> dict[str, bytes]:
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text('{"previous": true}', encoding="utf-8")
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "trainer_state.json").write_text("{}", encoding="utf-8")
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_bad_data_leaves_the_output_folder_untouched_even_with_overwrite(tmp_path, tiny_encoder_dir):
+    write_parquet(tmp_path / "mirror" / "topic", rows(labels=[1, 0, 7, 0]))
+    out = tmp_path / "out"
+    before = _previous_run(out)
+    argv = _argv(tmp_path, tiny_encoder_dir, tmp_path / "mirror", out, "--overwrite_output_dir", "true")
+    with pytest.raises(ValueError, match=r"row 2 has value 7, expected 0\.\.1"):
+        train.main(argv)
+    after = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_bad_freeze_spec_fails_before_data_and_output(tmp_path, tiny_encoder_dir):
+    out = tmp_path / "out"
+    # The data folder does not exist either: the freezing error must come first, before any data is read.
+    argv = _argv(tmp_path, tiny_encoder_dir, tmp_path / "no-such-mirror", out, "--freeze", "layers:3")
+    with pytest.raises(ValueError, match=r"freeze 'layers:3': layer range 3-3 does not fit a 2-layer encoder"):
+        train.main(argv)
+    assert not out.exists()
+
+
+def test_output_folder_of_another_run_is_refused_then_replaced_with_consent(tmp_path, tiny_encoder_dir):
+    write_parquet(tmp_path / "mirror" / "topic", rows())
+    out = tmp_path / "out"
+    _previous_run(out)
+    argv = _argv(tmp_path, tiny_encoder_dir, tmp_path / "mirror", out)
+    with pytest.raises(ValueError, match=r"already holds files of another run .*--overwrite_output_dir true"):
+        train.main(argv)
+    assert json.loads((out / "metrics.json").read_text()) == {"previous": True}
+    metrics = train.main([*argv, "--overwrite_output_dir", "true", "--eval_before_training", "false"])
+    assert metrics["train"]["global_steps"] == 2
+    assert not (out / "checkpoint-3").exists()  # the old run is gone, not mixed with the new one
+    assert json.loads((out / "metrics.json").read_text())["tasks"][0]["name"] == "topic"
