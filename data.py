@@ -302,8 +302,9 @@ def load_source(source: Source, data_dir: str | None):
         looked_for = f"{folder / (source.split + '.parquet')} (or .csv/.tsv/.jsonl/.json)"
         if not folder.is_dir():
             raise ValueError(
-                f"--data_dir {data_dir!r} has no folder {source.mirror!r} for dataset {source.dataset!r}: looked for "
-                f"{looked_for}. Mirror the dataset there, or drop --data_dir to read it from the Hub."
+                f"--data_dir {data_dir!r} has no file for dataset {source.dataset!r} split {source.split!r}: it has no "
+                f"folder {source.mirror!r} (looked for {looked_for}). Mirror the dataset there, or drop --data_dir "
+                f"to read it from the Hub."
             )
         # A local file is no download: without this, datasets pings S3 to count one (network even with a mirror).
         datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False

@@ -219,7 +219,8 @@ CASES = [
      r"has no file for dataset 'someone/topic' split 'train': looked for .*topic/train\.parquet \(or "
      r"\.csv/\.tsv/\.jsonl/\.json\); .*topic holds \['test\.parquet'\]"),
     ("--data_dir lacks the dataset", _missing_dataset_folder,
-     r"has no folder 'topic' for dataset 'someone/topic': looked for .*topic/train\.parquet"),
+     r"has no file for dataset 'someone/topic' split 'train': it has no folder 'topic' \(looked for "
+     r".*topic/train\.parquet"),
     ("not parquet", _file_case("train.parquet", b"text,label\nnot parquet,1\n"),
      r"train\.parquet: could not be read as parquet \(.*Parquet magic bytes not found"),
     ("not csv", _file_case("train.csv", b'text,label\n"an unclosed quote,1\nb,0\n'),
