@@ -96,7 +96,8 @@ def _encode(obj, tensors: dict, where: str):
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: _encode(v, tensors, f"{where}[{k!r}]") for k, v in obj.items()}
-        return {"__items__": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}[{k!r}]")] for k, v in obj.items()]}
+        items = [[_encode(k, tensors, where), _encode(v, tensors, f"{where}[{k!r}]")] for k, v in obj.items()]
+        return {"__items__": items}
     raise TypeError(f"{where}: cannot store a {type(obj).__name__} in a checkpoint without pickle.")
 
 

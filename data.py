@@ -13,6 +13,8 @@ Default tasks:
 
 from __future__ import annotations
 
+import difflib
+import json
 import logging
 import math
 import re
@@ -111,7 +113,8 @@ class Source:
         if data_dir is None:
             return f"{self.dataset} [{self.split}]"
         folder = Path(data_dir) / self.mirror
-        found = [folder / f"{self.split}.{ext}" for ext in DATA_EXTENSIONS if (folder / f"{self.split}.{ext}").is_file()]
+        found = [folder / f"{self.split}.{ext}" for ext in DATA_EXTENSIONS]
+        found = [path for path in found if path.is_file()]
         return str(found[0] if found else folder / f"{self.split}.*")  # the file the error is about
 
 
@@ -216,9 +219,6 @@ def parse_task_definitions(value) -> dict[str, TaskSpec]:
           - {name: topic, dataset: CogComp/trec, mirror: trec, train_split: train, eval_split: test,
              text_column: text, label_column: coarse_label, label_names: [ABBR, DESC, ENTY, HUM, LOC, NUM]}
     """
-    import difflib
-    import json
-
     if value is None or value == "" or value == []:
         return {}
     if isinstance(value, str):
@@ -246,8 +246,15 @@ def parse_task_definitions(value) -> dict[str, TaskSpec]:
             if key in item and item[key] is not None and not (isinstance(item[key], str) and item[key].strip()):
                 raise ValueError(f"{where}: {key} must be a non-empty string, got {item[key]!r}.")
         name = item["name"]
-        if name in TASKS:
-            raise ValueError(f"{where}: task name {name!r} is already a built-in task; choose another name.")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            # The name keys a head in an nn.ModuleDict and prefixes metric names: no dots, spaces or dashes.
+            raise ValueError(f"{where}: task name {name!r} must be letters, digits and underscores, e.g. 'topic'.")
+        reserved = set(TASKS) | {e.name for t in TASKS.values() for e in t.eval}
+        if name in reserved:
+            raise ValueError(
+                f"{where}: task name {name!r} is taken by a built-in task or eval set {sorted(reserved)}; "
+                f"choose another name."
+            )
         if name in specs:
             raise ValueError(f"{where}: duplicate task name {name!r}; each definition needs a unique name.")
         num_labels = item.get("num_labels")
@@ -331,7 +338,11 @@ def load_source(source: Source, data_dir: str | None):
         return datasets.load_dataset(source.dataset, split=source.split)
     except Exception as err:
         offline = datasets.config.HF_HUB_OFFLINE or getattr(datasets.config, "HF_DATASETS_OFFLINE", False)
-        why = "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and it is not cached" if offline else "see above"
+        why = (
+            "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and it is not cached"
+            if offline
+            else "the Hub could not be reached or has no such dataset/split"
+        )
         raise ValueError(
             f"Could not load {source.dataset!r} split {source.split!r} from the Hub: {why} ({type(err).__name__}: "
             f"{str(err)[:300]}). Pass --data_dir with a local mirror holding {source.mirror}/{source.split}.parquet "
@@ -369,13 +380,13 @@ def _unreadable(path: Path, ext: str, err: BaseException) -> ValueError:
     if isinstance(cause, UnicodeDecodeError):
         return ValueError(
             f"{path}: is not UTF-8 encoded (byte {cause.object[cause.start:cause.start + 1]!r} at offset "
-            f"{cause.start} of a chunk: {cause.reason}). Re-save the file as UTF-8, e.g. "
+            f"{cause.start} of the block being decoded: {cause.reason}). Re-save the file as UTF-8, e.g. "
             f"`iconv -f latin1 -t utf-8 {path.name}`."
         )
-    detail = " <- ".join(
-        f"{type(e).__name__}: {str(e)[:200]}" for e in _exception_chain(err) if str(e)
+    detail = " <- ".join(f"{type(e).__name__}: {str(e)[:200]}" for e in _exception_chain(err) if str(e))
+    return ValueError(
+        f"{path}: could not be read as {ext} ({detail}). Check that the file is valid {ext}, or replace it."
     )
-    return ValueError(f"{path}: could not be read as {ext} ({detail}). Check that the file is valid {ext}, or replace it.")
 
 
 def _exception_chain(err: BaseException) -> list[BaseException]:

@@ -7,6 +7,10 @@ Launch (a YAML config gives the defaults, flags override it; every `TrainingArgu
     # one process (CPU or one GPU), offline with the local data mirror and the packaged MiniLM encoder
     accelerate launch train.py configs/quick.yaml --data_dir ../shared/data --output_dir runs/quick
 
+    # resume a killed run from its latest complete checkpoint (exactly: same weights as an uninterrupted run);
+    # default.yaml saves one per epoch, add e.g. --save_strategy steps --save_steps 200 for more
+    accelerate launch train.py configs/default.yaml --data_dir ../shared/data --resume_from_checkpoint auto
+
     # the full recipe on one GPU
     accelerate launch --config_file configs/accelerate/single_gpu.yaml train.py configs/default.yaml \
         --data_dir ../shared/data

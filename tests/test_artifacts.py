@@ -101,13 +101,16 @@ DOCTORED = [
      r"task 'question' has num_labels=2 but id2label keys \[0, 5\]; expected keys 0\.\.1"),
     ("negative hidden size", lambda c: c["encoder"].update(hidden_size=-32),
      r"encoder hidden_size=-32 must be a positive integer; the saved config\.json is damaged"),
-    ("zero layers", lambda c: c["encoder"].update(num_hidden_layers=0), r"encoder num_hidden_layers=0 must be a positive"),
+    ("zero layers", lambda c: c["encoder"].update(num_hidden_layers=0),
+     r"encoder num_hidden_layers=0 must be a positive"),
     ("negative vocabulary", lambda c: c["encoder"].update(vocab_size=-1), r"encoder vocab_size=-1 must be a positive"),
-    ("fractional heads", lambda c: c["encoder"].update(num_attention_heads=2.5), r"encoder num_attention_heads=2\.5 must"),
+    ("fractional heads", lambda c: c["encoder"].update(num_attention_heads=2.5),
+     r"encoder num_attention_heads=2\.5 must"),
     ("unknown pooling", lambda c: c.update(pooling="attention"),
      r"pooling='attention' is not one of \['mean', 'cls', 'max'\]"),
     ("unknown loss weighting", lambda c: c.update(loss_weighting="magic"), r"loss_weighting='magic' is not one of"),
-    ("dropout out of range", lambda c: c.update(classifier_dropout=1.5), r"classifier_dropout=1\.5 must be in \[0, 1\)"),
+    ("dropout out of range", lambda c: c.update(classifier_dropout=1.5),
+     r"classifier_dropout=1\.5 must be in \[0, 1\)"),
     ("negative task weight", lambda c: c.update(task_weights={"sentiment": -1.0}),
      r"task_weights\['sentiment'\]=-1\.0 must be a finite number >= 0"),
     ("duplicate tasks", lambda c: c["tasks"].append(dict(c["tasks"][0])), r"duplicate task names \['sentiment'\]"),
@@ -132,6 +135,7 @@ def test_nonsensical_saved_config_fails_to_load_clearly(make_model, tmp_path, ed
 def test_undamaged_saved_config_loads_with_both_loaders(make_model, tmp_path):
     model = make_model()
     model.save_pretrained(tmp_path)
-    for loaded in (MultiTaskModel.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path, trust_remote_code=True)):
+    loaders = (MultiTaskModel.from_pretrained, lambda path: AutoModel.from_pretrained(path, trust_remote_code=True))
+    for loaded in (load(tmp_path) for load in loaders):
         assert loaded.config.task_names == ["sentiment", "question"]
         assert all((a == b).all() for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

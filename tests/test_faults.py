@@ -81,12 +81,14 @@ def run(cmd: list[str], env: dict | None = None, timeout: int = 600) -> subproce
 def run_until_paused(cmd: list[str], signal_path: Path, env: dict, timeout: float = 600) -> None:
     """Start a run that hangs itself at a fault point, wait until it is there, then SIGKILL it."""
     log = open(signal_path.with_suffix(".log"), "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "MT_SIGNAL": str(signal_path)}, stdout=log, stderr=log)
+    env = {**os.environ, **env, "MT_SIGNAL": str(signal_path)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + timeout
         while not signal_path.exists():
             if proc.poll() is not None:
-                pytest.fail(f"run ended (rc {proc.returncode}) before its fault point:\n{signal_path.with_suffix('.log').read_text()[-4000:]}")
+                output = signal_path.with_suffix(".log").read_text()[-4000:]
+                pytest.fail(f"run ended (rc {proc.returncode}) before its fault point:\n{output}")
             if time.monotonic() > deadline:
                 pytest.fail("run did not reach its fault point in time")
             time.sleep(0.2)
@@ -126,10 +128,16 @@ def reference(config_path, tiny_encoder_dir, tiny_data_dir, tmp_path_factory) ->
     it succeeds, so nothing in a training run needs (or tries) the network."""
     folder = tmp_path_factory.mktemp("reference")
     out, attempts = folder / "out", folder / "network-attempts.txt"
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    offline_switches = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    env = {k: v for k, v in os.environ.items() if k not in offline_switches}
     env["MT_BLOCK_NETWORK"] = str(attempts)
     result = subprocess.run(
-        argv(config_path, tiny_encoder_dir, tiny_data_dir, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        argv(config_path, tiny_encoder_dir, tiny_data_dir, out),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert not attempts.exists(), f"the run tried to reach the network:\n{attempts.read_text()}"
@@ -166,7 +174,8 @@ def test_output_folder_holds_no_pickle(reference):
         for name in ("model.safetensors", "optimizer.safetensors", "scheduler.safetensors", "rng_state.safetensors",
                      "trainer_state.json", "training_args.json", "config.json"):
             assert f"checkpoint-{step}/{name}" in names
-    assert {"model.safetensors", "config.json", "modeling_multitask.py", "metrics.json", "training_args.json"} <= set(names)
+    final = {"model.safetensors", "config.json", "modeling_multitask.py", "metrics.json", "training_args.json"}
+    assert final <= set(names)
     assert not [n for n in names if n.startswith(".")]  # no staging folder left behind
 
 
@@ -242,7 +251,8 @@ def test_nan_in_one_head_stops_the_run_naming_task_and_step(tmp_path, make_model
         model.heads["question"].weight[0, 0] = float("nan")
     trainer = _trainer(tmp_path, model, tiny_tokenizer, tiny_data_dir, max_steps=4)
     # round_robin: step 1 is a sentiment batch (its loss must stay finite), step 2 the first question batch.
-    with pytest.raises(FloatingPointError, match=r"Non-finite training loss \(nan\) at step 2 on task\(s\) \['question'\]"):
+    message = r"Non-finite training loss \(nan\) at step 2 on task\(s\) \['question'\]"
+    with pytest.raises(FloatingPointError, match=message):
         trainer.train()
     assert trainer.state.global_step == 1
     assert torch.isfinite(model.heads["sentiment"].weight).all()
@@ -254,7 +264,8 @@ def test_exploding_learning_rate_stops_the_run(tmp_path, make_model, tiny_tokeni
                        max_grad_norm=0.0, warmup_steps=0)  # fmt: skip
     with pytest.raises(
         FloatingPointError,
-        match=r"Non-finite (training loss|gradient norm) \((nan|inf)\) at step \d+ on task\(s\) \['(sentiment|question)'\]",
+        match=r"Non-finite (training loss|gradient norm) \((nan|inf)\) at step \d+ on task\(s\) "
+        r"\['(sentiment|question)'\]",
     ):
         trainer.train()
     assert trainer.state.global_step < 20
@@ -268,7 +279,8 @@ def test_nan_gradient_with_finite_loss_stops_before_the_weights_change(
     embeddings.register_hook(lambda grad: grad * float("nan"))  # an overflow in backward, say
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = _trainer(tmp_path, model, tiny_tokenizer, tiny_data_dir, max_steps=4)
-    with pytest.raises(FloatingPointError, match=r"Non-finite gradient norm \(nan\) at step 1 on task\(s\) \['sentiment'\]"):
+    message = r"Non-finite gradient norm \(nan\) at step 1 on task\(s\) \['sentiment'\]"
+    with pytest.raises(FloatingPointError, match=message):
         trainer.train()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the optimizer never stepped

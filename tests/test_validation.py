@@ -113,9 +113,11 @@ def _num_labels_vs_classlabel(ctx):
     # A label column saved as ClassLabel(negative, positive), as in the SST-2 mirror: a 3-class task disagrees.
     import datasets
 
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])})
-    (ctx.tmp_path / "mirror" / "topic").mkdir(parents=True)
-    datasets.Dataset.from_dict(rows(), features=features).to_parquet(str(ctx.tmp_path / "mirror" / "topic" / "train.parquet"))
+    label = datasets.ClassLabel(names=["negative", "positive"])
+    features = datasets.Features({"text": datasets.Value("string"), "label": label})
+    folder = ctx.tmp_path / "mirror" / "topic"
+    folder.mkdir(parents=True)
+    datasets.Dataset.from_dict(rows(), features=features).to_parquet(str(folder / "train.parquet"))
     load_task(ctx.tmp_path / "mirror", ctx.tokenizer, [definition(label_names=["a", "b", "c"])])
 
 
@@ -163,7 +165,9 @@ def _resume_incomplete_checkpoint(ctx):
     checkpoint.mkdir(parents=True)
     (checkpoint / "model.safetensors").write_bytes(b"")
     train.check_output_dir(
-        train.TrainingArguments(output_dir=str(checkpoint.parent), resume_from_checkpoint=str(checkpoint), report_to="none"),
+        train.TrainingArguments(
+            output_dir=str(checkpoint.parent), resume_from_checkpoint=str(checkpoint), report_to="none"
+        ),
         train.MultiTaskArguments(),
     )
 
@@ -181,7 +185,8 @@ def _max_seq_length_over_positions(ctx):
 
 CASES = [
     ("unknown config key", _unknown_config_key, r"unknown key 'learning_rat'\. Did you mean 'learning_rate'\?"),
-    ("unknown task definition key", _unknown_definition_key, r"\('topic'\): unknown key 'label_col'\. Did you mean 'label_column'\?"),
+    ("unknown task definition key", _unknown_definition_key,
+     r"\('topic'\): unknown key 'label_col'\. Did you mean 'label_column'\?"),
     ("missing text column", _data_case({"sentence": GOOD_TEXTS, "label": GOOD_LABELS}),
      r"topic/train\.parquet: missing column\(s\) \['text'\]; found \['sentence', 'label'\]\. Rename"),
     ("missing label column", _data_case({"text": GOOD_TEXTS, "class": GOOD_LABELS}),
@@ -192,10 +197,12 @@ CASES = [
     ("label negative", _data_case(rows(labels=[1, -1, 1, 0])), r"column 'label' row 1 has value -1, expected 0\.\.1"),
     ("label float", _data_case(rows(labels=[1.0, 0.5, 1.0, 0.0])),
      r"column 'label' row 1 is 0\.5, expected an integer class id 0\.\.1; fix or drop the row"),
-    ("label NaN", _data_case(rows(labels=[1.0, 0.0, float("nan"), 0.0])), r"column 'label' row 2 is nan, expected an integer"),
+    ("label NaN", _data_case(rows(labels=[1.0, 0.0, float("nan"), 0.0])),
+     r"column 'label' row 2 is nan, expected an integer"),
     ("label None", _data_case(rows(labels=pa.array([1, None, 1, 0], type=pa.int64()))),
      r"column 'label' row 1 is None, expected an integer class id 0\.\.1; fill or drop the row"),
-    ("label text", _data_case(rows(labels=["pos", "neg", "pos", "neg"])), r"row 0 is 'pos', expected an integer class id"),
+    ("label text", _data_case(rows(labels=["pos", "neg", "pos", "neg"])),
+     r"row 0 is 'pos', expected an integer class id"),
     ("empty text", _data_case(rows(texts=["a good film", "", "what a film", "is it ?"])),
      r"column 'text' row 1 is empty or whitespace only; remove the row or fill it"),
     ("whitespace-only text", _data_case(rows(texts=["a good film", "bad", " \t ", "is it ?"])),
@@ -204,10 +211,16 @@ CASES = [
      r"column 'text' row 1 is None, expected a string"),
     ("split with zero rows", _data_case({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}),
      r"train\.parquet: the split has zero rows; task 'topic' needs data there"),
-    ("duplicate task names in --tasks", _duplicate_cli_tasks, r"Duplicate task names \['sentiment'\] in --tasks; list each task once"),
+    ("duplicate task names in --tasks", _duplicate_cli_tasks,
+     r"Duplicate task names \['sentiment'\] in --tasks; list each task once"),
     ("duplicate task definitions", _duplicate_definitions,
      r"task_definitions\[1\] \('topic'\): duplicate task name 'topic'; each definition needs a unique name"),
-    ("unknown task", _unknown_task, r"Unknown task\(s\) \['topic'\]; known tasks: \['question', 'sentiment'\]\. Declare"),
+    ("task name with a dot", lambda ctx: mtdata.parse_task_definitions([definition(name="topic.v2")]),
+     r"task name 'topic\.v2' must be letters, digits and underscores"),
+    ("task name of a built-in eval set", lambda ctx: mtdata.parse_task_definitions([definition(name="question_gold")]),
+     r"task name 'question_gold' is taken by a built-in task or eval set"),
+    ("unknown task", _unknown_task,
+     r"Unknown task\(s\) \['topic'\]; known tasks: \['question', 'sentiment'\]\. Declare"),
     ("one class only", _data_case(rows(labels=[1, 1, 1, 1])),
      r"task 'topic': the training data has only class\(es\) \[1\] of \['neg', 'pos'\]; a classifier needs"),
     ("num_labels disagrees with the data", _num_labels_vs_classlabel,
@@ -241,7 +254,8 @@ CASES = [
     ("forward with an unknown task id", _forward_unknown_task_id,
      r"forward\(\) got task_ids \[5\]; this model's task ids are 0\.\.1"),
     ("output folder holds another run", _output_dir_other_run,
-     r"Output folder .*run already holds files of another run \(\['metrics\.json'\]\)\. Pass --overwrite_output_dir true"),
+     r"Output folder .*run already holds files of another run \(\['metrics\.json'\]\)\. "
+     r"Pass --overwrite_output_dir true"),
     ("resume from an incomplete checkpoint", _resume_incomplete_checkpoint,
      r"checkpoint-4 lacks \['config\.json', 'trainer_state\.json', 'optimizer\.safetensors', .*It is incomplete"),
     ("max_seq_length beyond the encoder", _max_seq_length_over_positions,
