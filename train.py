@@ -140,6 +140,14 @@ class MultiTaskArguments:
     loss_weighting: Literal["static", "uncertainty"] = field(
         default="static", metadata={"help": "static: task_weights; uncertainty: learned (Kendall et al., 2018)."}
     )
+    loss_weights_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the uncertainty log-variances (no weight decay); unset: --learning_rate. "
+            "Adam moves each by about this much per step, so at encoder rates (5e-5) they barely move in a short "
+            "run; 1e-2 lets the weights adapt within a few hundred steps."
+        },
+    )
     task_weights: list[str] = field(
         default_factory=list, metadata={"help": "Static loss weights as name=weight (YAML: a mapping); default 1."}
     )
@@ -162,6 +170,8 @@ class MultiTaskArguments:
     def __post_init__(self):
         if self.task_sampling_temperature <= 0:
             raise ValueError(f"task_sampling_temperature must be > 0, got {self.task_sampling_temperature}.")
+        if self.loss_weights_learning_rate is not None and self.loss_weights_learning_rate <= 0:
+            raise ValueError(f"loss_weights_learning_rate must be > 0, got {self.loss_weights_learning_rate}.")
 
     def weights(self) -> dict[str, float]:
         out = {}
@@ -215,7 +225,22 @@ def load_config(path: str) -> dict:
             raise ValueError(f"{path}: unknown key {key!r}.{hint} See `python train.py --help` for all arguments.")
     if isinstance(values.get("task_weights"), dict):
         values["task_weights"] = [f"{k}={v}" for k, v in values["task_weights"].items()]
+    # `freeze: encoder` means [encoder]; left a string, it would be iterated letter by letter.
+    for cls in ARGUMENT_CLASSES:
+        for f in dataclasses.fields(cls):
+            if str(f.type).startswith("list") and isinstance(values.get(f.name), str):
+                values[f.name] = [values[f.name]]
     return values
+
+
+def use_cpu_backend_without_accelerator() -> None:
+    """Under `accelerate launch --multi_gpu` (torchrun) on a machine without GPUs, ask accelerate for gloo.
+
+    accelerate only picks its multi-CPU (gloo) mode when told to use the CPU; otherwise every process sets
+    itself up as a separate single-process run, and they overwrite each other's output folder.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def resolve_encoder(encoder: str) -> str:
@@ -313,6 +338,8 @@ class _TaskStatsCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.trainer.task_stats["epoch"].zero_()
+        # The Trainer's own set_epoch misses the sampler when a run resumes mid-epoch with several processes:
+        # the loader then holds SkipBatchSampler(BatchSamplerShard(sampler)), one level deeper than it looks.
         if self.trainer.batch_sampler is not None:
             self.trainer.batch_sampler.set_epoch(int(math.floor(state.epoch or 0)))
 
@@ -347,7 +374,7 @@ class MultiTaskTrainer(Trainer):
             batch_size=self._train_batch_size,
             strategy=self.mt_args.task_sampling,
             temperature=self.mt_args.task_sampling_temperature,
-            seed=self.args.seed,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             lengths=lengths,
             drop_last=self.args.dataloader_drop_last,
         )
@@ -363,6 +390,23 @@ class MultiTaskTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     # ---- training ----
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # Decaying the uncertainty log-variances would pull every task weight towards 1.
+        return [n for n in super().get_decay_parameter_names(model) if not n.endswith("loss_log_vars")]
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        log_vars = [p for n, p in opt_model.named_parameters() if n.endswith("loss_log_vars") and p.requires_grad]
+        if log_vars and self.mt_args.loss_weights_learning_rate is not None:
+            held = {id(p) for p in log_vars}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in held]
+            optimizer.add_param_group(
+                {"params": log_vars, "weight_decay": 0.0, "lr": self.mt_args.loss_weights_learning_rate}
+            )
+        return optimizer
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         loss = outputs.loss
@@ -572,6 +616,7 @@ def hardware_summary() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    use_cpu_backend_without_accelerator()
     model_args, data_args, mt_args, training_args = parse_args(argv)
 
     logging.basicConfig(
@@ -601,7 +646,14 @@ def main(argv: list[str] | None = None) -> dict:
     task_configs = [t.to_config() for t in tasks]
     weights = mt_args.weights()
     MultiTaskConfig(tasks=task_configs, task_weights=weights, loss_weighting=mt_args.loss_weighting)
-    resume_from = check_output_dir(training_args, mt_args) if training_args.process_index == 0 else None
+    # Every rank must resume from the same checkpoint (else they run different step counts and hang); the main
+    # process goes first because it may clear the folder.
+    with training_args.main_process_first(local=False, desc="checking the output folder"):
+        resume_from = check_output_dir(training_args, mt_args)
+    if training_args.ddp_find_unused_parameters is None:
+        # Every parameter is in the graph on every step (absent tasks add 0 * logits), so DDP need not search
+        # the graph for unused ones each step; an encoder with unused parameters needs the flag set to true.
+        training_args.ddp_find_unused_parameters = False
     set_seed(training_args.seed)
 
     encoder_path = resolve_encoder(model_args.encoder)
@@ -658,7 +710,16 @@ def main(argv: list[str] | None = None) -> dict:
         before = split_eval_metrics(trainer.evaluate(), eval_names)
 
     started = time.time()
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume_from)
+    except ValueError as err:
+        if resume_from is None or "parameter group" not in str(err):
+            raise
+        raise ValueError(
+            f"--resume_from_checkpoint {resume_from}: the checkpoint's optimizer state holds a different set of "
+            f"trainable parameters than freeze={mt_args.freeze} unfreeze={mt_args.unfreeze} "
+            f"loss_weighting={mt_args.loss_weighting!r} give; resume with the same settings as the run that wrote it."
+        ) from err
     train_seconds = time.time() - started
 
     last_eval = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
