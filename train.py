@@ -473,7 +473,11 @@ class MultiTaskTrainer(Trainer):
         inputs.pop("task_ids", None)
         with torch.no_grad(), self.compute_loss_context_manager():
             logits = model(**inputs, task=self._eval_task).logits  # (batch, num_labels)
-        loss = F.cross_entropy(logits.float(), labels).detach() if labels is not None else None
+        loss = None
+        if labels is not None and (prediction_loss_only or self.compute_metrics is None):
+            loss = F.cross_entropy(logits.float(), labels).detach()
+        # Otherwise compute_metrics takes the loss over the gathered logits: the Trainer's mean of per-batch losses
+        # would count the rows accelerate repeats to even out the last batch over several processes.
         return loss, (None if prediction_loss_only else logits.detach()), labels
 
 
@@ -483,8 +487,10 @@ def build_compute_metrics():
     metric = evaluate.load(str(ROOT / "metrics" / "classification"))
 
     def compute_metrics(prediction) -> dict[str, float]:
+        logits, labels = torch.as_tensor(prediction.predictions).float(), torch.as_tensor(prediction.label_ids)
+        loss = F.cross_entropy(logits, labels).item()
         predictions = prediction.predictions.argmax(-1)
-        return metric.compute(predictions=predictions.tolist(), references=prediction.label_ids.tolist())
+        return {"loss": loss, **metric.compute(predictions=predictions.tolist(), references=labels.tolist())}
 
     return compute_metrics
 
