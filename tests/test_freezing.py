@@ -148,7 +148,7 @@ def test_training_moves_exactly_the_trainable_parameters(
     argv = tiny_argv(tiny_encoder_dir, tiny_data_dir, tmp_path / "run", "--max_steps", "4", *flags)
     trainer, metrics = run_main(monkeypatch, argv)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    expected_frozen = {n for n in all_names(model) if n.startswith(tuple(frozen_prefixes))} if frozen_prefixes else set()
+    expected_frozen = {n for n in all_names(model) if frozen_prefixes and n.startswith(tuple(frozen_prefixes))}
 
     changed, unchanged = changed_and_unchanged(trainer)
     assert trainer.state.global_step == 4

@@ -82,7 +82,8 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, no_dropout_
         tmp_path / "two.log",
     )
     one = tmp_path / "one"
-    launch([], tiny_argv(no_dropout_encoder, tiny_data_dir, one, *flags, "--gradient_accumulation_steps", "2"), tmp_path / "one.log")
+    accumulate = ["--gradient_accumulation_steps", "2"]
+    launch([], tiny_argv(no_dropout_encoder, tiny_data_dir, one, *flags, *accumulate), tmp_path / "one.log")
 
     metrics_two, metrics_one = assert_one_finished_model(two), assert_one_finished_model(one)
     assert metrics_two["recipe"]["num_processes"] == 2 and metrics_one["recipe"]["num_processes"] == 1

@@ -183,8 +183,10 @@ def test_set_epoch_reaches_the_sharded_sampler_also_on_resume(
 ):
     caplog.set_level(logging.INFO, logger="data")
     # 64 rows per task, batch 8: 16 global batches per epoch, 8 per rank. Checkpoint at step 12 = mid epoch 1.
-    flags = ["--num_train_epochs", "2", "--save_strategy", "steps", "--save_steps", "12", "--task_sampling", "proportional"]
-    first, _ = run_main(monkeypatch, tiny_argv(tiny_encoder_dir, tiny_data_dir, tmp_path / "a", *flags), Rank0Of2Trainer)
+    flags = ["--num_train_epochs", "2", "--save_strategy", "steps", "--save_steps", "12"]
+    flags += ["--task_sampling", "proportional"]
+    args = tiny_argv(tiny_encoder_dir, tiny_data_dir, tmp_path / "a", *flags)
+    first, _ = run_main(monkeypatch, args, Rank0Of2Trainer)
     assert isinstance(first.batch_sampler, MultiTaskBatchSampler)
     assert first.state.global_step == 16
     assert sampler_epochs(caplog) == [0, 1]
