@@ -774,22 +774,27 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
 
+    # Under FSDP gathering the full weights is a collective: every rank takes part, then rank 0 writes them.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if trainer.is_world_process_zero():
-        save_outputs(trainer.accelerator.unwrap_model(trainer.model), tokenizer, metrics, training_args)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        save_outputs(model, tokenizer, metrics, training_args, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()
     for name, values in final.items():
         logger.info("final %s: %s", name, {k: round(v, 4) for k, v in values.items()})
     return metrics
 
 
-def save_outputs(model: MultiTaskModel, tokenizer, metrics: dict, training_args: TrainingArguments) -> None:
+def save_outputs(
+    model: MultiTaskModel, tokenizer, metrics: dict, training_args: TrainingArguments, state_dict: dict | None = None
+) -> None:
     """Write the model, tokenizer, plots and metrics.json into a staging folder, then move them into place,
     metrics.json last: a killed run never leaves a folder that looks finished."""
     out = Path(training_args.output_dir)
     staging = out / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     plot_curves(metrics, staging)
     (staging / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
