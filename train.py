@@ -14,6 +14,8 @@ Launch (a YAML config gives the defaults, flags override it; every `TrainingArgu
     # several GPUs (DDP); on a CPU-only machine this runs 2 processes over gloo
     accelerate launch --multi_gpu --num_processes 2 train.py configs/quick.yaml --data_dir ../shared/data
 
+    # FSDP, several machines: configs/accelerate/{fsdp,multi_node}.yaml (each file opens with its command)
+
     # another encoder from the Hub (needs network)
     accelerate launch train.py configs/default.yaml --encoder bert-base-uncased
 """
