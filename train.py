@@ -779,8 +779,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Under FSDP gathering the full weights is a collective: every rank takes part, then rank 0 writes them.
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if trainer.is_world_process_zero():
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        save_outputs(model, tokenizer, metrics, training_args, state_dict=state_dict)
+        save_outputs(trainer.accelerator.unwrap_model(trainer.model), tokenizer, metrics, training_args, state_dict)
     trainer.accelerator.wait_for_everyone()
     for name, values in final.items():
         logger.info("final %s: %s", name, {k: round(v, 4) for k, v in values.items()})

@@ -84,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--work_dir", default=str(ROOT / "runs" / "bench"), help="One output folder per run here.")
     parser.add_argument("--out", help="Also write the markdown table (with hardware and command) to this file.")
     parser.add_argument("--reuse", action="store_true", help="Keep runs whose metrics.json already exists.")
+    parser.add_argument("--dry_run", action="store_true", help="Print each run's command and stop.")
     parser.add_argument("--accelerate_config", help="Launch each run with accelerate launch --config_file PATH.")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--lr", type=float, help="Learning rate (default: 1e-4 slice, 5e-5 full).")
@@ -140,6 +141,9 @@ def run_one(args, strategy: Strategy, extra: list[str]) -> dict:
     if args.accelerate_config:
         launcher += ["-m", "accelerate.commands.launch", "--config_file", args.accelerate_config]
     command = launcher + ["train.py", *flags]
+    if args.dry_run:
+        print(shlex.join(command))
+        return {}
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     log = output_dir.parent / f"{strategy.name}.log"
     print(f"[{strategy.name}] {shlex.join(command)}  (log: {log})", flush=True)
@@ -223,7 +227,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         source = strategy.same_as if strategy.same_as in args.runs else name
         if source not in results:
             results[source] = run_one(args, BY_NAME[source], extra)
-        rows.append(row(strategy, results[source], args.head_lr if strategy.heads_only else args.lr))
+        if not args.dry_run:
+            rows.append(row(strategy, results[source], args.head_lr if strategy.heads_only else args.lr))
+    if args.dry_run:
+        return []
     steps = {r["steps"] for r in rows}
     if len(steps) > 1:
         print(f"warning: the rows took different numbers of steps {sorted(steps)}; the budgets differ", flush=True)
