@@ -640,7 +640,15 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
 
     Randomness comes from a generator seeded with `seed + epoch`: every process builds the same global list,
     and accelerate's `BatchSamplerShard` deals its batches to the ranks; resuming at a step replays it exactly.
+
+    `batch_size` is deliberately `None` (the size is `rows_per_batch`): `BatchSamplerShard` reads
+    `.batch_size` and, when it is set, expects every batch but the very last to be full. Each task's last
+    batch is short, so it would silently drop the pair of batches around every short one and give the ranks
+    different step counts (a DDP hang). With `None` it deals every batch in turn, then pads the ranks to equal
+    counts by repeating the first batches of the epoch.
     """
+
+    batch_size = None
 
     def __init__(
         self,
@@ -658,9 +666,14 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
             raise ValueError(f"task_sampling_temperature must be > 0, got {temperature}.")
         if any(n <= 0 for n in task_sizes):
             raise ValueError(f"Every task needs training rows; sizes per task are {list(task_sizes)}.")
+        if drop_last and min(task_sizes) < batch_size:
+            raise ValueError(
+                f"drop_last with batch size {batch_size} would drop every batch of a task with fewer rows "
+                f"(rows per task: {list(task_sizes)}); lower the batch size or set dataloader_drop_last false."
+            )
         self.task_sizes = list(task_sizes)
         self.offsets = np.concatenate([[0], np.cumsum(self.task_sizes)[:-1]]).astype(int).tolist()
-        self.batch_size = batch_size
+        self.rows_per_batch = batch_size
         self.strategy = strategy
         self.temperature = temperature
         self.seed = seed
@@ -673,8 +686,8 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
 
     def batches_per_task(self) -> list[int]:
         if self.drop_last:
-            return [n // self.batch_size for n in self.task_sizes]
-        return [math.ceil(n / self.batch_size) for n in self.task_sizes]
+            return [n // self.rows_per_batch for n in self.task_sizes]
+        return [math.ceil(n / self.rows_per_batch) for n in self.task_sizes]
 
     def __len__(self) -> int:
         return sum(self.batches_per_task())
@@ -690,7 +703,7 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
         return weights / weights.sum()
 
     def _task_batches(self, task: int, generator: torch.Generator) -> list[list[int]]:
-        n, offset, bs = self.task_sizes[task], self.offsets[task], self.batch_size
+        n, offset, bs = self.task_sizes[task], self.offsets[task], self.rows_per_batch
         perm = torch.randperm(n, generator=generator).numpy() + offset
         if self.lengths is not None:
             mega = bs * 50
@@ -718,6 +731,13 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
+        logger.info(
+            "Task sampler: %s, epoch %d (seed %d), %d batches",
+            self.strategy,
+            self.epoch,
+            self.seed + self.epoch,
+            len(self),
+        )
         streams: list[list[list[int]]] = [[] for _ in self.task_sizes]
         for task in self.task_schedule(generator):
             if not streams[task]:

@@ -18,6 +18,8 @@ Launch (a YAML config gives the defaults, flags override it; every `TrainingArgu
     # several GPUs (DDP); on a CPU-only machine this runs 2 processes over gloo
     accelerate launch --multi_gpu --num_processes 2 train.py configs/quick.yaml --data_dir ../shared/data
 
+    # FSDP, several machines: configs/accelerate/{fsdp,multi_node}.yaml (each file opens with its command)
+
     # another encoder from the Hub (needs network)
     accelerate launch train.py configs/default.yaml --encoder bert-base-uncased
 
@@ -157,6 +159,14 @@ class MultiTaskArguments:
     loss_weighting: Literal["static", "uncertainty"] = field(
         default="static", metadata={"help": "static: task_weights; uncertainty: learned (Kendall et al., 2018)."}
     )
+    loss_weights_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the uncertainty log-variances (no weight decay); unset: --learning_rate. "
+            "Adam moves each by about this much per step, so at encoder rates (5e-5) they barely move in a short "
+            "run; 1e-2 lets the weights adapt within a few hundred steps."
+        },
+    )
     task_weights: list[str] = field(
         default_factory=list, metadata={"help": "Static loss weights as name=weight (YAML: a mapping); default 1."}
     )
@@ -187,6 +197,8 @@ class MultiTaskArguments:
     def __post_init__(self):
         if self.task_sampling_temperature <= 0:
             raise ValueError(f"task_sampling_temperature must be > 0, got {self.task_sampling_temperature}.")
+        if self.loss_weights_learning_rate is not None and self.loss_weights_learning_rate <= 0:
+            raise ValueError(f"loss_weights_learning_rate must be > 0, got {self.loss_weights_learning_rate}.")
 
     def weights(self) -> dict[str, float]:
         out = {}
@@ -240,10 +252,25 @@ def load_config(path: str) -> dict:
             raise ValueError(f"{path}: unknown key {key!r}.{hint} See `python train.py --help` for all arguments.")
     if isinstance(values.get("task_weights"), dict):
         values["task_weights"] = [f"{k}={v}" for k, v in values["task_weights"].items()]
+    # `freeze: encoder` means [encoder]; left a string, it would be iterated letter by letter.
+    for cls in ARGUMENT_CLASSES:
+        for f in dataclasses.fields(cls):
+            if str(f.type).startswith("list") and isinstance(values.get(f.name), str):
+                values[f.name] = [values[f.name]]
     if isinstance(values.get("task_definitions"), list):
         # A string field (argparse cannot hold a list of mappings); checked by data.parse_task_definitions.
         values["task_definitions"] = json.dumps(values["task_definitions"])
     return values
+
+
+def use_cpu_backend_without_accelerator() -> None:
+    """Under `accelerate launch --multi_gpu` (torchrun) on a machine without GPUs, ask accelerate for gloo.
+
+    accelerate only picks its multi-CPU (gloo) mode when told to use the CPU; otherwise every process sets
+    itself up as a separate single-process run, and they overwrite each other's output folder.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def resolve_encoder(encoder: str) -> str:
@@ -384,6 +411,8 @@ class _TaskStatsCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.trainer.task_stats["epoch"].zero_()
+        # The Trainer's own set_epoch misses the sampler when a run resumes mid-epoch with several processes:
+        # the loader then holds SkipBatchSampler(BatchSamplerShard(sampler)), one level deeper than it looks.
         if self.trainer.batch_sampler is not None:
             self.trainer.batch_sampler.set_epoch(int(math.floor(state.epoch or 0)))
 
@@ -433,7 +462,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
             batch_size=self._train_batch_size,
             strategy=self.mt_args.task_sampling,
             temperature=self.mt_args.task_sampling_temperature,
-            seed=self.args.seed,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             lengths=lengths,
             drop_last=self.args.dataloader_drop_last,
         )
@@ -449,6 +478,23 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         return self.accelerator.prepare(loader)
 
     # ---- training ----
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # Decaying the uncertainty log-variances would pull every task weight towards 1.
+        return [n for n in super().get_decay_parameter_names(model) if not n.endswith("loss_log_vars")]
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        log_vars = [p for n, p in opt_model.named_parameters() if n.endswith("loss_log_vars") and p.requires_grad]
+        if log_vars and self.mt_args.loss_weights_learning_rate is not None:
+            held = {id(p) for p in log_vars}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in held]
+            optimizer.add_param_group(
+                {"params": log_vars, "weight_decay": 0.0, "lr": self.mt_args.loss_weights_learning_rate}
+            )
+        return optimizer
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         loss = outputs.loss
@@ -532,7 +578,11 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         inputs.pop("task_ids", None)
         with torch.no_grad(), self.compute_loss_context_manager():
             logits = model(**inputs, task=self._eval_task).logits  # (batch, num_labels)
-        loss = F.cross_entropy(logits.float(), labels).detach() if labels is not None else None
+        loss = None
+        if labels is not None and (prediction_loss_only or self.compute_metrics is None):
+            loss = F.cross_entropy(logits.float(), labels).detach()
+        # Otherwise compute_metrics takes the loss over the gathered logits: the Trainer's mean of per-batch losses
+        # would count the rows accelerate repeats to even out the last batch over several processes.
         return loss, (None if prediction_loss_only else logits.detach()), labels
 
 
@@ -542,8 +592,10 @@ def build_compute_metrics():
     metric = evaluate.load(str(ROOT / "metrics" / "classification"))
 
     def compute_metrics(prediction) -> dict[str, float]:
+        logits, labels = torch.as_tensor(prediction.predictions).float(), torch.as_tensor(prediction.label_ids)
+        loss = F.cross_entropy(logits, labels).item()
         predictions = prediction.predictions.argmax(-1)
-        return metric.compute(predictions=predictions.tolist(), references=prediction.label_ids.tolist())
+        return {"loss": loss, **metric.compute(predictions=predictions.tolist(), references=labels.tolist())}
 
     return compute_metrics
 
@@ -692,6 +744,7 @@ def hardware_summary() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    use_cpu_backend_without_accelerator()
     model_args, data_args, mt_args, training_args = parse_args(argv)
 
     logging.basicConfig(
@@ -722,8 +775,12 @@ def main(argv: list[str] | None = None) -> dict:
     task_configs = [t.to_config() for t in tasks]
     weights = mt_args.weights()
     MultiTaskConfig(tasks=task_configs, task_weights=weights, loss_weighting=mt_args.loss_weighting)
-    resume_from = check_output_dir(training_args, mt_args)
+    resume_from = check_output_dir(training_args, mt_args)  # every rank: all must resume from the same step
     hub_repo = take_over_push_to_hub(training_args)
+    if training_args.ddp_find_unused_parameters is None:
+        # Every parameter is in the graph on every step (absent tasks add 0 * logits), so DDP need not search
+        # the graph for unused ones each step; an encoder with unused parameters needs the flag set to true.
+        training_args.ddp_find_unused_parameters = False
     encoder_path = resolve_encoder(model_args.encoder)
     logger.info("Encoder: %s (from %s)", model_args.encoder, encoder_path)
     check_model_setup(encoder_path, task_configs, weights, model_args, data_args, mt_args)
@@ -740,8 +797,10 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("Eval set %r (head %r): %d rows", name, mt.eval_tasks[name], len(ds))
     row = mt.train[0]
     logger.info("Processed row 0: %s -> %r", row["input_ids"][:24], tokenizer.decode(row["input_ids"][:24]))
-    if resume_from is None and mt_args.overwrite_output_dir and training_args.process_index == 0:
-        clear_output_dir(training_args)
+    if resume_from is None and mt_args.overwrite_output_dir:
+        with training_args.main_process_first(local=False, desc="clearing the output folder"):
+            if training_args.process_index == 0:
+                clear_output_dir(training_args)
 
     model = MultiTaskModel.from_encoder(
         encoder_path,
@@ -783,7 +842,16 @@ def main(argv: list[str] | None = None) -> dict:
         before = split_eval_metrics(trainer.evaluate(), eval_names)
 
     started = time.time()
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume_from)
+    except ValueError as err:
+        if resume_from is None or "parameter group" not in str(err):
+            raise
+        raise ValueError(
+            f"--resume_from_checkpoint {resume_from}: the checkpoint's optimizer state holds a different set of "
+            f"trainable parameters than freeze={mt_args.freeze} unfreeze={mt_args.unfreeze} "
+            f"loss_weighting={mt_args.loss_weighting!r} give; resume with the same settings as the run that wrote it."
+        ) from err
     train_seconds = time.time() - started
 
     last_eval = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
@@ -832,12 +900,15 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
 
+    # Under FSDP gathering the full weights is a collective: every rank takes part, then rank 0 writes them.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if trainer.is_world_process_zero():
         saved = save_outputs(
             trainer.accelerator.unwrap_model(trainer.model),
             tokenizer,
             metrics,
             training_args,
+            state_dict=state_dict,
             export_sentence_transformers=mt_args.export_sentence_transformers,
             model_id=hub_repo,
         )
@@ -879,6 +950,7 @@ def save_outputs(
     tokenizer,
     metrics: dict,
     training_args: TrainingArguments,
+    state_dict: dict | None = None,
     export_sentence_transformers: str = "inline",
     model_id: str | None = None,
 ) -> list[str]:
@@ -889,7 +961,7 @@ def save_outputs(
     staging = out / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     plot_curves(metrics, staging)
     (staging / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
