@@ -57,8 +57,9 @@ def launch(launcher_flags: list[str], train_flags: list[str], log: Path) -> str:
 
 
 def assert_one_finished_model(output_dir: Path) -> dict:
-    weights = sorted(p.name for p in output_dir.rglob("*.safetensors"))
-    assert weights == ["model.safetensors"]
+    # One model: model.safetensors, plus its encoder re-saved for sentence-transformers in 0_Transformer/.
+    weights = sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*.safetensors"))
+    assert weights == ["0_Transformer/model.safetensors", "model.safetensors"]
     assert not list(output_dir.glob("checkpoint-*")) and not (output_dir / ".final.partial").exists()
     return json.loads((output_dir / "metrics.json").read_text(encoding="utf-8"))
 
