@@ -136,7 +136,8 @@ class MultiTaskOutput(ModelOutput):
         logits (`dict[str, torch.FloatTensor]` or `torch.FloatTensor`): `(batch, num_labels)` per task, or one
             tensor when a single `task` was selected.
         embeddings (`torch.FloatTensor`): pooled sentence embeddings, `(batch, hidden)`.
-        task_losses (`dict[str, torch.FloatTensor]`, *optional*): unweighted mean loss per task in the batch.
+        task_losses (`dict[str, torch.FloatTensor]`, *optional*): unweighted mean loss of each task over its rows
+            in the batch; every task is present, with 0 for a task that has no rows in the batch.
         task_weights (`dict[str, torch.FloatTensor]`, *optional*): the weight each task loss got.
     """
 
@@ -280,28 +281,71 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         )
 
     def _joint_loss(self, logits: dict[str, torch.Tensor], labels: torch.Tensor, task_ids: torch.Tensor):
+        # Masked sums instead of `logits[name][task_ids == index]`: no shape or branch depends on the data, so
+        # the loss never waits for the GPU (no device->host sync) and compiles into one graph. Every head stays
+        # in the graph (DDP finds no unused parameters); a task without rows in the batch adds exactly 0.
         total = None
         task_losses, task_weights = {}, {}
         for index, name in enumerate(self.config.task_names):
-            rows = task_ids == index
-            if not bool(rows.any()):
-                # Keep every head in the graph so DDP finds no unused parameters on steps without this task.
-                term = 0.0 * logits[name].sum()
-                if self.loss_log_vars is not None:
-                    term = term + 0.0 * self.loss_log_vars[index]
+            rows = task_ids == index  # (batch,)
+            count = rows.sum()
+            # Other tasks' labels may be out of this head's range: ignore_index (-100) hides them.
+            per_row = F.cross_entropy(logits[name].float(), labels.masked_fill(~rows, -100), reduction="none")
+            task_loss = per_row.sum() / count.clamp(min=1)  # mean over this task's rows; 0 without rows
+            if self.loss_log_vars is not None:
+                log_var = self.loss_log_vars[index]
+                weight = torch.exp(-log_var)
+                # The regulariser s_t counts only for tasks present in the batch.
+                term = weight * task_loss + (count > 0).to(log_var.dtype) * log_var
             else:
-                task_loss = F.cross_entropy(logits[name][rows].float(), labels[rows])
-                task_losses[name] = task_loss.detach()
-                if self.loss_log_vars is not None:
-                    log_var = self.loss_log_vars[index]
-                    weight = torch.exp(-log_var)
-                    term = weight * task_loss + log_var
-                else:
-                    weight = torch.tensor(float(self.config.task_weights.get(name, 1.0)), device=task_loss.device)
-                    term = weight * task_loss
-                task_weights[name] = weight.detach()
+                weight = torch.full_like(task_loss, float(self.config.task_weights.get(name, 1.0)))
+                term = weight * task_loss
+            task_losses[name] = task_loss.detach()
+            task_weights[name] = weight.detach()
             total = term if total is None else total + term
         return total, task_losses, task_weights
 
+    @torch.inference_mode()
+    def predict(self, texts: list[str], tokenizer, batch_size: int = 64, return_embeddings: bool = False) -> list[dict]:
+        """Label every text with every head: `[{task: {"label": str, "score": float}, ...}, ...]` in input order.
+
+        One encoder pass per batch serves all heads. Texts are batched longest first and each batch is padded to
+        its own longest text only (never to the model's maximum length), so little compute goes to padding.
+        `score` is the softmax probability of the label. With `return_embeddings`, each dict also holds
+        `"embedding"`: the pooled `(hidden,)` float tensor.
+        """
+        if isinstance(texts, str):
+            raise ValueError("predict() takes a list of texts; wrap a single text as [text].")
+        if batch_size < 1:
+            raise ValueError(f"predict(): batch_size must be >= 1, got {batch_size}.")
+        max_length = min(int(tokenizer.model_max_length), int(self.encoder.config.max_position_embeddings))
+        ids = tokenizer(list(texts), truncation=True, max_length=max_length, verbose=False)["input_ids"]
+        lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        was_training = self.training
+        self.eval()
+        probs = {t["name"]: torch.empty(len(ids), t["num_labels"]) for t in self.config.tasks}
+        embeddings = torch.empty(len(ids), self.encoder.config.hidden_size) if return_embeddings else None
+        for start in range(0, len(ids), batch_size):
+            index = order[start : start + batch_size]
+            rows = [torch.tensor(ids[i]) for i in index.tolist()]
+            input_ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id)  # (batch, seq)
+            attention_mask = (torch.arange(input_ids.shape[1]) < lengths[index, None]).long()
+            embedded = self.embed(input_ids.to(self.device), attention_mask.to(self.device))  # (batch, hidden)
+            for name, head in self.heads.items():
+                probs[name][index] = head(embedded).float().softmax(-1).cpu()
+            if embeddings is not None:
+                embeddings[index] = embedded.float().cpu()
+        self.train(was_training)
+        results = [{} for _ in ids]
+        for task in self.config.tasks:
+            scores, labels = probs[task["name"]].max(-1)
+            for result, label, score in zip(results, labels.tolist(), scores.tolist()):
+                result[task["name"]] = {"label": task["id2label"][label], "score": score}
+        if embeddings is not None:
+            for result, embedding in zip(results, embeddings):
+                result["embedding"] = embedding
+        return results
 
 __all__ = ["MultiTaskConfig", "MultiTaskModel", "MultiTaskOutput", "MultiTaskPreTrainedModel", "pool"]

@@ -336,7 +336,17 @@ class MultiTaskTrainer(Trainer):
         self.batch_sampler: mtdata.MultiTaskBatchSampler | None = None
         self._eval_task: str | None = None
         # Per task: [sum of loss * rows, rows, correct rows], over the logging interval and over the epoch.
-        self.task_stats = {k: torch.zeros(len(self.task_names), 3) for k in ("interval", "epoch")}
+        # Kept on the training device and read only at log time: a per-step .cpu() makes the CPU wait for the GPU.
+        device = self.args.device
+        self.task_stats = {k: torch.zeros(len(self.task_names), 3, device=device) for k in ("interval", "epoch")}
+        # The first step whose loss is not finite (0: none yet) and [loss, rows per task, loss per task] at that
+        # step, recorded on the device and checked at log time (see _check_finite).
+        self._nonfinite_step = torch.zeros((), dtype=torch.long, device=device)
+        self._nonfinite_record = torch.zeros(1 + 2 * len(self.task_names), device=device)
+        if self.args.logging_nan_inf_filter:
+            # The stock filter would quietly replace a non-finite loss by the running mean, and reads the loss
+            # on the host every step; _check_finite stops the run instead.
+            self.args.logging_nan_inf_filter = False
         self.add_callback(_TaskStatsCallback(self))
 
     # ---- data ----
@@ -359,6 +369,10 @@ class MultiTaskTrainer(Trainer):
             pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
             persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
         )
+        if loader.pin_memory:
+            # A blocking host-to-device copy waits until the GPU has finished the previous step; pinned batches can
+            # be copied asynchronously instead, so the host keeps queueing work.
+            self.accelerator.dataloader_config.non_blocking = True
         # accelerate deals the global batch list to the ranks (BatchSamplerShard) and moves batches to device.
         return self.accelerator.prepare(loader)
 
@@ -366,28 +380,48 @@ class MultiTaskTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         loss = outputs.loss
-        if not torch.isfinite(loss.detach()).all():
-            present = [self.task_names[i] for i in torch.unique(inputs["task_ids"]).tolist()]
-            raise FloatingPointError(
-                f"Non-finite training loss ({loss.item()}) at step {self.state.global_step + 1} on task(s) {present}"
-                f" (per-task: {({k: v.item() for k, v in outputs.task_losses.items()})}). Stopping instead of "
-                f"training on garbage: lower --learning_rate, check the data of that task, or use fp32."
-            )
         if model.training:
             self._accumulate(outputs, inputs)
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
     def _accumulate(self, outputs, inputs) -> None:
+        """Add this step's per-task loss, rows and correct rows to the stats, and note a non-finite loss.
+
+        Only tensor ops on the device: nothing here waits for the GPU, so the next step is queued at once.
+        """
         task_ids, labels = inputs["task_ids"], inputs["labels"]
-        step = torch.zeros(len(self.task_names), 3)
-        for name, task_loss in outputs.task_losses.items():
-            index = self.task_names.index(name)
-            rows = task_ids == index
-            correct = (outputs.logits[name][rows].argmax(-1) == labels[rows]).sum()
-            step[index] += torch.stack([task_loss.float() * rows.sum(), rows.sum(), correct]).cpu()
+        own = task_ids[:, None] == torch.arange(len(self.task_names), device=task_ids.device)  # (batch, tasks)
+        predictions = torch.stack([outputs.logits[name].argmax(-1) for name in self.task_names], dim=1)
+        task_losses = torch.stack([outputs.task_losses[name].float() for name in self.task_names])  # (tasks,)
+        rows = own.sum(0).float()
+        correct = ((predictions == labels[:, None]) & own).sum(0).float()
+        step = torch.stack([task_losses * rows, rows, correct], dim=1)  # (tasks, 3)
         for stats in self.task_stats.values():
             stats += step
+        first = ~torch.isfinite(outputs.loss.detach()) & (self._nonfinite_step == 0)
+        self._nonfinite_step = torch.where(first, self.state.global_step + 1, self._nonfinite_step)
+        record = torch.cat([outputs.loss.detach().float().view(1), rows, task_losses])
+        self._nonfinite_record = torch.where(first, record, self._nonfinite_record)
+
+    def _check_finite(self) -> None:
+        """Stop on a non-finite training loss, naming the first step it happened at and the task(s) of that batch.
+
+        Checked at every log (one device->host read) rather than every step, so a run on an accelerator never
+        waits for the loss; the steps between the bad one and the next log are the price.
+        """
+        step = int(self._nonfinite_step)
+        if step == 0:
+            return
+        n = len(self.task_names)
+        record = self._nonfinite_record.tolist()
+        present = [name for name, rows in zip(self.task_names, record[1 : 1 + n]) if rows > 0]
+        per_task = {name: loss for name, rows, loss in zip(self.task_names, record[1 : 1 + n], record[1 + n :]) if rows}
+        raise FloatingPointError(
+            f"Non-finite training loss ({record[0]}) at step {step} on task(s) {present} (per-task: {per_task}); "
+            f"noticed at step {self.state.global_step}. Stopping instead of training on garbage: lower "
+            f"--learning_rate, check the data of that task, or use fp32."
+        )
 
     def pop_task_stats(self, which: str, prefix: str) -> dict[str, float]:
         stats = self.task_stats[which]
@@ -409,6 +443,7 @@ class MultiTaskTrainer(Trainer):
         return {n: float(model.config.task_weights.get(n, 1.0)) for n in self.task_names}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._check_finite()
         if "loss" in logs and "eval_loss" not in logs:  # a training log: every rank is here
             logs.update(self.pop_task_stats("interval", "train"))
             logs.update({f"loss_weight_{n}": w for n, w in self.task_loss_weights().items()})
