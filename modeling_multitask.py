@@ -348,4 +348,5 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
                 result["embedding"] = embedding
         return results
 
+
 __all__ = ["MultiTaskConfig", "MultiTaskModel", "MultiTaskOutput", "MultiTaskPreTrainedModel", "pool"]

@@ -66,7 +66,11 @@ def setting(device: str) -> dict:
     import accelerate
     import transformers
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     versions["accelerate"] = accelerate.__version__
     for name in ("datasets", "sentence_transformers"):
         try:
@@ -153,6 +157,19 @@ class PeakMemory:
     @property
     def kind(self) -> str:
         return "cuda max_memory_allocated" if self.device == "cuda" else "peak RSS"
+
+
+def guarded(name: str, fn, device: str) -> dict:
+    """Run one benchmark run; a failure becomes an `error` entry so the other runs still report (a GPU lease
+    is short: one broken variant must not cost the whole table)."""
+    import traceback
+
+    try:
+        return fn()
+    except Exception as err:  # any failure of one variant: report it, keep measuring the others
+        traceback.print_exc()
+        free_memory(device)
+        return {"run": name, "error": f"{type(err).__name__}: {str(err)[:300]}"}
 
 
 def free_memory(device: str) -> None:

@@ -77,7 +77,9 @@ def build_runs(names: list[str], encoder_path: str, device: str, tokenizer, batc
         st = SentenceTransformer(encoder_path, device=device, model_kwargs={"attn_implementation": attn})
         runs["st_encode"] = lambda texts: st.encode(texts, batch_size=batch_size, show_progress_bar=False)
     if "single_task" in names:
-        single = AutoModelForSequenceClassification.from_pretrained(encoder_path, num_labels=2, attn_implementation=attn)
+        single = AutoModelForSequenceClassification.from_pretrained(
+            encoder_path, num_labels=2, attn_implementation=attn
+        )
         single = single.to(device).eval()
         runs["single_task"] = lambda texts: predict_single(single, tokenizer, texts, batch_size)
     return {name: runs[name] for name in names}
@@ -158,7 +160,12 @@ def main(argv: list[str] | None = None) -> dict:
         ratios["time_both_tasks_vs_single_task"] = (
             by_name["ours_both"]["seconds_median"] / by_name["single_task"]["seconds_median"]
         )
-    relative = {"ours_embed": "st_encode", "st_encode": "st_encode", "ours_both": "single_task", "single_task": "single_task"}
+    relative = {
+        "ours_embed": "st_encode",
+        "st_encode": "st_encode",
+        "ours_both": "single_task",
+        "single_task": "single_task",
+    }
     rows = []
     for r in results:
         base = by_name.get(relative[r["run"]])
@@ -181,8 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"{len(texts)} texts (SST-2 validation + TREC test), batch size {args.batch_size}, median of {args.repeats} "
         f"passes, encoder {args.encoder}, attention {args.attn_implementation}",
         "ratios: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items()),
-        None if agreement is None else f"our normalised embeddings vs sentence-transformers': max |diff| {agreement:.1e}",
-        "memory: all models stay loaded in one process, so the peak counts them all; the growth column is the pass's own",
+        None
+        if agreement is None
+        else f"our normalised embeddings vs sentence-transformers': max |diff| {agreement:.1e}",
+        "memory: every model stays loaded in one process, so each peak counts them all; growth is the pass's own",
         args.note,
     ]
     report(f"Inference ({device})", table, result, args.out, notes)

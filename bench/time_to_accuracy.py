@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 
 import common  # noqa: F401  (puts the repository root on sys.path)
-import numpy as np
 import train_throughput as tt
 from common import PeakMemory, free_memory, markdown_table, now, report, resolve_device, resolve_encoder, setting
 from transformers import TrainerCallback
@@ -208,8 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for spec in specs:
         logger.warning("run %s ...", spec.name)
-        results.append(run_one(args, spec, device, tokenizer, encoder_path, prepared))
-        logger.warning("run %s: reached %s", spec.name, results[-1]["reached"])
+        results.append(
+            common.guarded(spec.name, lambda: run_one(args, spec, device, tokenizer, encoder_path, prepared), device)
+        )
+        logger.warning("run %s: reached %s", spec.name, results[-1].get("reached", results[-1].get("error")))
 
     def when(r) -> str:
         if r["reached"]:
@@ -217,14 +219,25 @@ def main(argv: list[str] | None = None) -> dict:
         why = f"{args.max_minutes:g} min" if r["timed_out"] else f"{r['steps_done']} steps"
         return f"not reached in {why}"
 
-    reference = next((r for r in results if r["run"].split("+")[0] == "stock"), None)
+    reference = next((r for r in results if r["run"].split("+")[0] == "stock" and "error" not in r), None)
     rows = []
     for r in results:
+        if "error" in r:
+            rows.append([f"`{r['run']}`", f"failed: {r['error']}"] + [None] * 5)
+            continue
         speedup = None
         if reference and reference["reached"] and r["reached"]:
             speedup = reference["reached"]["train_seconds"] / r["reached"]["train_seconds"]
         rows.append(
-            [f"`{r['run']}`", when(r), speedup, r["best_accuracy"], r["final_accuracy"], r["steps_done"], r["peak_memory_mb"]]
+            [
+                f"`{r['run']}`",
+                when(r),
+                speedup,
+                r["best_accuracy"],
+                r["final_accuracy"],
+                r["steps_done"],
+                r["peak_memory_mb"],
+            ]
         )
     mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
     columns = ["run", f"time to {args.target}", "x stock", "best acc", "final acc", "steps", mem]
@@ -245,4 +258,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
-    main()
+    sys.exit(1 if any("error" in r for r in main()["results"]) else 0)

@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
 import common  # noqa: F401  (puts the repository root on sys.path)
-import numpy as np
 import torch
 from common import PeakMemory, free_memory, markdown_table, now, report, resolve_device, resolve_encoder, setting
 from transformers import TrainerCallback, TrainingArguments, set_seed
@@ -201,7 +201,9 @@ def training_arguments(args, spec: RunSpec, device: str, output_dir: str, **over
     return TrainingArguments(**{**settings, **overrides})
 
 
-def build_stock(args, spec, device, tokenizer, encoder_path, stock_ds, output_dir, training_args=None, **trainer_kwargs):
+def build_stock(
+    args, spec, device, tokenizer, encoder_path, stock_ds, output_dir, training_args=None, **trainer_kwargs
+):
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer
 
     set_seed(args.seed)
@@ -322,25 +324,33 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for spec in specs:
         logger.warning("run %s ...", spec.name)
-        results.append(run_one(args, spec, device, tokenizer, encoder_path, prepared))
-        logger.warning("run %s: %.1f samples/s", spec.name, results[-1]["samples_per_second"])
-    reference = next((r for r in results if r["run"].split("+")[0] == "stock"), None)
-    for r in results:
+        results.append(
+            common.guarded(spec.name, lambda: run_one(args, spec, device, tokenizer, encoder_path, prepared), device)
+        )
+        logger.warning("run %s: %s", spec.name, results[-1].get("samples_per_second", results[-1].get("error")))
+    measured = [r for r in results if "error" not in r]
+    reference = next((r for r in measured if r["run"].split("+")[0] == "stock"), None)
+    for r in measured:
         r["ratio_vs_stock"] = r["samples_per_second"] / reference["samples_per_second"] if reference else None
 
-    rows = [
-        [
-            f"`{r['run']}`",
-            r["samples_per_second"],
-            r["ratio_vs_stock"],
-            r["step_ms"],
-            None if r["padding_share"] is None else f"{100 * r['padding_share']:.0f}%",
-            r["peak_memory_mb"],
-            r["warmup_seconds"],
-            r["train_loss"],
-        ]
-        for r in results
-    ]
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([f"`{r['run']}`", f"failed: {r['error']}"] + [None] * 6)
+            continue
+        padding = None if r["padding_share"] is None else f"{100 * r['padding_share']:.0f}%"
+        rows.append(
+            [
+                f"`{r['run']}`",
+                r["samples_per_second"],
+                r["ratio_vs_stock"],
+                r["step_ms"],
+                padding,
+                r["peak_memory_mb"],
+                r["warmup_seconds"],
+                r["train_loss"],
+            ]
+        )
     mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
     columns = ["run", "samples/s", "x stock", "ms/step", "padding", mem, "warm-up s", "train loss"]
     table = markdown_table(columns, rows)
@@ -357,4 +367,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
-    main()
+    sys.exit(1 if any("error" in r for r in main()["results"]) else 0)

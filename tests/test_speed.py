@@ -4,7 +4,6 @@ statistics and deferred non-finite check, and length-sorted batched prediction."
 from __future__ import annotations
 
 import math
-import types
 
 import numpy as np
 import pytest
@@ -172,16 +171,26 @@ def make_trainer(make_model, tiny_tokenizer, tiny_data_dir, tmp_path):
 def test_task_stats_count_loss_rows_and_correct_rows(make_trainer):
     trainer = make_trainer()
     # rows: sentiment, sentiment, question; sentiment predicts [1, 1], question predicts [0]
-    logits = {"sentiment": torch.tensor([[0.0, 1.0], [0.0, 2.0], [5.0, 0.0]]), "question": torch.tensor([[1.0, 0.0]] * 3)}
+    logits = {
+        "sentiment": torch.tensor([[0.0, 1.0], [0.0, 2.0], [5.0, 0.0]]),
+        "question": torch.tensor([[1.0, 0.0]] * 3),
+    }
     outputs = MultiTaskOutput(
-        loss=torch.tensor(0.9), logits=logits, task_losses={"sentiment": torch.tensor(0.6), "question": torch.tensor(0.3)}
+        loss=torch.tensor(0.9),
+        logits=logits,
+        task_losses={"sentiment": torch.tensor(0.6), "question": torch.tensor(0.3)},
     )
     inputs = {"task_ids": torch.tensor([0, 0, 1]), "labels": torch.tensor([1, 0, 0])}
     trainer._accumulate(outputs, inputs)
     trainer._accumulate(outputs, inputs)
     logs = trainer.pop_task_stats("interval", "train")
     assert logs == pytest.approx(
-        {"train_sentiment_loss": 0.6, "train_sentiment_accuracy": 0.5, "train_question_loss": 0.3, "train_question_accuracy": 1.0}
+        {
+            "train_sentiment_loss": 0.6,
+            "train_sentiment_accuracy": 0.5,
+            "train_question_loss": 0.3,
+            "train_question_accuracy": 1.0,
+        }
     )
     assert trainer.task_stats["interval"].abs().sum() == 0  # popped
     assert trainer.task_stats["epoch"][:, 1].tolist() == [4, 2]  # rows per task over the epoch so far
