@@ -297,11 +297,14 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
                 weight = torch.exp(-log_var)
                 # The regulariser s_t counts only for tasks present in the batch.
                 term = weight * task_loss + (count > 0).to(log_var.dtype) * log_var
+                task_weights[name] = weight.detach()
             else:
-                weight = torch.full_like(task_loss, float(self.config.task_weights.get(name, 1.0)))
-                term = weight * task_loss
+                # A Python float, not a tensor: inductor folds `ones * loss` into `loss` and then returned the loss
+                # without its grad_fn beside `task_loss.detach()` (torch 2.13, single-task model).
+                weight = float(self.config.task_weights.get(name, 1.0))
+                term = task_loss * weight
+                task_weights[name] = torch.full_like(task_loss, weight)
             task_losses[name] = task_loss.detach()
-            task_weights[name] = weight.detach()
             total = term if total is None else total + term
         return total, task_losses, task_weights
 

@@ -111,8 +111,8 @@ def synchronize(device: str) -> None:
 class PeakMemory:
     """Peak memory of one phase: `torch.cuda.max_memory_allocated` on GPU, the process RSS on CPU.
 
-    RSS is sampled every 10 ms by a thread (ru_maxrss only ever grows over the whole process, so it cannot
-    tell phases apart). Both count whatever else the process holds (earlier phases, other loaded models):
+    RSS is sampled every 25 ms by a thread (ru_maxrss only ever grows over the whole process, so it cannot
+    tell phases apart); on GPU no thread runs, as it would compete with the training loop for the GIL. Both count whatever else the process holds (earlier phases, other loaded models):
     `growth_mb` is the peak minus the amount held when the phase began.
     """
 
@@ -127,22 +127,25 @@ class PeakMemory:
         self._process = psutil.Process()
         self._peak_rss = self._process.memory_info().rss
         self.start_mb = self._peak_rss / 2**20
+        self._stop = threading.Event()
+        self._thread = None
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.start_mb = torch.cuda.memory_allocated() / 2**20
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.01):
+        while not self._stop.wait(0.025):
             self._peak_rss = max(self._peak_rss, self._process.memory_info().rss)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self._peak_rss = max(self._peak_rss, self._process.memory_info().rss)
         if self.device == "cuda":
             torch.cuda.synchronize()

@@ -59,7 +59,11 @@ def predict_single(model, tokenizer, texts: list[str], batch_size: int) -> list[
 
 
 def build_runs(names: list[str], encoder_path: str, device: str, tokenizer, batch_size: int, attn: str) -> dict:
-    """name -> a function of the texts; each model loaded once, in eval mode, on the device."""
+    """name -> a function of the texts; each model loaded once, in eval mode, on the device.
+
+    Weights are float32 whatever dtype the checkpoint was saved in (transformers v5 otherwise keeps the saved
+    dtype, e.g. a float16 copy made to travel light).
+    """
     from transformers import AutoModelForSequenceClassification
 
     import data as mtdata
@@ -68,17 +72,19 @@ def build_runs(names: list[str], encoder_path: str, device: str, tokenizer, batc
     runs = {}
     if {"ours_embed", "ours_both"} & set(names):
         tasks = [t.to_config() for t in mtdata.get_tasks(["sentiment", "question"])]
-        ours = MultiTaskModel.from_encoder(encoder_path, tasks=tasks, attn_implementation=attn).to(device).eval()
+        ours = MultiTaskModel.from_encoder(encoder_path, tasks=tasks, attn_implementation=attn, dtype=torch.float32)
+        ours = ours.to(device).eval()
         runs["ours_embed"] = lambda texts: ours.predict(texts, tokenizer, batch_size, return_embeddings=True)
         runs["ours_both"] = lambda texts: ours.predict(texts, tokenizer, batch_size)
     if "st_encode" in names:
         from sentence_transformers import SentenceTransformer
 
-        st = SentenceTransformer(encoder_path, device=device, model_kwargs={"attn_implementation": attn})
+        model_kwargs = {"attn_implementation": attn, "dtype": torch.float32}
+        st = SentenceTransformer(encoder_path, device=device, model_kwargs=model_kwargs)
         runs["st_encode"] = lambda texts: st.encode(texts, batch_size=batch_size, show_progress_bar=False)
     if "single_task" in names:
         single = AutoModelForSequenceClassification.from_pretrained(
-            encoder_path, num_labels=2, attn_implementation=attn
+            encoder_path, num_labels=2, attn_implementation=attn, dtype=torch.float32
         )
         single = single.to(device).eval()
         runs["single_task"] = lambda texts: predict_single(single, tokenizer, texts, batch_size)

@@ -208,7 +208,7 @@ def build_stock(
 
     set_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        encoder_path, num_labels=2, attn_implementation=args.attn_implementation
+        encoder_path, num_labels=2, attn_implementation=args.attn_implementation, dtype=torch.float32
     )
     collator = CountingCollator(DataCollatorWithPadding(tokenizer, pad_to_multiple_of=spec.pad_to_multiple_of))
     trainer = Trainer(
@@ -229,7 +229,10 @@ def build_ours(args, spec, device, tokenizer, encoder_path, mt, output_dir, trai
 
     set_seed(args.seed)
     model = MultiTaskModel.from_encoder(
-        encoder_path, tasks=[t.to_config() for t in mt.tasks], attn_implementation=args.attn_implementation
+        encoder_path,
+        tasks=[t.to_config() for t in mt.tasks],
+        attn_implementation=args.attn_implementation,
+        dtype=torch.float32,  # float32 master weights whatever the checkpoint's dtype; --bf16 is autocast
     )
     mt_args = MultiTaskArguments(length_grouping=spec.group, pad_to_multiple_of=spec.pad_to_multiple_of)
     collator = CountingCollator(mtdata.MultiTaskCollator(tokenizer.pad_token_id, spec.pad_to_multiple_of))

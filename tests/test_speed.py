@@ -258,3 +258,18 @@ def test_predict_matches_one_text_at_a_time(make_model, tiny_tokenizer):
 def test_predict_rejects_a_bare_string(make_model, tiny_tokenizer):
     with pytest.raises(ValueError, match="list of texts"):
         make_model().predict("a good film", tiny_tokenizer)
+
+
+@pytest.mark.parametrize("tasks", [TASKS_2_6[:1], TASKS_2_6])
+def test_joint_loss_keeps_its_gradient_under_inductor(make_model, tasks):
+    # Regression: with a tensor weight of 1.0, inductor returned a single-task loss without grad_fn, so
+    # `--torch_compile true` failed at the first backward.
+    model = make_model(tasks=tasks)
+    task_ids, labels = batch(num_labels=[t["num_labels"] for t in TASKS_2_6], task_ids=(0, 0, 0))
+    logits = {t["name"]: torch.randn(3, t["num_labels"], requires_grad=True) for t in tasks}
+    torch._dynamo.reset()
+    loss, task_losses, weights = torch.compile(model._joint_loss)(logits, labels, task_ids)
+    torch._dynamo.reset()
+    assert loss.requires_grad and not task_losses["sentiment"].requires_grad
+    torch.testing.assert_close(loss, reference_loss(logits, labels, task_ids, model.config.task_names))
+    assert float(weights["sentiment"]) == 1.0
