@@ -112,8 +112,9 @@ class PeakMemory:
     """Peak memory of one phase: `torch.cuda.max_memory_allocated` on GPU, the process RSS on CPU.
 
     RSS is sampled every 25 ms by a thread (ru_maxrss only ever grows over the whole process, so it cannot
-    tell phases apart); on GPU no thread runs, as it would compete with the training loop for the GIL. Both count whatever else the process holds (earlier phases, other loaded models):
-    `growth_mb` is the peak minus the amount held when the phase began.
+    tell phases apart); on GPU no thread runs, as it would compete with the training loop for the GIL. Both
+    count whatever else the process holds (earlier phases, other loaded models): `growth_mb` is the peak minus
+    the amount held when the phase began.
     """
 
     def __init__(self, device: str):

@@ -60,6 +60,9 @@ class TrainingClock(TrainerCallback):
             "accuracy": metrics[self.metric],
         }
         self.history.append(point)
+        logger.warning(
+            "step %d: accuracy %.4f after %.0f s of training", point["step"], point["accuracy"], point["train_seconds"]
+        )
         if self.reached is None and point["accuracy"] >= self.target:
             self.reached = point
             if self.stop_at_target:
@@ -134,6 +137,7 @@ def run_one(args, spec: tt.RunSpec, device: str, tokenizer, encoder_path, prepar
                 compute_metrics=train.build_compute_metrics(),
             )
             metric = "eval_sentiment_accuracy"
+        eval_rows = len(prepared["stock_eval"] if spec.base == "stock" else prepared[spec.base].eval_sets["sentiment"])
         trainer.remove_callback(PrinterCallback)
         clock = TrainingClock(metric, args.target, 60 * args.max_minutes, stop_at_target=args.until == "target")
         trainer.add_callback(clock)
@@ -146,6 +150,7 @@ def run_one(args, spec: tt.RunSpec, device: str, tokenizer, encoder_path, prepar
         "reached": clock.reached,
         "timed_out": clock.timed_out,
         "steps_done": steps_done,
+        "eval_rows": eval_rows,
         "best_accuracy": max((p["accuracy"] for p in clock.history), default=None),
         "final_accuracy": last["accuracy"] if last and last["step"] == steps_done else None,
         "history": clock.history,
@@ -194,14 +199,15 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-    prepared = {"ours": tt.ours_data(args, tokenizer, ["sentiment"])}
+    prepared = {"ours": tt.ours_data(args, tokenizer, ["sentiment"], args.max_eval_samples)}
     bases = {s.base for s in specs}
     if "stock" in bases:
         prepared["stock"] = tt.stock_data(args, tokenizer)
         prepared["stock_eval"] = stock_eval_data(args, tokenizer)
-        tt.check_same_rows(prepared["stock"], prepared["ours"])
+        tt.check_same_rows(prepared["stock"], prepared["ours"].train)
+        tt.check_same_rows(prepared["stock_eval"], prepared["ours"].eval_sets["sentiment"], "SST-2 validation")
     if "two_task" in bases:
-        prepared["two_task"] = tt.ours_data(args, tokenizer, ["sentiment", "question"])
+        prepared["two_task"] = tt.ours_data(args, tokenizer, ["sentiment", "question"], args.max_eval_samples)
     if args.max_steps is None:
         args.max_steps = prepared["ours"].task_sizes[0] // args.batch_size
 

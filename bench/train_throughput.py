@@ -122,7 +122,7 @@ class CountingCollator:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def data_arguments(args, tasks: list[str]):
+def data_arguments(args, tasks: list[str], max_eval_samples: int | None):
     from train import DataArguments
 
     return DataArguments(
@@ -130,15 +130,17 @@ def data_arguments(args, tasks: list[str]):
         tasks=tasks,
         max_seq_length=args.max_seq_length,
         max_train_samples=args.max_train_samples,
-        max_eval_samples=64,  # eval sets are built by build_data but never used here
+        max_eval_samples=max_eval_samples,
         gold_eval=False,
     )
 
 
-def ours_data(args, tokenizer, tasks: list[str]):
+def ours_data(args, tokenizer, tasks: list[str], max_eval_samples: int | None = 64):
+    """Our tokenized data; the eval sets are small by default because throughput runs never evaluate."""
     import data as mtdata
 
-    return mtdata.build_data(mtdata.get_tasks(tasks), tokenizer, data_arguments(args, tasks), seed=args.seed)
+    data_args = data_arguments(args, tasks, max_eval_samples)
+    return mtdata.build_data(mtdata.get_tasks(tasks), tokenizer, data_args, seed=args.seed)
 
 
 def stock_data(args, tokenizer):
@@ -160,12 +162,13 @@ def stock_data(args, tokenizer):
     return ds.map(tokenize, batched=True, remove_columns=["sentence"])
 
 
-def check_same_rows(stock, ours_single) -> None:
-    """The ratio means something only if both trainers see the same token ids."""
-    sentiment = ours_single.train.filter(lambda t: t == 0, input_columns="task_ids")
-    same_tokens = list(stock["input_ids"]) == list(sentiment["input_ids"])
-    if not same_tokens or list(stock["label"]) != list(sentiment["labels"]):
-        raise RuntimeError("stock and ours were built from different SST-2 rows or tokens; the comparison is void.")
+def check_same_rows(stock, ours, what: str = "SST-2 train") -> None:
+    """A comparison means something only if both trainers see the same token ids and labels."""
+    if "task_ids" in ours.column_names:
+        ours = ours.filter(lambda t: t == 0, input_columns="task_ids")  # the sentiment rows
+    same_tokens = list(stock["input_ids"]) == list(ours["input_ids"])
+    if not same_tokens or list(stock["label"]) != list(ours["labels"]):
+        raise RuntimeError(f"stock and ours were built from different {what} rows or tokens; the comparison is void.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "two_task" in bases:
         prepared["two_task"] = ours_data(args, tokenizer, ["sentiment", "question"])
     if "stock" in prepared:
-        check_same_rows(prepared["stock"], prepared["ours"])
+        check_same_rows(prepared["stock"], prepared["ours"].train)
 
     results = []
     for spec in specs:

@@ -58,6 +58,7 @@ def test_time_to_accuracy_stops_at_the_target(tiny_encoder_dir, tiny_data_dir, c
     reached = time_to_accuracy.main(argv + ["--target", "0.0"])["results"]
     for r in reached:
         assert "error" not in r, r
+        assert r["eval_rows"] == 32  # both evaluate on the same --max_eval_samples validation rows
         assert r["reached"]["step"] == 2 and r["steps_done"] == 2  # stopped at the first evaluation
         assert r["reached"]["train_seconds"] > 0
     (never,) = time_to_accuracy.main(argv + ["--runs", "ours", "--target", "1.01", "--until", "end"])["results"]
