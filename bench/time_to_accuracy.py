@@ -161,7 +161,7 @@ def run_one(args, spec: tt.RunSpec, device: str, tokenizer, encoder_path, prepar
         "history": clock.history,
         "eval_seconds": clock.eval_seconds,
         "peak_memory_mb": memory.peak_mb,
-        "settings": {k: v for k, v in vars(spec).items() if k not in ("name", "extra")},
+        "settings": {k: v for k, v in vars(spec).items() if k != "name"},
     }
 
 

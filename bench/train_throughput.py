@@ -26,7 +26,7 @@ import logging
 import re
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
@@ -48,14 +48,13 @@ class RunSpec:
     group: bool = True
     pad_to_multiple_of: int | None = None
     workers: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def parse_run(name: str, args) -> RunSpec:
     base, *mods = name.split("+")
     if base not in BASES:
         raise ValueError(f"--runs: {name!r} starts with {base!r}; runs are {list(BASES)} plus '+modifiers'.")
-    spec = RunSpec(name, base, bf16=args.bf16, tf32=args.tf32, compile=args.torch_compile)
+    spec = RunSpec(name, base, bf16=args.bf16, tf32=args.tf32, compile=args.torch_compile, group=base != "stock")
     spec.pad_to_multiple_of = args.pad_to_multiple_of
     spec.workers = args.dataloader_num_workers
     for mod in mods:
@@ -277,7 +276,7 @@ def run_one(args, spec: RunSpec, device: str, tokenizer, encoder_path, prepared:
         "memory_growth_mb": memory.growth_mb,
         "memory_kind": memory.kind,
         "train_loss": result.training_loss,
-        "settings": {k: v for k, v in vars(spec).items() if k not in ("name", "extra")},
+        "settings": {k: v for k, v in vars(spec).items() if k != "name"},
     }
 
 
