@@ -149,7 +149,8 @@ class MultiTaskOutput(ModelOutput):
         logits (`dict[str, torch.FloatTensor]` or `torch.FloatTensor`): `(batch, num_labels)` per task, or one
             tensor when a single `task` was selected.
         embeddings (`torch.FloatTensor`): pooled sentence embeddings, `(batch, hidden)`.
-        task_losses (`dict[str, torch.FloatTensor]`, *optional*): unweighted mean loss per task in the batch.
+        task_losses (`dict[str, torch.FloatTensor]`, *optional*): unweighted mean loss of each task over its rows
+            in the batch; every task is present, with 0 for a task that has no rows in the batch.
         task_weights (`dict[str, torch.FloatTensor]`, *optional*): the weight each task loss got.
     """
 
@@ -377,29 +378,33 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         return results
 
     def _joint_loss(self, logits: dict[str, torch.Tensor], labels: torch.Tensor, task_ids: torch.Tensor):
+        # Masked sums instead of `logits[name][task_ids == index]`: no shape or branch depends on the data, so
+        # the loss never waits for the GPU (no device->host sync) and compiles into one graph. Every head stays
+        # in the graph (DDP finds no unused parameters); a task without rows in the batch adds exactly 0.
         total = None
         task_losses, task_weights = {}, {}
         for index, name in enumerate(self.config.task_names):
-            rows = task_ids == index
-            if not bool(rows.any()):
-                # Keep every head in the graph so DDP finds no unused parameters on steps without this task.
-                # Built from the head's parameters, not its logits, and nan_to_num'ed: a broken head must not
-                # turn another task's loss or the encoder's gradients into NaN (and hide which task broke).
-                head = self.heads[name]
-                term = 0.0 * sum(p.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).sum() for p in head.parameters())
-                if self.loss_log_vars is not None:
-                    term = term + 0.0 * self.loss_log_vars[index]
-            else:
-                task_loss = F.cross_entropy(logits[name][rows].float(), labels[rows])
-                task_losses[name] = task_loss.detach()
-                if self.loss_log_vars is not None:
-                    log_var = self.loss_log_vars[index]
-                    weight = torch.exp(-log_var)
-                    term = weight * task_loss + log_var
-                else:
-                    weight = torch.tensor(float(self.config.task_weights.get(name, 1.0)), device=task_loss.device)
-                    term = weight * task_loss
+            rows = task_ids == index  # (batch,)
+            count = rows.sum()
+            # Rows of other tasks see constant zero logits (torch.where passes them no gradient) and are ignored by
+            # the loss: a broken (NaN) head cannot turn another task's loss or the encoder's gradients into NaN.
+            head_logits = torch.where(rows[:, None], logits[name].float(), 0.0)  # (batch, num_labels)
+            # Other tasks' labels may be out of this head's range: ignore_index (-100) hides them.
+            per_row = F.cross_entropy(head_logits, labels.masked_fill(~rows, -100), reduction="none")
+            task_loss = per_row.sum() / count.clamp(min=1)  # mean over this task's rows; 0 without rows
+            if self.loss_log_vars is not None:
+                log_var = self.loss_log_vars[index]
+                weight = torch.exp(-log_var)
+                # The regulariser s_t counts only for tasks present in the batch.
+                term = weight * task_loss + (count > 0).to(log_var.dtype) * log_var
                 task_weights[name] = weight.detach()
+            else:
+                # A Python float, not a tensor: inductor folds `ones * loss` into `loss` and then returned the loss
+                # without its grad_fn beside `task_loss.detach()` (torch 2.13, single-task model).
+                weight = float(self.config.task_weights.get(name, 1.0))
+                term = task_loss * weight
+                task_weights[name] = torch.full_like(task_loss, weight)
+            task_losses[name] = task_loss.detach()
             total = term if total is None else total + term
         return total, task_losses, task_weights
 

@@ -438,8 +438,23 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         self.batch_sampler: mtdata.MultiTaskBatchSampler | None = None
         self._eval_task: str | None = None
         # Per task: [sum of loss * rows, rows, correct rows], over the logging interval and over the epoch.
-        self.task_stats = {k: torch.zeros(len(self.task_names), 3) for k in ("interval", "epoch")}
-        self._step_tasks: set[str] = set()  # tasks of the batches in the current optimizer step
+        # Kept on the training device and read only at log time: a per-step .cpu() makes the CPU wait for the GPU.
+        device = self.args.device
+        self.task_stats = {k: torch.zeros(len(self.task_names), 3, device=device) for k in ("interval", "epoch")}
+        self._step_rows = torch.zeros(len(self.task_names), device=device)  # rows per task in this optimizer step
+        # The first step whose loss is not finite (0: none yet) and [loss, rows per task, loss per task] at that
+        # step; likewise the first non-finite gradient norm and [norm, rows per task]. Recorded on the device.
+        self._nonfinite_step = torch.zeros((), dtype=torch.long, device=device)
+        self._nonfinite_record = torch.zeros(1 + 2 * len(self.task_names), device=device)
+        self._nonfinite_grad_step = torch.zeros((), dtype=torch.long, device=device)
+        self._nonfinite_grad_record = torch.zeros(1 + len(self.task_names), device=device)
+        # On the CPU reading them costs nothing, so check every step and stop before the bad update reaches the
+        # weights; on an accelerator check at each log (one read) so no step waits for the GPU.
+        self._check_every_step = device.type == "cpu"
+        if self.args.logging_nan_inf_filter:
+            # The stock filter would quietly replace a non-finite loss by the running mean, and reads the loss
+            # on the host every step; _check_finite stops the run instead.
+            self.args.logging_nan_inf_filter = False
         self.add_callback(_TaskStatsCallback(self))
 
     # ---- checkpoints: the per-task running statistics resume with the run ----
@@ -474,6 +489,10 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
             pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
             persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
         )
+        if loader.pin_memory:
+            # A blocking host-to-device copy waits until the GPU has finished the previous step; pinned batches can
+            # be copied asynchronously instead, so the host keeps queueing work.
+            self.accelerator.dataloader_config.non_blocking = True
         # accelerate deals the global batch list to the ranks (BatchSamplerShard) and moves batches to device.
         return self.accelerator.prepare(loader)
 
@@ -498,45 +517,74 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         loss = outputs.loss
-        if not torch.isfinite(loss.detach()).all():
-            present = [self.task_names[i] for i in torch.unique(inputs["task_ids"]).tolist()]
-            broken = [k for k, v in (outputs.task_losses or {}).items() if not torch.isfinite(v).all()]
-            raise FloatingPointError(
-                f"Non-finite training loss ({loss.item()}) at step {self.state.global_step + 1} on task(s) "
-                f"{broken or present}"
-                f" (per-task: {({k: v.item() for k, v in outputs.task_losses.items()})}). Stopping instead of "
-                f"training on garbage: lower --learning_rate, check the data of that task, or use fp32."
-            )
         if model.training:
             self._accumulate(outputs, inputs)
-            self._step_tasks.update(self.task_names[i] for i in torch.unique(inputs["task_ids"]).tolist())
+            if self._check_every_step:
+                self._check_finite()
         return (loss, outputs) if return_outputs else loss
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        tasks, self._step_tasks = sorted(self._step_tasks), set()
+        step_rows, self._step_rows = self._step_rows, torch.zeros_like(self._step_rows)
         # A finite loss can still give non-finite gradients (overflow in backward); the optimizer step would
         # then write NaN into every weight. With fp16 the GradScaler skips such steps itself, so leave it be.
         if grad_norm is not None and getattr(self.accelerator, "scaler", None) is None:
-            if not math.isfinite(float(grad_norm)):
-                raise FloatingPointError(
-                    f"Non-finite gradient norm ({float(grad_norm)}) at step {self.state.global_step + 1} on task(s) "
-                    f"{tasks}. Stopping before the optimizer writes it into the weights: lower --learning_rate, "
-                    f"set --max_grad_norm, check the data of that task, or use fp32."
-                )
+            norm = torch.as_tensor(grad_norm, dtype=torch.float32).to(step_rows.device).reshape(1)
+            first = ~torch.isfinite(norm[0]) & (self._nonfinite_grad_step == 0)
+            self._nonfinite_grad_step = torch.where(first, self.state.global_step + 1, self._nonfinite_grad_step)
+            self._nonfinite_grad_record = torch.where(first, torch.cat([norm, step_rows]), self._nonfinite_grad_record)
+            if self._check_every_step:
+                self._check_finite()
         return grad_norm
 
     @torch.no_grad()
     def _accumulate(self, outputs, inputs) -> None:
+        """Add this step's per-task loss, rows and correct rows to the stats, and note a non-finite loss.
+
+        Only tensor ops on the device: nothing here waits for the GPU, so the next step is queued at once.
+        """
         task_ids, labels = inputs["task_ids"], inputs["labels"]
-        step = torch.zeros(len(self.task_names), 3)
-        for name, task_loss in outputs.task_losses.items():
-            index = self.task_names.index(name)
-            rows = task_ids == index
-            correct = (outputs.logits[name][rows].argmax(-1) == labels[rows]).sum()
-            step[index] += torch.stack([task_loss.float() * rows.sum(), rows.sum(), correct]).cpu()
+        own = task_ids[:, None] == torch.arange(len(self.task_names), device=task_ids.device)  # (batch, tasks)
+        predictions = torch.stack([outputs.logits[name].argmax(-1) for name in self.task_names], dim=1)
+        task_losses = torch.stack([outputs.task_losses[name].float() for name in self.task_names])  # (tasks,)
+        rows = own.sum(0).float()
+        correct = ((predictions == labels[:, None]) & own).sum(0).float()
+        step = torch.stack([task_losses * rows, rows, correct], dim=1)  # (tasks, 3)
         for stats in self.task_stats.values():
             stats += step
+        self._step_rows += rows
+        first = ~torch.isfinite(outputs.loss.detach()) & (self._nonfinite_step == 0)
+        self._nonfinite_step = torch.where(first, self.state.global_step + 1, self._nonfinite_step)
+        record = torch.cat([outputs.loss.detach().float().view(1), rows, task_losses])
+        self._nonfinite_record = torch.where(first, record, self._nonfinite_record)
+
+    def _check_finite(self) -> None:
+        """Stop on a non-finite training loss, naming the first step it happened at and the task(s) of that batch.
+
+        Checked at every log (one device->host read) rather than every step, so a run on an accelerator never
+        waits for the loss; the steps between the bad one and the next log are the price.
+        """
+        grad_step = int(self._nonfinite_grad_step)
+        step = int(self._nonfinite_step)
+        if grad_step and not (step and step <= grad_step):
+            record = self._nonfinite_grad_record.tolist()
+            tasks = [name for name, rows in zip(self.task_names, record[1:]) if rows > 0]
+            raise FloatingPointError(
+                f"Non-finite gradient norm ({record[0]}) at step {grad_step} on task(s) {tasks}; noticed at step "
+                f"{self.state.global_step}. Stopping instead of training on garbage: lower --learning_rate, set "
+                f"--max_grad_norm, check the data of that task, or use fp32."
+            )
+        if step == 0:
+            return
+        n = len(self.task_names)
+        record = self._nonfinite_record.tolist()
+        present = [name for name, rows in zip(self.task_names, record[1 : 1 + n]) if rows > 0]
+        per_task = {name: loss for name, rows, loss in zip(self.task_names, record[1 : 1 + n], record[1 + n :]) if rows}
+        raise FloatingPointError(
+            f"Non-finite training loss ({record[0]}) at step {step} on task(s) {present} (per-task: {per_task}); "
+            f"noticed at step {self.state.global_step}. Stopping instead of training on garbage: lower "
+            f"--learning_rate, check the data of that task, or use fp32."
+        )
 
     def pop_task_stats(self, which: str, prefix: str) -> dict[str, float]:
         stats = self.task_stats[which]
@@ -558,6 +606,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         return {n: float(model.config.task_weights.get(n, 1.0)) for n in self.task_names}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._check_finite()
         if "loss" in logs and "eval_loss" not in logs:  # a training log: every rank is here
             logs.update(self.pop_task_stats("interval", "train"))
             logs.update({f"loss_weight_{n}": w for n, w in self.task_loss_weights().items()})

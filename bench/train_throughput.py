@@ -1,0 +1,375 @@
+"""Training throughput: the stock single-task Trainer against our MultiTaskTrainer, measured in one run.
+
+Runs (`--runs`, in the order given; the first `stock` run is the reference of the ratio column):
+  stock     AutoModelForSequenceClassification + transformers.Trainer + DataCollatorWithPadding: random batches
+            padded to their longest row, as run_glue.py does it.
+  ours      MultiTaskTrainer on the sentiment task alone: length-grouped batches, our collator, no per-step
+            device->host sync.
+  two_task  MultiTaskTrainer on sentiment + question (round robin), the recipe of configs/quick.yaml.
+A run can carry modifiers joined by '+': bf16, tf32, compile (torch.compile, mode --compile_mode), nogroup (no
+length grouping), pad<N> (pad lengths to a multiple of N), workers<N> (dataloader workers). --bf16, --tf32 and
+--torch_compile apply to every run, the stock one included.
+
+Everything else is equal: encoder, batch size, the SST-2 rows (their token ids are checked to be identical),
+optimiser (fused AdamW), learning rate, `--warmup_steps` untimed steps then `--steps` timed optimiser steps.
+The clock runs from the end of the last warm-up step to the end of the last step (data loading included), with
+the device synchronised at both ends.
+
+    python bench/train_throughput.py --steps 30 --warmup_steps 5 --out bench/RESULTS.md
+    python bench/train_throughput.py --device cuda --runs stock ours ours+bf16+compile two_task --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import common  # noqa: F401  (puts the repository root on sys.path)
+import torch
+from common import PeakMemory, free_memory, markdown_table, now, report, resolve_device, resolve_encoder, setting
+from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
+
+logger = logging.getLogger("bench")
+BASES = ("stock", "ours", "two_task")
+
+
+@dataclass
+class RunSpec:
+    name: str
+    base: str
+    bf16: bool = False
+    tf32: bool = False
+    compile: bool = False
+    group: bool = True
+    pad_to_multiple_of: int | None = None
+    workers: int = 0
+
+
+def parse_run(name: str, args) -> RunSpec:
+    base, *mods = name.split("+")
+    if base not in BASES:
+        raise ValueError(f"--runs: {name!r} starts with {base!r}; runs are {list(BASES)} plus '+modifiers'.")
+    spec = RunSpec(name, base, bf16=args.bf16, tf32=args.tf32, compile=args.torch_compile, group=base != "stock")
+    spec.pad_to_multiple_of = args.pad_to_multiple_of
+    spec.workers = args.dataloader_num_workers
+    for mod in mods:
+        if mod in ("bf16", "tf32", "compile"):
+            setattr(spec, mod, True)
+        elif mod == "nogroup":
+            spec.group = False
+        elif re.fullmatch(r"pad\d+", mod):
+            spec.pad_to_multiple_of = int(mod[3:])
+        elif re.fullmatch(r"workers\d+", mod):
+            spec.workers = int(mod[7:])
+        else:
+            raise ValueError(
+                f"--runs: unknown modifier {mod!r} in {name!r}; use bf16, tf32, compile, nogroup, pad<N>, workers<N>."
+            )
+    return spec
+
+
+class StepClock(TrainerCallback):
+    """Times optimiser steps warmup+1 .. warmup+steps, synchronising the device at both ends."""
+
+    def __init__(self, warmup: int, steps: int, device: str):
+        self.warmup, self.steps, self.device = warmup, steps, device
+        self.started = self.begin = self.end = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = now()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in (self.warmup, self.warmup + self.steps):
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            if state.global_step == self.warmup:
+                self.begin = now()
+            else:
+                self.end = now()
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.begin
+
+    @property
+    def warmup_seconds(self) -> float:
+        return self.begin - self.started
+
+
+class CountingCollator:
+    """Wraps a collator to count real and padded token positions (main-process loading only)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.real = self.total = 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        mask = batch["attention_mask"]
+        self.real += int(mask.sum())
+        self.total += mask.numel()
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: the same SST-2 rows for every run, tokenized once per kind of run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def data_arguments(args, tasks: list[str], max_eval_samples: int | None):
+    from train import DataArguments
+
+    return DataArguments(
+        data_dir=args.data_dir,
+        tasks=tasks,
+        max_seq_length=args.max_seq_length,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=max_eval_samples,
+        gold_eval=False,
+    )
+
+
+def ours_data(args, tokenizer, tasks: list[str], max_eval_samples: int | None = 64):
+    """Our tokenized data; the eval sets are small by default because throughput runs never evaluate."""
+    import data as mtdata
+
+    data_args = data_arguments(args, tasks, max_eval_samples)
+    return mtdata.build_data(mtdata.get_tasks(tasks), tokenizer, data_args, seed=args.seed)
+
+
+def stock_data(args, tokenizer):
+    """SST-2 train as a run_glue.py user has it: `sentence`/`label`, tokenized by `datasets.map`, no padding."""
+    import datasets
+
+    import data as mtdata
+
+    source = mtdata.SST2_TRAIN
+    ds = mtdata.load_source(source, args.data_dir)
+    # The rows build_data keeps for --max_train_samples (same helper, same seed): identical rows for every run.
+    texts, labels = list(ds[source.text_column]), list(ds[source.label_column])
+    texts, labels = mtdata._subsample(texts, labels, args.max_train_samples, args.seed)
+    ds = datasets.Dataset.from_dict({"sentence": texts, "label": labels})
+
+    def tokenize(batch):
+        return tokenizer(batch["sentence"], truncation=True, max_length=args.max_seq_length)
+
+    return ds.map(tokenize, batched=True, remove_columns=["sentence"])
+
+
+def check_same_rows(stock, ours, what: str = "SST-2 train") -> None:
+    """A comparison means something only if both trainers see the same token ids and labels."""
+    if "task_ids" in ours.column_names:
+        ours = ours.filter(lambda t: t == 0, input_columns="task_ids")  # the sentiment rows
+    same_tokens = list(stock["input_ids"]) == list(ours["input_ids"])
+    if not same_tokens or list(stock["label"]) != list(ours["labels"]):
+        raise RuntimeError(f"stock and ours were built from different {what} rows or tokens; the comparison is void.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def training_arguments(args, spec: RunSpec, device: str, output_dir: str, **overrides) -> TrainingArguments:
+    if "max_steps" not in overrides:
+        overrides["max_steps"] = args.warmup_steps + args.steps
+    settings = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        weight_decay=0.01,
+        optim=args.optim,
+        logging_steps=args.logging_steps,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=args.seed,
+        dataloader_drop_last=True,  # every timed step has exactly batch_size rows
+        dataloader_num_workers=spec.workers,
+        dataloader_pin_memory=device == "cuda",
+        bf16=spec.bf16,
+        # Explicit on GPU: TF32 is process-wide state, and a compiled run would otherwise leave it on for the next.
+        tf32=spec.tf32 if device == "cuda" else None,
+        torch_compile=spec.compile,
+        torch_compile_mode=args.compile_mode if spec.compile else None,
+        use_cpu=device == "cpu",
+    )
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def build_stock(
+    args, spec, device, tokenizer, encoder_path, stock_ds, output_dir, training_args=None, **trainer_kwargs
+):
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer
+
+    set_seed(args.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        encoder_path, num_labels=2, attn_implementation=args.attn_implementation, dtype=torch.float32
+    )
+    collator = CountingCollator(DataCollatorWithPadding(tokenizer, pad_to_multiple_of=spec.pad_to_multiple_of))
+    trainer = Trainer(
+        model=model,
+        args=training_args or training_arguments(args, spec, device, output_dir),
+        train_dataset=stock_ds,
+        data_collator=collator,
+        processing_class=tokenizer,
+        **trainer_kwargs,
+    )
+    return trainer, collator
+
+
+def build_ours(args, spec, device, tokenizer, encoder_path, mt, output_dir, training_args=None, **trainer_kwargs):
+    import data as mtdata
+    from modeling_multitask import MultiTaskModel
+    from train import MultiTaskArguments, MultiTaskTrainer
+
+    set_seed(args.seed)
+    model = MultiTaskModel.from_encoder(
+        encoder_path,
+        tasks=[t.to_config() for t in mt.tasks],
+        attn_implementation=args.attn_implementation,
+        dtype=torch.float32,  # float32 master weights whatever the checkpoint's dtype; --bf16 is autocast
+    )
+    mt_args = MultiTaskArguments(length_grouping=spec.group, pad_to_multiple_of=spec.pad_to_multiple_of)
+    collator = CountingCollator(mtdata.MultiTaskCollator(tokenizer.pad_token_id, spec.pad_to_multiple_of))
+    trainer = MultiTaskTrainer(
+        model=model,
+        args=training_args or training_arguments(args, spec, device, output_dir),
+        train_dataset=mt.train,
+        eval_dataset=trainer_kwargs.pop("eval_dataset", mt.eval_sets),
+        processing_class=tokenizer,
+        data_collator=collator,
+        task_sizes=mt.task_sizes,
+        eval_tasks=mt.eval_tasks,
+        mt_args=mt_args,
+        **trainer_kwargs,
+    )
+    return trainer, collator
+
+
+def run_one(args, spec: RunSpec, device: str, tokenizer, encoder_path, prepared: dict) -> dict:
+    free_memory(device)
+    with tempfile.TemporaryDirectory() as output_dir, PeakMemory(device) as memory:
+        if spec.base == "stock":
+            trainer, collator = build_stock(args, spec, device, tokenizer, encoder_path, prepared["stock"], output_dir)
+        else:
+            trainer, collator = build_ours(args, spec, device, tokenizer, encoder_path, prepared[spec.base], output_dir)
+        clock = StepClock(args.warmup_steps, args.steps, device)
+        trainer.add_callback(clock)
+        trainer.remove_callback(PrinterCallback)  # the table is the output
+        result = trainer.train()
+    del trainer
+    samples = args.steps * args.batch_size
+    return {
+        "run": spec.name,
+        "samples_per_second": samples / clock.seconds,
+        "step_ms": 1000 * clock.seconds / args.steps,
+        "warmup_seconds": clock.warmup_seconds,
+        "padding_share": None if spec.workers else 1 - collator.real / collator.total,
+        "peak_memory_mb": memory.peak_mb,
+        "memory_growth_mb": memory.growth_mb,
+        "memory_kind": memory.kind,
+        "train_loss": result.training_loss,
+        "settings": {k: v for k, v in vars(spec).items() if k != "name"},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.common_arguments(parser)
+    parser.add_argument("--runs", nargs="+", default=["stock", "ours", "two_task"])
+    parser.add_argument("--steps", type=int, default=30, help="Timed optimiser steps per run.")
+    parser.add_argument("--warmup_steps", type=int, default=5, help="Untimed steps first (compilation happens here).")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_train_samples", type=int, default=None, help="SST-2 rows (default: all 67,349).")
+    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--optim", default="adamw_torch_fused")
+    parser.add_argument("--logging_steps", type=int, default=50)
+    parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in every run.")
+    parser.add_argument("--tf32", action="store_true", help="TF32 matmuls in every run (GPU only).")
+    parser.add_argument("--torch_compile", action="store_true", help="torch.compile the model in every run.")
+    parser.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs.")
+    parser.add_argument("--pad_to_multiple_of", type=int, default=None, help="Pad lengths to a multiple of this.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup_steps < 1:
+        raise ValueError("--steps and --warmup_steps must be >= 1 (the clock starts at the end of a warm-up step).")
+
+    common.quiet_libraries()
+    common.apply_threads(args.threads)
+    device = resolve_device(args.device)
+    specs = [parse_run(name, args) for name in args.runs]
+    if device == "cpu" and any(s.tf32 for s in specs):
+        raise ValueError("tf32 is a GPU setting; drop it (and --tf32) on CPU.")
+    encoder_path = resolve_encoder(args.encoder)
+    info = setting(device)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+    prepared = {}
+    bases = {s.base for s in specs}
+    if "stock" in bases:
+        prepared["stock"] = stock_data(args, tokenizer)
+    if "ours" in bases or "stock" in bases:
+        prepared["ours"] = ours_data(args, tokenizer, ["sentiment"])
+    if "two_task" in bases:
+        prepared["two_task"] = ours_data(args, tokenizer, ["sentiment", "question"])
+    if "stock" in prepared:
+        check_same_rows(prepared["stock"], prepared["ours"].train)
+
+    results = []
+    for spec in specs:
+        logger.warning("run %s ...", spec.name)
+        results.append(
+            common.guarded(spec.name, lambda: run_one(args, spec, device, tokenizer, encoder_path, prepared), device)
+        )
+        logger.warning("run %s: %s", spec.name, results[-1].get("samples_per_second", results[-1].get("error")))
+    measured = [r for r in results if "error" not in r]
+    reference = next((r for r in measured if r["run"].split("+")[0] == "stock"), None)
+    for r in measured:
+        r["ratio_vs_stock"] = r["samples_per_second"] / reference["samples_per_second"] if reference else None
+
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([f"`{r['run']}`", f"failed: {r['error']}"] + [None] * 6)
+            continue
+        padding = None if r["padding_share"] is None else f"{100 * r['padding_share']:.0f}%"
+        rows.append(
+            [
+                f"`{r['run']}`",
+                r["samples_per_second"],
+                r["ratio_vs_stock"],
+                r["step_ms"],
+                padding,
+                r["peak_memory_mb"],
+                r["warmup_seconds"],
+                r["train_loss"],
+            ]
+        )
+    mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
+    columns = ["run", "samples/s", "x stock", "ms/step", "padding", mem, "warm-up s", "train loss"]
+    table = markdown_table(columns, rows)
+    result = {"benchmark": "train_throughput", "device": device, "setting": info, "results": results}
+    result["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "note")}
+    notes = [
+        f"batch size {args.batch_size}, {args.steps} timed steps after {args.warmup_steps} warm-up steps, "
+        f"SST-2 rows: {args.max_train_samples or 'all'}, encoder {args.encoder}, attention {args.attn_implementation}",
+        args.note,
+    ]
+    report(f"Training throughput ({device})", table, result, args.out, notes)
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
+    sys.exit(1 if any("error" in r for r in main()["results"]) else 0)

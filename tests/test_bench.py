@@ -1,0 +1,101 @@
+"""The benchmark scripts run end to end on the tiny encoder and report what they claim (not timed: the figures
+themselves are only meaningful on a quiet machine, see notes/issue6.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+
+def bench_json(captured: str) -> dict:
+    lines = [line for line in captured.splitlines() if line.startswith("BENCH_JSON ")]
+    assert len(lines) == 1
+    return json.loads(lines[0].removeprefix("BENCH_JSON "))
+
+
+def test_train_throughput_measures_every_run_on_the_same_rows(tiny_encoder_dir, tiny_data_dir, tmp_path, capsys):
+    import train_throughput
+
+    out = tmp_path / "RESULTS.md"
+    runs = ["stock", "ours", "two_task", "ours+nogroup+pad8"]
+    argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(tiny_data_dir), "--device", "cpu", "--out", str(out)]
+    argv += ["--steps", "2", "--warmup_steps", "1", "--max_train_samples", "128", "--runs", *runs]
+    result = train_throughput.main(argv)
+    by_run = {r["run"]: r for r in result["results"]}
+    assert list(by_run) == runs
+    for r in by_run.values():
+        assert "error" not in r, r
+        assert r["samples_per_second"] > 0 and r["peak_memory_mb"] > 0
+    assert by_run["stock"]["ratio_vs_stock"] == 1.0
+    # Length grouping is what removes the padding of random batches (seeded: the same shares every time).
+    assert by_run["ours"]["padding_share"] < by_run["stock"]["padding_share"] - 0.1
+    assert by_run["ours+nogroup+pad8"]["padding_share"] > by_run["ours"]["padding_share"]
+    assert by_run["ours+nogroup+pad8"]["settings"]["pad_to_multiple_of"] == 8
+    assert bench_json(capsys.readouterr().out)["results"] == json.loads(json.dumps(result["results"]))
+    written = out.read_text()
+    assert "### Training throughput (cpu)" in written and "| `two_task` |" in written
+    assert "command: `python" in written and "torch 2." in written
+
+
+def test_train_throughput_rejects_an_unknown_run(tiny_encoder_dir):
+    import train_throughput
+
+    with pytest.raises(ValueError, match="unknown modifier 'fp8'"):
+        train_throughput.main(["--encoder", str(tiny_encoder_dir), "--runs", "ours+fp8"])
+
+
+def test_time_to_accuracy_stops_at_the_target(tiny_encoder_dir, tiny_data_dir, capsys):
+    import time_to_accuracy
+
+    argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(tiny_data_dir), "--device", "cpu"]
+    argv += ["--max_train_samples", "128", "--max_eval_samples", "32", "--max_steps", "4", "--eval_steps", "2"]
+    reached = time_to_accuracy.main(argv + ["--target", "0.0"])["results"]
+    for r in reached:
+        assert "error" not in r, r
+        assert r["eval_rows"] == 32  # both evaluate on the same --max_eval_samples validation rows
+        assert r["reached"]["step"] == 2 and r["steps_done"] == 2  # stopped at the first evaluation
+        assert r["reached"]["train_seconds"] > 0
+    (never,) = time_to_accuracy.main(argv + ["--runs", "ours", "--target", "1.01", "--until", "end"])["results"]
+    assert never["reached"] is None and never["steps_done"] == 4
+    assert [p["step"] for p in never["history"]] == [2, 4]
+    assert never["final_accuracy"] == never["history"][-1]["accuracy"]
+    assert "| `ours` | not reached in 4 steps |" in capsys.readouterr().out
+
+
+def test_time_to_accuracy_honours_the_time_limit(tiny_encoder_dir, tiny_data_dir, capsys):
+    import time_to_accuracy
+
+    argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(tiny_data_dir), "--device", "cpu", "--runs", "ours"]
+    argv += ["--max_train_samples", "128", "--max_eval_samples", "32", "--max_steps", "4", "--max_minutes", "0"]
+    (r,) = time_to_accuracy.main(argv)["results"]
+    assert r["timed_out"] and r["steps_done"] == 1 and r["reached"] is None
+    assert "not reached in 0 min" in capsys.readouterr().out
+
+
+def test_inference_compares_like_with_like(tiny_encoder_dir, shared_data_dir):
+    import inference
+
+    argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(shared_data_dir), "--device", "cpu"]
+    result = inference.main(argv + ["--max_texts", "40", "--batch_size", "16", "--repeats", "1"])
+    assert [r["run"] for r in result["results"]] == list(inference.RUNS)
+    assert all(r["texts"] == 40 and r["texts_per_second"] > 0 for r in result["results"])
+    assert set(result["ratios"]) == {"embeddings_per_second_ours_vs_st", "time_both_tasks_vs_single_task"}
+    # Same encoder, same pooling: our embeddings are sentence-transformers' ones.
+    assert result["embedding_max_abs_diff_vs_st"] < 1e-5
+
+
+def test_inference_texts_are_sst2_validation_and_trec_test(shared_data_dir):
+    import pandas as pd
+
+    import inference
+
+    texts = inference.load_texts(str(shared_data_dir), None)
+    sst2 = pd.read_parquet(shared_data_dir / "sst2" / "validation.parquet")["sentence"].tolist()
+    trec = pd.read_parquet(shared_data_dir / "trec" / "test.parquet")["text"].tolist()
+    assert texts == sst2 + trec
