@@ -161,6 +161,11 @@ class MultiTaskOutput(ModelOutput):
     task_weights: dict[str, torch.FloatTensor] | None = None
 
 
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 def pool(token_states: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     """Turn `(batch, seq, hidden)` token states into `(batch, hidden)` sentence embeddings, ignoring padding."""
     if mode == "cls":
@@ -290,13 +295,14 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         if labels is not None:
             if task_ids is None:
                 raise ValueError("forward() got labels without task_ids (or task): cannot tell which head they train.")
-            if bool(((task_ids < 0) | (task_ids >= len(self.heads))).any()):
+            # The range check reads the ids on the host; skipped inside torch.compile, where it would break the graph.
+            if not _is_compiling() and bool(((task_ids < 0) | (task_ids >= len(self.heads))).any()):
                 # Rows with an unknown task id would otherwise train no head and vanish from the loss.
                 raise ValueError(
                     f"forward() got task_ids {sorted(set(task_ids.tolist()))}; this model's task ids are "
                     f"0..{len(self.heads) - 1} ({self.config.task_names})."
                 )
-            loss, task_losses, task_weights = self._joint_loss(logits, labels, task_ids)
+            loss, task_losses, task_weights = self._joint_loss(features, logits, labels, task_ids)
 
         if task is not None:
             logits = logits[task]
@@ -377,7 +383,9 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
             self.train(was_training)
         return results
 
-    def _joint_loss(self, logits: dict[str, torch.Tensor], labels: torch.Tensor, task_ids: torch.Tensor):
+    def _joint_loss(
+        self, features: torch.Tensor, logits: dict[str, torch.Tensor], labels: torch.Tensor, task_ids: torch.Tensor
+    ):
         # Masked sums instead of `logits[name][task_ids == index]`: no shape or branch depends on the data, so
         # the loss never waits for the GPU (no device->host sync) and compiles into one graph. Every head stays
         # in the graph (DDP finds no unused parameters); a task without rows in the batch adds exactly 0.
@@ -386,9 +394,11 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         for index, name in enumerate(self.config.task_names):
             rows = task_ids == index  # (batch,)
             count = rows.sum()
-            # Rows of other tasks see constant zero logits (torch.where passes them no gradient) and are ignored by
-            # the loss: a broken (NaN) head cannot turn another task's loss or the encoder's gradients into NaN.
-            head_logits = torch.where(rows[:, None], logits[name].float(), 0.0)  # (batch, num_labels)
+            # The head sees other tasks' rows through detached features, and their logits are replaced by zeros that
+            # the loss ignores: no gradient of those rows reaches the encoder or the head, so a broken (NaN) head
+            # cannot turn another task's loss or the encoder's gradients into NaN (0 @ NaN is NaN).
+            own_features = torch.where(rows[:, None], features, features.detach())  # (batch, hidden)
+            head_logits = torch.where(rows[:, None], self.heads[name](own_features).float(), 0.0)  # (batch, labels)
             # Other tasks' labels may be out of this head's range: ignore_index (-100) hides them.
             per_row = F.cross_entropy(head_logits, labels.masked_fill(~rows, -100), reduction="none")
             task_loss = per_row.sum() / count.clamp(min=1)  # mean over this task's rows; 0 without rows

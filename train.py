@@ -403,6 +403,10 @@ def check_model_setup(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _noticed(step: int, current: int) -> str:
+    return "" if step == current else f"; noticed at step {current}"
+
+
 class _TaskStatsCallback(TrainerCallback):
     """Logs each task's mean training loss and accuracy over every epoch."""
 
@@ -520,7 +524,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         if model.training:
             self._accumulate(outputs, inputs)
             if self._check_every_step:
-                self._check_finite()
+                self._check_finite(current_step=self.state.global_step + 1)
         return (loss, outputs) if return_outputs else loss
 
     def _get_grad_norm(self, model, grad_norm=None):
@@ -534,7 +538,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
             self._nonfinite_grad_step = torch.where(first, self.state.global_step + 1, self._nonfinite_grad_step)
             self._nonfinite_grad_record = torch.where(first, torch.cat([norm, step_rows]), self._nonfinite_grad_record)
             if self._check_every_step:
-                self._check_finite()
+                self._check_finite(current_step=self.state.global_step + 1)
         return grad_norm
 
     @torch.no_grad()
@@ -558,7 +562,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         record = torch.cat([outputs.loss.detach().float().view(1), rows, task_losses])
         self._nonfinite_record = torch.where(first, record, self._nonfinite_record)
 
-    def _check_finite(self) -> None:
+    def _check_finite(self, current_step: int | None = None) -> None:
         """Stop on a non-finite training loss, naming the first step it happened at and the task(s) of that batch.
 
         Checked at every log (one device->host read) rather than every step, so a run on an accelerator never
@@ -566,13 +570,14 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         """
         grad_step = int(self._nonfinite_grad_step)
         step = int(self._nonfinite_step)
+        current = self.state.global_step if current_step is None else current_step
         if grad_step and not (step and step <= grad_step):
             record = self._nonfinite_grad_record.tolist()
             tasks = [name for name, rows in zip(self.task_names, record[1:]) if rows > 0]
             raise FloatingPointError(
-                f"Non-finite gradient norm ({record[0]}) at step {grad_step} on task(s) {tasks}; noticed at step "
-                f"{self.state.global_step}. Stopping instead of training on garbage: lower --learning_rate, set "
-                f"--max_grad_norm, check the data of that task, or use fp32."
+                f"Non-finite gradient norm ({record[0]}) at step {grad_step} on task(s) {tasks}"
+                f"{_noticed(grad_step, current)}. Stopping instead of training on garbage: lower --learning_rate, "
+                f"set --max_grad_norm, check the data of that task, or use fp32."
             )
         if step == 0:
             return
@@ -581,9 +586,9 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         present = [name for name, rows in zip(self.task_names, record[1 : 1 + n]) if rows > 0]
         per_task = {name: loss for name, rows, loss in zip(self.task_names, record[1 : 1 + n], record[1 + n :]) if rows}
         raise FloatingPointError(
-            f"Non-finite training loss ({record[0]}) at step {step} on task(s) {present} (per-task: {per_task}); "
-            f"noticed at step {self.state.global_step}. Stopping instead of training on garbage: lower "
-            f"--learning_rate, check the data of that task, or use fp32."
+            f"Non-finite training loss ({record[0]}) at step {step} on task(s) {present} (per-task: {per_task})"
+            f"{_noticed(step, current)}. Stopping instead of training on garbage: lower --learning_rate, check the "
+            f"data of that task, or use fp32."
         )
 
     def pop_task_stats(self, which: str, prefix: str) -> dict[str, float]:

@@ -98,7 +98,7 @@ def embedding_agreement(runs: dict, texts: list[str]) -> float | None:
     sample = texts[:256]
     # Normalised both sides: a model folder may or may not hold sentence-transformers' Normalize module.
     theirs = torch.nn.functional.normalize(torch.as_tensor(np.asarray(runs["st_encode"](sample))).float(), dim=-1)
-    ours = torch.nn.functional.normalize(torch.stack([r["embedding"] for r in runs["ours_embed"](sample)]), dim=-1)
+    ours = torch.nn.functional.normalize(torch.tensor([r["embedding"] for r in runs["ours_embed"](sample)]), dim=-1)
     return float((ours - theirs).abs().max())
 
 

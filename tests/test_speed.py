@@ -42,17 +42,24 @@ def batch(num_labels=(2, 6), task_ids=(0, 1, 1, 0, 1), seed=0):
     return task_ids, labels
 
 
+def head_inputs(model, rows: int):
+    """Random pooled features (what dropout hands the heads) and every head's logits on them."""
+    features = torch.randn(rows, model.encoder.config.hidden_size, requires_grad=True)
+    return features, {name: head(features) for name, head in model.heads.items()}
+
+
 @pytest.mark.parametrize("task_ids", [(0, 1, 1, 0, 1), (1, 1, 1), (0, 0)])
 def test_joint_loss_matches_boolean_indexed_reference(make_model, task_ids):
     model = make_model(tasks=TASKS_2_6, task_weights={"topic": 0.5})
     names = model.config.task_names
     task_ids, labels = batch(task_ids=task_ids)
-    logits = {n: torch.randn(len(task_ids), t["num_labels"], requires_grad=True) for n, t in zip(names, TASKS_2_6)}
-    loss, task_losses, _ = model._joint_loss(logits, labels, task_ids)
+    features, logits = head_inputs(model, len(task_ids))
+    loss, task_losses, _ = model._joint_loss(features, logits, labels, task_ids)
     expected = reference_loss(logits, labels, task_ids, names, weights={"topic": 0.5})
     torch.testing.assert_close(loss, expected)
-    grads = torch.autograd.grad(loss, list(logits.values()))
-    expected_grads = torch.autograd.grad(expected, list(logits.values()), allow_unused=True)
+    params = [features, *model.heads.parameters()]
+    grads = torch.autograd.grad(loss, params)
+    expected_grads = torch.autograd.grad(expected, params, allow_unused=True)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want)
     for index, name in enumerate(names):
@@ -67,8 +74,8 @@ def test_uncertainty_weighting_ignores_absent_tasks(make_model):
         model.loss_log_vars.copy_(torch.tensor([0.3, -0.2]))
     names = model.config.task_names
     task_ids, labels = batch(task_ids=(0, 0, 0))  # no 'topic' rows
-    logits = {n: torch.randn(3, t["num_labels"]) for n, t in zip(names, TASKS_2_6)}
-    loss, _, weights = model._joint_loss(logits, labels, task_ids)
+    features, logits = head_inputs(model, 3)
+    loss, _, weights = model._joint_loss(features, logits, labels, task_ids)
     expected = reference_loss(logits, labels, task_ids, names, log_vars=model.loss_log_vars)
     torch.testing.assert_close(loss, expected)
     (grad,) = torch.autograd.grad(loss, [model.loss_log_vars])
@@ -208,7 +215,8 @@ def test_training_logs_per_task_metrics_and_stock_filter_is_off(make_trainer):
             assert math.isfinite(entry[f"train_{task}_loss"]) and entry[f"train_{task}_loss"] > 0
 
 
-def test_non_finite_loss_stops_training_naming_step_and_task(make_trainer, make_model):
+@pytest.mark.parametrize("every_step", [True, False], ids=["cpu-every-step", "accelerator-at-log"])
+def test_non_finite_loss_stops_training_naming_step_and_task(make_trainer, make_model, every_step):
     model = make_model()
     forward = model.forward
     calls = {"n": 0}
@@ -222,9 +230,15 @@ def test_non_finite_loss_stops_training_naming_step_and_task(make_trainer, make_
 
     model.forward = poisoned
     trainer = make_trainer(model=model)
-    with pytest.raises(FloatingPointError, match=r"at step 3 on task\(s\) \['sentiment'\].*noticed at step 4"):
-        trainer.train()
-    assert trainer.state.global_step == 4  # stopped at the first log after the bad step, not at max_steps
+    trainer._check_every_step = every_step
+    if every_step:  # on the CPU: stopped inside the bad step, before its update reaches the weights
+        with pytest.raises(FloatingPointError, match=r"at step 3 on task\(s\) \['sentiment'\] \(per-task: [^)]*\)\. Stopping"):
+            trainer.train()
+        assert trainer.state.global_step == 2
+    else:  # on an accelerator: no per-step host read; stopped at the first log after the bad step
+        with pytest.raises(FloatingPointError, match=r"at step 3 on task\(s\) \['sentiment'\].*noticed at step 4"):
+            trainer.train()
+        assert trainer.state.global_step == 4
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,7 +256,7 @@ def test_predict_matches_one_text_at_a_time(make_model, tiny_tokenizer):
         enc = tiny_tokenizer([text], return_tensors="pt")
         with torch.no_grad():
             out = model(enc["input_ids"], enc["attention_mask"])
-        torch.testing.assert_close(result["embedding"], out.embeddings[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(result["embedding"]), out.embeddings[0], atol=1e-5, rtol=1e-5)
         for task in model.config.tasks:
             probs = out.logits[task["name"]][0].softmax(-1)
             assert result[task["name"]]["label"] == task["id2label"][int(probs.argmax())]
@@ -266,9 +280,9 @@ def test_joint_loss_keeps_its_gradient_under_inductor(make_model, tasks):
     # `--torch_compile true` failed at the first backward.
     model = make_model(tasks=tasks)
     task_ids, labels = batch(num_labels=[t["num_labels"] for t in TASKS_2_6], task_ids=(0, 0, 0))
-    logits = {t["name"]: torch.randn(3, t["num_labels"], requires_grad=True) for t in tasks}
+    features, logits = head_inputs(model, 3)
     torch._dynamo.reset()
-    loss, task_losses, weights = torch.compile(model._joint_loss)(logits, labels, task_ids)
+    loss, task_losses, weights = torch.compile(model._joint_loss)(features, logits, labels, task_ids)
     torch._dynamo.reset()
     assert loss.requires_grad and not task_losses["sentiment"].requires_grad
     torch.testing.assert_close(loss, reference_loss(logits, labels, task_ids, model.config.task_names))
