@@ -45,7 +45,7 @@ class Strategy:
 
 
 STRATEGIES = [
-    Strategy("full", "full fine-tuning (round_robin)"),
+    Strategy("full", "full fine-tuning (proportional sampling, as the configs ship)"),
     Strategy(
         "lower_frozen",
         "embeddings + lower half frozen (`layers:0-6/12` = layers 0-2 of 6)",
@@ -58,10 +58,10 @@ STRATEGIES = [
         ["--freeze", "all", "--unfreeze", "heads"],
         True,
     ),
+    Strategy("round_robin", "task sampling round_robin", ["--task_sampling", "round_robin"]),
     Strategy(
-        "round_robin", "task sampling round_robin (= full)", ["--task_sampling", "round_robin"], same_as="full"
+        "proportional", "task sampling proportional (= full)", ["--task_sampling", "proportional"], same_as="full"
     ),
-    Strategy("proportional", "task sampling proportional", ["--task_sampling", "proportional"]),
     Strategy(
         "temperature",
         "task sampling temperature, T=2",
