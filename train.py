@@ -535,8 +535,7 @@ def epoch_table(log_history: list[dict], eval_names: list[str], task_names: list
                 if key in entry:
                     row["train"].setdefault(task, {})[metric] = entry[key]
         for name in eval_names:
-            prefix = f"eval_{name}_"
-            values = {k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix)}
+            values = _own_eval_metrics(entry, name, eval_names)
             values = {k: v for k, v in values.items() if not k.endswith(("runtime", "per_second", "preparation_time"))}
             if values:
                 row["eval"][name] = values
@@ -548,13 +547,20 @@ def epoch_table(log_history: list[dict], eval_names: list[str], task_names: list
 def split_eval_metrics(metrics: dict, eval_names: list[str]) -> dict[str, dict]:
     out = {}
     for name in eval_names:
-        prefix = f"eval_{name}_"
         out[name] = {
-            k[len(prefix) :]: v
-            for k, v in metrics.items()
-            if k.startswith(prefix) and not k.endswith(("runtime", "per_second", "preparation_time"))
+            k: v
+            for k, v in _own_eval_metrics(metrics, name, eval_names).items()
+            if not k.endswith(("runtime", "per_second", "preparation_time"))
         }
     return out
+
+
+def _own_eval_metrics(entry: dict, name: str, eval_names: list[str]) -> dict:
+    """`eval_<name>_<metric>` values of one eval set, without those of sets whose name extends it: the prefix
+    `eval_question_` also matches `eval_question_gold_loss`."""
+    prefix = f"eval_{name}_"
+    longer = tuple(f"eval_{other}_" for other in eval_names if other != name and other.startswith(f"{name}_"))
+    return {k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix) and not k.startswith(longer)}
 
 
 def plot_curves(metrics: dict, output_dir: Path) -> list[str]:
