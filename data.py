@@ -486,6 +486,24 @@ def mine_traps(
     return traps, [0] * len(traps)
 
 
+def declarative_questions(
+    texts: Sequence[str], n: int, label_fn: Callable[[str], int], seed: int, exclude: Sequence[str] = ()
+) -> tuple[list[str], list[int]]:
+    """Up to `n` statements of the sources turned into declarative questions by closing them with `?` instead
+    of `.`/`!` ("so you 're leaving ?"), labelled by the teacher. TREC questions all open with a wh-word, so
+    without these rows the student never sees a question that only its `?` marks."""
+    if n <= 0:
+        return [], []
+    skip = set(exclude)
+    # Closed sentences only: SST-2 also holds phrases ("high-minded snoozer"), which make poor questions.
+    statements = [
+        t for t in texts if t.rstrip().endswith((".", "!")) and "?" not in t and t not in skip and not label_fn(t)
+    ]
+    keep = np.sort(np.random.default_rng(seed).permutation(len(statements))[:n])
+    out = [statements[i].rstrip().rstrip(".!").rstrip() + " ?" for i in keep]
+    return out, [int(label_fn(t)) for t in out]
+
+
 def combine_sentences(
     texts: list[str], labels: list[int], prob: float, seed: int
 ) -> tuple[list[str], list[int]]:
@@ -533,8 +551,8 @@ def build_data(tasks: list[TaskSpec], tokenizer, args, seed: int = 42) -> MultiT
 
     Fields used: data_dir, max_seq_length, max_train_samples, max_eval_samples, question_pool_per_source,
     question_holdout_fraction, question_strip_qmark_prob, question_lowercase_prob, gold_eval; optional (defaults
-    off): question_teacher, question_trap_rows, question_rephrase_rows, question_combine_prob,
-    question_strip_period_prob.
+    off): question_teacher, question_trap_rows, question_rephrase_rows, question_declarative_rows,
+    question_combine_prob, question_strip_period_prob.
     """
     import datasets
 
@@ -574,6 +592,11 @@ def build_data(tasks: list[TaskSpec], tokenizer, args, seed: int = 42) -> MultiT
                 seed,
                 period_prob=getattr(args, "question_strip_period_prob", 0.0),
             )
+            # Added after the noise: removing their `?` would leave statements labelled as questions.
+            declarative = declarative_questions(
+                source_texts, getattr(args, "question_declarative_rows", 0), task.label_fn, seed, exclude=pool_texts
+            )
+            texts, labels = texts + declarative[0], labels + declarative[1]
         texts, labels = _subsample(texts, labels, args.max_train_samples, seed)
         if len(set(labels)) < 2:
             raise ValueError(

@@ -124,6 +124,9 @@ class DataArguments:
         default=0,
         metadata={"help": "Extra rows of dialogue forms (yes/no questions, requests, statements) from TREC how-tos."},
     )
+    question_declarative_rows: int = field(
+        default=0, metadata={"help": "Extra rows of source statements closed with '?' (declarative questions)."}
+    )
     question_combine_prob: float = field(
         default=0.0, metadata={"help": "Share of training rows joined with another row into a two-sentence turn."}
     )
@@ -140,7 +143,7 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive number of rows or null, got {value}.")
-        for name in ("question_trap_rows", "question_rephrase_rows"):
+        for name in ("question_trap_rows", "question_rephrase_rows", "question_declarative_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a number of rows >= 0, got {getattr(self, name)}.")
         for name in (

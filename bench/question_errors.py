@@ -47,11 +47,14 @@ def disagreements(gold: Sequence[int], model: Sequence[int], rule: Sequence[int]
     }
 
 
-def f1_pos(gold: Sequence[int], pred: Sequence[int]) -> float:
+def question_scores(gold: Sequence[int], pred: Sequence[int]) -> str:
+    """'F1 0.862 (P 0.801, R 0.933)' for the question class."""
     gold, pred = np.asarray(gold, dtype=int), np.asarray(pred, dtype=int)
     tp = int(((pred == 1) & (gold == 1)).sum())
-    denominator = int(pred.sum() + gold.sum())
-    return 2 * tp / denominator if denominator else 0.0
+    precision = tp / pred.sum() if pred.sum() else 0.0
+    recall = tp / gold.sum() if gold.sum() else 0.0
+    f1 = 2 * tp / (pred.sum() + gold.sum()) if pred.sum() + gold.sum() else 0.0
+    return f"F1 {f1:.3f} (P {precision:.3f}, R {recall:.3f})"
 
 
 @torch.no_grad()
@@ -74,7 +77,7 @@ def report(name: str, texts, gold, model, rule, rule_name: str, limit: int, seed
     groups = disagreements(gold, model, rule)
     lines = [
         f"== {name} ({VIEWS.get(name, name)}): {len(texts)} rows, {int(np.sum(gold))} gold questions",
-        f"   question-class F1: model {f1_pos(gold, model):.3f}, {rule_name} {f1_pos(gold, rule):.3f}; "
+        f"   question class: model {question_scores(gold, model)}, {rule_name} {question_scores(gold, rule)}; "
         f"they disagree on {sum(len(v) for v in groups.values())} rows",
     ]
     rng = np.random.default_rng(seed)

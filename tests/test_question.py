@@ -182,6 +182,7 @@ def test_build_data_with_dialog_teacher_and_extras(tiny_data_dir, tiny_tokenizer
         ("question_strip_period_prob", -0.1, "question_strip_period_prob must be in"),
         ("question_rephrase_rows", -1, "question_rephrase_rows must be a number of rows >= 0"),
         ("question_trap_rows", -5, "question_trap_rows must be a number of rows >= 0"),
+        ("question_declarative_rows", -2, "question_declarative_rows must be a number of rows >= 0"),
     ],
 )
 def test_data_arguments_reject_bad_augmentation_values(field, value, message):
@@ -257,3 +258,25 @@ def test_eval_set_names_that_extend_another_do_not_leak_into_it():
     }
     flat = {k: v for entry in logs for k, v in entry.items()}
     assert split_eval_metrics(flat, names)["question"] == {"loss": 0.1, "accuracy": 0.9}
+
+
+def test_declarative_questions_are_closed_statements_with_a_question_mark():
+    label_fn = mtdata.question_label_fn("dialog")
+    texts = ["so you 're leaving .", "the film is good !", "high-minded snoozer", "what is it ?", "a fine cast ."]
+    rows, labels = mtdata.declarative_questions(texts, 10, label_fn, seed=0, exclude=["a fine cast ."])
+    assert sorted(rows) == ["so you 're leaving ?", "the film is good ?"]
+    assert labels == [label_fn(t) for t in rows] == [1, 1]
+    assert mtdata.declarative_questions(texts, 1, label_fn, seed=5) == mtdata.declarative_questions(
+        texts, 1, label_fn, seed=5
+    )
+
+
+def test_declarative_rows_keep_their_question_mark_under_noise(tiny_data_dir, tiny_tokenizer):
+    tasks = mtdata.get_tasks(["question"])
+    qmark = tiny_tokenizer.convert_tokens_to_ids("?")
+    args = dict(question_teacher="dialog", question_strip_qmark_prob=0.99)
+    plain = mtdata.build_data(tasks, tiny_tokenizer, _args(tiny_data_dir, **args))
+    more = mtdata.build_data(tasks, tiny_tokenizer, _args(tiny_data_dir, question_declarative_rows=30, **args))
+    assert more.task_sizes[0] == plain.task_sizes[0] + 30
+    with_qmark = [sum(qmark in ids for ids in mt.train["input_ids"]) for mt in (plain, more)]
+    assert with_qmark[1] - with_qmark[0] == 30
