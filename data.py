@@ -419,25 +419,32 @@ def augment_questions(
 
 
 # Sentence forms that TREC's factoid questions lack but dialogue is full of, filled with verb phrases taken
-# from TREC's own how-to questions. The teacher labels each result; the templates carry no label.
+# from TREC's how-to questions and short noun phrases from its what/who-is questions. The teacher labels each
+# result; the templates carry no label.
 REPHRASE_TEMPLATES = {
     "question": (
         "do you {vp} ?", "did you {vp} ?", "have you ever tried to {vp} ?", "are you going to {vp} ?",
         "should we {vp} ?", "is it hard to {vp} ?", "when do you {vp} ?", "why do you want to {vp} ?",
+        "do you have {np} ?", "is {np} included ?", "what about {np} ?", "did you see {np} ?", "where is {np} ?",
+        "have you heard of {np} ?", "is that {np} ?", "can I have {np} ?",
     ),
     "request": (
         "can you {vp} ?", "could you {vp} for me ?", "would you {vp} , please ?", "will you {vp} ?",
         "shall we {vp} ?", "why don't we {vp} ?", "how about we {vp} ?", "may I {vp} ?", "would you like to {vp} ?",
+        "how about {np} ?", "would you like {np} ?", "could you show me {np} ?", "can you get me {np} ?",
+        "may I have {np} ?", "why not {np} ?",
     ),
     "statement": (
         "I want to {vp} .", "we should {vp} .", "let's {vp} .", "you need to {vp} .", "I'd like to {vp} .",
         "I don't know how to {vp} .", "please {vp} .",
+        "I'd like {np} .", "here is {np} .", "that's {np} .", "I have {np} .", "we need {np} .", "{np} , please .",
     ),
 }
 _HOW_TO = re.compile(
     r"^(?:how|where|when|why) (?:do|can|could|should|would) (?:i|you|we|one|people) (?P<vp>[^?]+?) ?\?$",
     re.IGNORECASE,
 )
+_WHAT_IS = re.compile(r"^(?:what|who) (?:is|are|was|were) (?P<np>[^?]+?) ?\?$", re.IGNORECASE)
 
 
 def how_to_verb_phrases(texts: Sequence[str]) -> list[str]:
@@ -446,18 +453,38 @@ def how_to_verb_phrases(texts: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(p for p in phrases if p))
 
 
+def what_is_noun_phrases(texts: Sequence[str], max_words: int = 6) -> list[str]:
+    """'What is the capital of France ?' -> 'the capital of France' (short ones only: dialogue turns are short)."""
+    phrases = (" ".join(m["np"].split()) for t in texts if (m := _WHAT_IS.match(t.strip())))
+    return list(dict.fromkeys(p for p in phrases if p and len(p.split()) <= max_words))
+
+
 def rephrase_questions(
-    verb_phrases: Sequence[str], n: int, label_fn: Callable[[str], int], seed: int
+    verb_phrases: Sequence[str],
+    n: int,
+    label_fn: Callable[[str], int],
+    seed: int,
+    noun_phrases: Sequence[str] = (),
 ) -> tuple[list[str], list[int]]:
-    """`n` sentences from REPHRASE_TEMPLATES (kinds drawn evenly) and verb phrases, each labelled by `label_fn`."""
-    if n <= 0 or not verb_phrases:
+    """`n` sentences from REPHRASE_TEMPLATES (kinds drawn evenly) filled with the given phrases, each labelled by
+    `label_fn`. Templates whose slot has no phrases are skipped."""
+    fillers = {"vp": list(verb_phrases), "np": list(noun_phrases)}
+    usable = {
+        kind: [t for t in templates if fillers["vp" if "{vp}" in t else "np"]]
+        for kind, templates in REPHRASE_TEMPLATES.items()
+    }
+    usable = {kind: templates for kind, templates in usable.items() if templates}
+    if n <= 0 or not usable:
         return [], []
     rng = np.random.default_rng(seed)
-    kinds = list(REPHRASE_TEMPLATES)
+    kinds = list(usable)
     texts = []
     for _ in range(n):
-        templates = REPHRASE_TEMPLATES[kinds[rng.integers(len(kinds))]]
-        text = templates[rng.integers(len(templates))].format(vp=verb_phrases[rng.integers(len(verb_phrases))])
+        templates = usable[kinds[rng.integers(len(kinds))]]
+        template = templates[rng.integers(len(templates))]
+        slot = "vp" if "{vp}" in template else "np"
+        phrase = fillers[slot][rng.integers(len(fillers[slot]))]
+        text = template.format(**{slot: phrase})
         texts.append(text[0].upper() + text[1:])
     return texts, [int(label_fn(t)) for t in texts]
 
@@ -541,8 +568,13 @@ def question_extras(
     """Extra weakly labelled training rows: traps mined from the sources outside the pool, and dialogue forms
     rephrased from TREC how-to questions. Both are labelled by the teacher, never by gold."""
     traps = mine_traps(source_texts, getattr(args, "question_trap_rows", 0), label_fn, seed, exclude=pool)
-    phrases = how_to_verb_phrases(source_texts)
-    rephrased = rephrase_questions(phrases, getattr(args, "question_rephrase_rows", 0), label_fn, seed)
+    rephrased = rephrase_questions(
+        how_to_verb_phrases(source_texts),
+        getattr(args, "question_rephrase_rows", 0),
+        label_fn,
+        seed,
+        noun_phrases=what_is_noun_phrases(source_texts),
+    )
     return traps[0] + rephrased[0], traps[1] + rephrased[1]
 
 

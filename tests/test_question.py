@@ -127,10 +127,19 @@ def test_rephrased_rows_are_labelled_by_the_teacher_and_seeded():
         (t.format(vp=vp)[0].upper() + t.format(vp=vp)[1:])
         for kind in mtdata.REPHRASE_TEMPLATES.values()
         for t in kind
+        if "{vp}" in t  # no noun phrases given: those templates are skipped
         for vp in ("make a paintball", "find a list of books")
     }
     assert set(texts) <= filled
+    with_nouns, _ = rephrase_questions(["make a paintball"], 200, label_fn, seed=0, noun_phrases=["the menu"])
+    assert any("the menu" in t for t in with_nouns) and any("make a paintball" in t for t in with_nouns)
     assert rephrase_questions([], 10, label_fn, seed=0) == ([], [])
+
+
+def test_what_is_noun_phrases():
+    trec = ["What is the capital of France ?", "Who was Galileo ?", "What is the name of the longest river in the "
+            "whole wide world ?", "How far is it ?"]
+    assert mtdata.what_is_noun_phrases(trec) == ["the capital of France", "Galileo"]
 
 
 def test_mined_traps_open_like_questions_but_are_statements():
