@@ -131,6 +131,8 @@ def _clause_kind(words: list[str]) -> str:
     if not words:
         return "other"
     first, second = words[0], (words[1] if len(words) > 1 else "")
+    if first.split("'")[0] in WH_WORDS:  # "what's the problem", "how's it going"
+        first = first.split("'")[0]
     if first in WH_WORDS:
         if second in _EXCLAMATIVE_NEXT or (first == "how" and second in _EXCLAMATIVE_HOW):
             return "other"

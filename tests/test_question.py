@@ -33,6 +33,8 @@ DIALOG_TABLE = [
     ("do n't you like it", True),  # SST-2 / DailyDialog tokenization
     ("ca n't you see it ?", True),
     ("is there a bank near here", True),
+    ("What ’ s the problem", True),  # contracted wh-word, DailyDialog spacing
+    ("how's it going", True),
     ("You did what ?", True),  # declarative question
     ("Can you change some money for me ?", False),  # request
     ("Well , that's too far.Can you change some money for me ?", False),
