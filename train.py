@@ -121,6 +121,29 @@ class DataArguments:
         default=0.0, metadata={"help": "Share of training questions whose '?' is removed (label kept)."}
     )
     question_lowercase_prob: float = field(default=0.0, metadata={"help": "Share of training texts lowercased."})
+    question_teacher: Literal["heuristic", "dialog"] = field(
+        default="heuristic",
+        metadata={
+            "help": "Weak labeller of the question pool: heuristic (data.is_question_heuristic) or dialog "
+            "(data.is_question_dialog: per utterance, requests such as 'can you ...?' are not questions)."
+        },
+    )
+    question_trap_rows: int = field(
+        default=0, metadata={"help": "Extra rows that open like a question but the teacher calls statements."}
+    )
+    question_rephrase_rows: int = field(
+        default=0,
+        metadata={"help": "Extra rows of dialogue forms (yes/no questions, requests, statements) from TREC how-tos."},
+    )
+    question_declarative_rows: int = field(
+        default=0, metadata={"help": "Extra rows of source statements closed with '?' (declarative questions)."}
+    )
+    question_combine_prob: float = field(
+        default=0.0, metadata={"help": "Share of training rows joined with another row into a two-sentence turn."}
+    )
+    question_strip_period_prob: float = field(
+        default=0.0, metadata={"help": "Share of training statements whose closing '.' or '!' is removed."}
+    )
     gold_eval: bool = field(
         default=True, metadata={"help": "Evaluate the question head on DailyDialog gold acts (from --data_dir)."}
     )
@@ -139,7 +162,16 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive number of rows or null, got {value}.")
-        for name in ("question_holdout_fraction", "question_strip_qmark_prob", "question_lowercase_prob"):
+        for name in ("question_trap_rows", "question_rephrase_rows", "question_declarative_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a number of rows >= 0, got {getattr(self, name)}.")
+        for name in (
+            "question_holdout_fraction",
+            "question_strip_qmark_prob",
+            "question_lowercase_prob",
+            "question_combine_prob",
+            "question_strip_period_prob",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}.")
@@ -662,6 +694,7 @@ def heuristic_metrics(texts_by_set: dict[str, list[str]], labels_by_set: dict[st
     rules = {
         "heuristic": mtdata.is_question_heuristic,
         "rule_qmark_or_what_how": mtdata.reference_rule_wh_or_qmark,
+        "dialog_heuristic": mtdata.is_question_dialog,
     }
     out = {}
     for name, texts in texts_by_set.items():

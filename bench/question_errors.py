@@ -1,0 +1,131 @@
+"""Where does the trained question head disagree with a heuristic on the DailyDialog gold set?
+
+    python bench/question_errors.py runs/quick --data_dir ../shared/data
+    python bench/question_errors.py runs/quick --data_dir ../shared/data --rule dialog_heuristic --limit 20
+
+For each gold view (`question_gold`: the text as written; `question_gold_noqm`: every `?` removed) it prints the
+F1 of the question class for the model and the rule, then the rows where the two disagree, in two groups:
+"model right" (the rule is wrong there) and "rule right" (the model is wrong there), each with its count, how
+many of them are gold questions, and a seeded sample of the sentences. Gold labels are only read here, never
+trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data as mtdata  # noqa: E402
+from modeling_multitask import MultiTaskModel  # noqa: E402
+
+RULES: dict[str, Callable[[str], bool]] = {
+    "heuristic": mtdata.is_question_heuristic,
+    "rule_qmark_or_what_how": mtdata.reference_rule_wh_or_qmark,
+    "dialog_heuristic": mtdata.is_question_dialog,
+}
+VIEWS = {"question_gold": "the text as written", "question_gold_noqm": "every '?' removed"}
+
+
+def disagreements(gold: Sequence[int], model: Sequence[int], rule: Sequence[int]) -> dict[str, list[int]]:
+    """Row indices where model and rule disagree, split by who matches gold: {'model_right': [...], 'rule_right':
+    [...]}. With binary labels, a disagreement always has exactly one side right."""
+    gold, model, rule = (np.asarray(x, dtype=int) for x in (gold, model, rule))
+    if not len(gold) == len(model) == len(rule):
+        raise ValueError(f"gold, model and rule predictions differ in length: {len(gold)}, {len(model)}, {len(rule)}.")
+    differ = model != rule
+    return {
+        "model_right": np.flatnonzero(differ & (model == gold)).tolist(),
+        "rule_right": np.flatnonzero(differ & (rule == gold)).tolist(),
+    }
+
+
+def question_scores(gold: Sequence[int], pred: Sequence[int]) -> str:
+    """'F1 0.862 (P 0.801, R 0.933)' for the question class."""
+    gold, pred = np.asarray(gold, dtype=int), np.asarray(pred, dtype=int)
+    tp = int(((pred == 1) & (gold == 1)).sum())
+    precision = tp / pred.sum() if pred.sum() else 0.0
+    recall = tp / gold.sum() if gold.sum() else 0.0
+    f1 = 2 * tp / (pred.sum() + gold.sum()) if pred.sum() + gold.sum() else 0.0
+    return f"F1 {f1:.3f} (P {precision:.3f}, R {recall:.3f})"
+
+
+@torch.no_grad()
+def predict(model: MultiTaskModel, tokenizer, texts: Sequence[str], batch_size: int = 128, max_length: int = 128):
+    """The question head's class per text (argmax), in input order; batches sorted by length to cut padding."""
+    model.eval()
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.zeros(len(texts), dtype=int)
+    for start in range(0, len(texts), batch_size):
+        index = order[start : start + batch_size]
+        batch = tokenizer(
+            [texts[i] for i in index], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task="question").logits
+        out[index] = logits.argmax(-1).numpy()
+    return out
+
+
+def report(name: str, texts, gold, model, rule, rule_name: str, limit: int, seed: int) -> str:
+    groups = disagreements(gold, model, rule)
+    lines = [
+        f"== {name} ({VIEWS.get(name, name)}): {len(texts)} rows, {int(np.sum(gold))} gold questions",
+        f"   question class: model {question_scores(gold, model)}, {rule_name} {question_scores(gold, rule)}; "
+        f"they disagree on {sum(len(v) for v in groups.values())} rows",
+    ]
+    rng = np.random.default_rng(seed)
+    for group, title in (("model_right", "model right"), ("rule_right", f"{rule_name} right")):
+        rows = groups[group]
+        questions = sum(int(gold[i]) for i in rows)
+        lines.append(f"-- {title}: {len(rows)} rows ({questions} gold questions, {len(rows) - questions} not)")
+        shown = sorted(rng.choice(rows, size=min(limit, len(rows)), replace=False).tolist()) if rows else []
+        for i in shown:
+            label = "question" if gold[i] else "not     "
+            lines.append(f"   [gold {label}] {texts[i]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", help="An output folder of train.py (model + tokenizer) with a question head.")
+    parser.add_argument("--data_dir", required=True, help="The data mirror holding dailydialog/validation.*")
+    parser.add_argument("--rule", default="heuristic", choices=sorted(RULES), help="The rule to compare against.")
+    parser.add_argument("--limit", type=int, default=12, help="Sentences shown per group.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the sample of sentences shown.")
+    parser.add_argument("--batch_size", type=int, default=128)
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir} holds no config.json: pass the output folder of a finished train.py run.")
+    model = MultiTaskModel.from_pretrained(model_dir)
+    if "question" not in model.config.task_names:
+        raise ValueError(f"{model_dir}: the model has no 'question' head (tasks {model.config.task_names}).")
+    # The tokenizer is a stock one: no need to run the remote code that config.json names for the model.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    task = mtdata.TASKS["question"]
+    rule_fn = RULES[args.rule]
+    sections = []
+    for eval_source in task.eval:
+        if eval_source.name not in VIEWS:
+            continue
+        texts, gold = mtdata._read_source(eval_source.source, task, args.data_dir)
+        model_pred = predict(model, tokenizer, texts, args.batch_size)
+        rule_pred = [int(rule_fn(t)) for t in texts]
+        sections.append(report(eval_source.name, texts, gold, model_pred, rule_pred, args.rule, args.limit, args.seed))
+    text = "\n\n".join(sections)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""The dialog teacher, the question-pool augmentations and the gold error analysis (bench/question_errors.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+
+import data as mtdata
+from data import (
+    augment_questions,
+    combine_sentences,
+    how_to_verb_phrases,
+    is_question_dialog,
+    mine_traps,
+    rephrase_questions,
+)
+from train import ROOT, DataArguments
+
+# (utterance, is it a question by the dialog teacher): DailyDialog-style acts, where a request or suggestion
+# phrased as a question is a directive.
+DIALOG_TABLE = [
+    ("what is the capital of france ?", True),
+    ("How much would you like to change ?", True),
+    ("Good morning , sir . Is there a bank near here ?", True),  # the question is the second sentence
+    ("What kind of room do you want ? We have single rooms .", True),  # ... or the first
+    ("Good morning , sir . Is there a bank near here", True),  # no '?' at all
+    ("Well , how long is it from here to the station", True),  # discourse word first
+    ("If I buy two , can I get a discount", True),  # a later clause opens the question
+    ("Hey there Chris , what are you up to", True),
+    ("do you like it", True),
+    ("do n't you like it", True),  # SST-2 / DailyDialog tokenization
+    ("ca n't you see it ?", True),
+    ("is there a bank near here", True),
+    ("What ’ s the problem", True),  # contracted wh-word, DailyDialog spacing
+    ("how's it going", True),
+    ("You did what ?", True),  # declarative question
+    ("Can you change some money for me ?", False),  # request
+    ("Well , that's too far.Can you change some money for me ?", False),
+    ("could you pass the salt", False),
+    ("Would you like some tea ?", False),  # offer
+    ("How about this afternoon ?", False),  # suggestion
+    ("Why don ’ t we meet at 1 ?", False),
+    ("Shall we dance ?", False),
+    ("May I see your ID , please ?", False),
+    ("Do you mind if I sit down ?", False),
+    ("Don't worry .", False),
+    ("don't worry", False),  # imperative: no subject after the auxiliary
+    ("is pretty damned funny", False),  # SST-2 fragment
+    ("Have a pleasant stay", False),
+    ("what a film !", False),
+    ("how nice of you", False),
+    ("when the credits roll , you will weep .", False),
+    ("I wonder why", False),
+    ("a gorgeous , witty , seductive movie .", False),
+    ("", False),
+    ("   ", False),
+]
+
+
+@pytest.mark.parametrize("utterance, expected", DIALOG_TABLE)
+def test_dialog_teacher_table(utterance, expected):
+    assert is_question_dialog(utterance) is expected
+
+
+def test_dialog_table_is_balanced():
+    assert sum(e for _, e in DIALOG_TABLE) >= 10 and sum(not e for _, e in DIALOG_TABLE) >= 10
+
+
+def test_question_label_fn_rejects_unknown_teacher():
+    assert mtdata.question_label_fn("dialog")("Shall we dance ?") == 0
+    assert mtdata.question_label_fn("heuristic")("Shall we dance ?") == 1
+    with pytest.raises(ValueError, match="Unknown question_teacher 'oracle'; choose from"):
+        mtdata.question_label_fn("oracle")
+
+
+# ---- augmentations: deterministic with a seed, labels kept from the original text ----
+
+POOL = ["a fine film .", "what is a film ?", "great fun !", "is it good ?", "the cast is strong .", "who wrote it ?"]
+POOL_LABELS = [0, 1, 0, 1, 0, 1]
+
+
+def test_combine_sentences_is_seeded_and_labels_are_the_max_of_the_parts():
+    texts, labels = combine_sentences(POOL, POOL_LABELS, prob=1.0, seed=3)
+    assert (texts, labels) == combine_sentences(POOL, POOL_LABELS, prob=1.0, seed=3)
+    assert texts != combine_sentences(POOL, POOL_LABELS, prob=1.0, seed=4)[0]
+    original = dict(zip(POOL, POOL_LABELS))
+    for i, (text, label) in enumerate(zip(texts, labels)):
+        parts = [p for p in POOL if p in text]
+        assert POOL[i] in parts and len(parts) == 2, text
+        assert label == max(original[p] for p in parts)
+    assert combine_sentences(POOL, POOL_LABELS, prob=0.0, seed=3) == (POOL, POOL_LABELS)
+
+
+def test_combine_sentences_closes_an_unpunctuated_first_part():
+    texts, labels = combine_sentences(["so good", "is it on tonight ?"], [0, 1], prob=1.0, seed=0)
+    assert set(texts) <= {"so good . is it on tonight ?", "is it on tonight ? so good"}
+    assert labels == [1, 1]
+
+
+def test_strip_period_touches_only_statements_and_is_seeded():
+    texts = augment_questions(POOL, POOL_LABELS, strip_prob=0.0, lower_prob=0.0, seed=0, period_prob=1.0)
+    assert texts == ["a fine film", "what is a film ?", "great fun", "is it good ?", "the cast is strong", "who wrote it ?"]
+    half = augment_questions(POOL * 20, POOL_LABELS * 20, 0.0, 0.0, seed=1, period_prob=0.5)
+    assert half == augment_questions(POOL * 20, POOL_LABELS * 20, 0.0, 0.0, seed=1, period_prob=0.5)
+    stripped = sum(not t.endswith((".", "!")) for t, y in zip(half, POOL_LABELS * 20) if y == 0)
+    assert 10 < stripped < 50  # about half of the 60 statements
+
+
+def test_strip_period_off_leaves_the_existing_noise_unchanged():
+    before = augment_questions(POOL * 5, POOL_LABELS * 5, strip_prob=0.5, lower_prob=0.3, seed=7)
+    assert before == augment_questions(POOL * 5, POOL_LABELS * 5, 0.5, 0.3, seed=7, period_prob=0.0)
+
+
+def test_how_to_verb_phrases():
+    trec = ["How can I find a list of  books ?", "How do you make a paintball ?", "What is a film ?",
+            "How can I find a list of books ?"]
+    assert how_to_verb_phrases(trec) == ["find a list of books", "make a paintball"]
+
+
+def test_rephrased_rows_are_labelled_by_the_teacher_and_seeded():
+    label_fn = mtdata.question_label_fn("dialog")
+    texts, labels = rephrase_questions(["make a paintball", "find a list of books"], 60, label_fn, seed=0)
+    assert (texts, labels) == rephrase_questions(["make a paintball", "find a list of books"], 60, label_fn, seed=0)
+    assert len(texts) == 60 and labels == [label_fn(t) for t in texts]
+    assert 0 < sum(labels) < 60  # questions and non-questions from the same verb phrases
+    filled = {
+        (t.format(vp=vp)[0].upper() + t.format(vp=vp)[1:])
+        for kind in mtdata.REPHRASE_TEMPLATES.values()
+        for t in kind
+        if "{vp}" in t  # no noun phrases given: those templates are skipped
+        for vp in ("make a paintball", "find a list of books")
+    }
+    assert set(texts) <= filled
+    with_nouns, _ = rephrase_questions(["make a paintball"], 200, label_fn, seed=0, noun_phrases=["the menu"])
+    assert any("the menu" in t for t in with_nouns) and any("make a paintball" in t for t in with_nouns)
+    assert rephrase_questions([], 10, label_fn, seed=0) == ([], [])
+
+
+def test_what_is_noun_phrases():
+    trec = ["What is the capital of France ?", "Who was Galileo ?", "What is the name of the longest river in the "
+            "whole wide world ?", "How far is it ?"]
+    assert mtdata.what_is_noun_phrases(trec) == ["the capital of France", "Galileo"]
+
+
+def test_mined_traps_open_like_questions_but_are_statements():
+    label_fn = mtdata.question_label_fn("dialog")
+    texts = ["what a film !", "is worth your time", "is it worth your time", "when it ends , you sigh .",
+             "a fine film .", "what is it ?", "how clever"]
+    traps, labels = mine_traps(texts, 10, label_fn, seed=0, exclude=["how clever"])
+    assert sorted(traps) == ["is worth your time", "what a film !", "when it ends , you sigh ."]
+    assert labels == [0, 0, 0]
+    two, _ = mine_traps(texts, 2, label_fn, seed=0)
+    assert len(two) == 2 and two == mine_traps(texts, 2, label_fn, seed=0)[0]
+    assert any(t.startswith("is") for t in two)  # one of each opening kind when both exist
+
+
+# ---- build_data and the arguments ----
+
+
+def _args(data_dir, **overrides):
+    values = dict(
+        data_dir=str(data_dir), max_seq_length=32, max_train_samples=None, max_eval_samples=None,
+        question_pool_per_source=100, question_holdout_fraction=0.2, question_strip_qmark_prob=0.0,
+        question_lowercase_prob=0.0, gold_eval=True,
+    )
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def test_build_data_with_dialog_teacher_and_extras(tiny_data_dir, tiny_tokenizer):
+    tasks = mtdata.get_tasks(["question"])
+    plain = mtdata.build_data(tasks, tiny_tokenizer, _args(tiny_data_dir, question_teacher="dialog"))
+    held = plain.eval_texts["question"]
+    assert plain.eval_sets["question"]["labels"] == [int(is_question_dialog(t)) for t in held]
+    extra = mtdata.build_data(
+        tasks,
+        tiny_tokenizer,
+        _args(tiny_data_dir, question_teacher="dialog", question_rephrase_rows=40, question_trap_rows=10),
+    )
+    # 40 rephrased rows plus up to 10 mined traps (the tiny SST-2 slice holds some), training rows only: the
+    # held-out split and the gold sets are the same as without them.
+    assert 40 < extra.task_sizes[0] - plain.task_sizes[0] <= 50
+    assert extra.eval_texts["question"] == held
+    assert extra.eval_sets["question_gold"]["labels"] == plain.eval_sets["question_gold"]["labels"]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("question_combine_prob", 1.0, "question_combine_prob must be in"),
+        ("question_strip_period_prob", -0.1, "question_strip_period_prob must be in"),
+        ("question_rephrase_rows", -1, "question_rephrase_rows must be a number of rows >= 0"),
+        ("question_trap_rows", -5, "question_trap_rows must be a number of rows >= 0"),
+        ("question_declarative_rows", -2, "question_declarative_rows must be a number of rows >= 0"),
+    ],
+)
+def test_data_arguments_reject_bad_augmentation_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        DataArguments(**{field: value})
+
+
+# ---- error analysis ----
+
+
+def _load_errors_module():
+    spec = importlib.util.spec_from_file_location("question_errors", ROOT / "bench" / "question_errors.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_disagreement_groups():
+    errors = _load_errors_module()
+    gold = [1, 1, 0, 0, 1, 0]
+    model = [1, 0, 0, 1, 1, 0]
+    rule = [0, 1, 1, 1, 1, 0]
+    assert errors.disagreements(gold, model, rule) == {"model_right": [0, 2], "rule_right": [1]}
+    with pytest.raises(ValueError, match="differ in length: 2, 1, 1"):
+        errors.disagreements([1, 0], [1], [0])
+
+
+def test_error_report_on_a_tiny_model(make_model, tiny_tokenizer, tiny_data_dir, tmp_path, capsys):
+    errors = _load_errors_module()
+    model = make_model()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    text = errors.main([str(tmp_path), "--data_dir", str(tiny_data_dir), "--limit", "3"])
+    assert capsys.readouterr().out.strip() == text.strip()
+
+    # The printed counts are those of the grouping applied to the model's and the rule's own predictions.
+    task = mtdata.TASKS["question"]
+    for eval_source in task.eval:
+        texts, gold = mtdata._read_source(eval_source.source, task, str(tiny_data_dir))
+        predicted = errors.predict(model, tiny_tokenizer, texts)
+        groups = errors.disagreements(gold, predicted, [int(mtdata.is_question_heuristic(t)) for t in texts])
+        section = text.split(f"== {eval_source.name} ")[1].split("\n\n")[0]
+        assert f"{len(texts)} rows, {sum(gold)} gold questions" in section
+        assert f"-- model right: {len(groups['model_right'])} rows" in section
+        assert f"-- heuristic right: {len(groups['rule_right'])} rows" in section
+        shown = [line for line in section.splitlines() if line.startswith("   [gold")]
+        assert len(shown) == min(3, len(groups["model_right"])) + min(3, len(groups["rule_right"]))
+    assert "(every '?' removed)" in text
+
+
+def test_error_report_rejects_a_folder_without_model(tmp_path, tiny_data_dir):
+    errors = _load_errors_module()
+    with pytest.raises(ValueError, match="holds no config.json"):
+        errors.main([str(tmp_path), "--data_dir", str(tiny_data_dir)])
+
+
+def test_eval_set_names_that_extend_another_do_not_leak_into_it():
+    # 'question' is a prefix of 'question_gold': each set keeps only its own metrics (a run with gold eval used
+    # to crash in plot_curves on the 'question' row holding only 'gold_*' keys).
+    from train import epoch_table, split_eval_metrics
+
+    names = ["question", "question_gold", "question_gold_noqm"]
+    logs = [
+        {"eval_question_loss": 0.1, "eval_question_accuracy": 0.9, "epoch": 1.0},
+        {"eval_question_gold_loss": 0.5, "eval_question_gold_accuracy": 0.8, "epoch": 1.0},
+        {"eval_question_gold_noqm_loss": 0.7, "eval_question_gold_noqm_accuracy": 0.7, "epoch": 1.0},
+    ]
+    row = epoch_table(logs, names, ["question"])[0]
+    assert row["eval"] == {
+        "question": {"loss": 0.1, "accuracy": 0.9},
+        "question_gold": {"loss": 0.5, "accuracy": 0.8},
+        "question_gold_noqm": {"loss": 0.7, "accuracy": 0.7},
+    }
+    flat = {k: v for entry in logs for k, v in entry.items()}
+    assert split_eval_metrics(flat, names)["question"] == {"loss": 0.1, "accuracy": 0.9}
+
+
+def test_declarative_questions_are_closed_statements_with_a_question_mark():
+    label_fn = mtdata.question_label_fn("dialog")
+    texts = ["so you 're leaving .", "the film is good !", "high-minded snoozer", "what is it ?", "a fine cast ."]
+    rows, labels = mtdata.declarative_questions(texts, 10, label_fn, seed=0, exclude=["a fine cast ."])
+    assert sorted(rows) == ["so you 're leaving ?", "the film is good ?"]
+    assert labels == [label_fn(t) for t in rows] == [1, 1]
+    assert mtdata.declarative_questions(texts, 1, label_fn, seed=5) == mtdata.declarative_questions(
+        texts, 1, label_fn, seed=5
+    )
+
+
+def test_declarative_rows_keep_their_question_mark_under_noise(tiny_data_dir, tiny_tokenizer):
+    tasks = mtdata.get_tasks(["question"])
+    qmark = tiny_tokenizer.convert_tokens_to_ids("?")
+    args = dict(question_teacher="dialog", question_strip_qmark_prob=0.99)
+    plain = mtdata.build_data(tasks, tiny_tokenizer, _args(tiny_data_dir, **args))
+    more = mtdata.build_data(tasks, tiny_tokenizer, _args(tiny_data_dir, question_declarative_rows=30, **args))
+    assert more.task_sizes[0] == plain.task_sizes[0] + 30
+    with_qmark = [sum(qmark in ids for ids in mt.train["input_ids"]) for mt in (plain, more)]
+    assert with_qmark[1] - with_qmark[0] == 30
