@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import math
@@ -672,10 +673,16 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         return loss, (None if prediction_loss_only else logits.detach()), labels
 
 
-def build_compute_metrics():
+@functools.cache
+def classification_metric():
+    """The local evaluate module (metrics/classification), loaded once per process: offline, no Hub lookup."""
     import evaluate
 
-    metric = evaluate.load(str(ROOT / "metrics" / "classification"))
+    return evaluate.load(str(ROOT / "metrics" / "classification"))
+
+
+def build_compute_metrics():
+    metric = classification_metric()
 
     def compute_metrics(prediction) -> dict[str, float]:
         logits, labels = torch.as_tensor(prediction.predictions).float(), torch.as_tensor(prediction.label_ids)
@@ -688,9 +695,7 @@ def build_compute_metrics():
 
 def heuristic_metrics(texts_by_set: dict[str, list[str]], labels_by_set: dict[str, list[int]]) -> dict:
     """Metrics of the question heuristics themselves on each question eval set (the teacher beside the student)."""
-    import evaluate
-
-    metric = evaluate.load(str(ROOT / "metrics" / "classification"))
+    metric = classification_metric()
     rules = {
         "heuristic": mtdata.is_question_heuristic,
         "rule_qmark_or_what_how": mtdata.reference_rule_wh_or_qmark,
