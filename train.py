@@ -388,6 +388,13 @@ def apply_freezing(model: MultiTaskModel, freeze: list[str], unfreeze: list[str]
     return trainable, total
 
 
+# Model types whose position ids count from pad_token_id + 1 (transformers' create_position_ids_from_input_ids).
+POSITIONS_AFTER_PADDING_IDX = frozenset(
+    {"roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer",
+     "xmod", "mpnet"}
+)  # fmt: skip
+
+
 def check_model_setup(
     encoder_path: str,
     task_configs: list[dict],
@@ -410,10 +417,16 @@ def check_model_setup(
             f"unless it is cached; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r})."
         ) from err
     max_positions = getattr(encoder_config, "max_position_embeddings", None)
-    if max_positions and data_args.max_seq_length > max_positions:
+    usable = max_positions
+    if max_positions and encoder_config.model_type in POSITIONS_AFTER_PADDING_IDX:
+        # RoBERTa-style position ids start after the padding index: 514 embeddings hold 512 tokens.
+        usable = max_positions - (encoder_config.pad_token_id or 0) - 1
+    if usable and data_args.max_seq_length > usable:
+        offset = "" if usable == max_positions else f" minus {max_positions - usable} positions its model type skips"
         raise ValueError(
-            f"max_seq_length={data_args.max_seq_length} exceeds the encoder's max_position_embeddings="
-            f"{max_positions} ({model_args.encoder}); set --max_seq_length {max_positions} or less."
+            f"max_seq_length={data_args.max_seq_length} exceeds the {usable} tokens the encoder can place "
+            f"(max_position_embeddings={max_positions}{offset}; {model_args.encoder}); set --max_seq_length "
+            f"{usable} or less."
         )
     encoder = encoder_config.to_dict()
     for key in ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
@@ -488,6 +501,10 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         # On the CPU reading them costs nothing, so check every step and stop before the bad update reaches the
         # weights; on an accelerator check at each log (one read) so no step waits for the GPU.
         self._check_every_step = device.type == "cpu"
+        self._non_embedding_parameters: int | None = None  # for floating_point_ops, counted once
+        # With several processes every rank must stop at the same point, or the others wait in the next collective
+        # until it times out: the records of all ranks are gathered and every rank raises the same error.
+        self._all_ranks = self.accelerator.num_processes > 1
         if self.args.logging_nan_inf_filter:
             # The stock filter would quietly replace a non-finite loss by the running mean, and reads the loss
             # on the host every step; _check_finite stops the run instead.
@@ -556,9 +573,19 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         loss = outputs.loss
         if model.training:
             self._accumulate(outputs, inputs)
-            if self._check_every_step:
+            if self._check_every_step and not self._all_ranks:
+                # Several processes: the check waits for _get_grad_norm, which every rank reaches at each optimizer
+                # step (a non-finite loss makes the averaged gradients non-finite on every rank).
                 self._check_finite(current_step=self.state.global_step + 1)
         return (loss, outputs) if return_outputs else loss
+
+    def floating_point_ops(self, inputs) -> int:
+        # The stock version walks every module and parameter each step (num_parameters) to count the same number.
+        if self._non_embedding_parameters is None:
+            self._non_embedding_parameters = self.accelerator.unwrap_model(self.model).num_parameters(
+                exclude_embeddings=True
+            )
+        return 6 * inputs["input_ids"].numel() * self._non_embedding_parameters
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
@@ -572,6 +599,8 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
             self._nonfinite_grad_record = torch.where(first, torch.cat([norm, step_rows]), self._nonfinite_grad_record)
             if self._check_every_step:
                 self._check_finite(current_step=self.state.global_step + 1)
+        elif self._check_every_step and self._all_ranks:
+            self._check_finite(current_step=self.state.global_step + 1)
         return grad_norm
 
     @torch.no_grad()
@@ -599,29 +628,47 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         """Stop on a non-finite training loss, naming the first step it happened at and the task(s) of that batch.
 
         Checked at every log (one device->host read) rather than every step, so a run on an accelerator never
-        waits for the loss; the steps between the bad one and the next log are the price.
+        waits for the loss; the steps between the bad one and the next log are the price. With several processes
+        this is a collective (every rank calls it at the same point): all ranks raise the same error together.
         """
-        grad_step = int(self._nonfinite_grad_step)
-        step = int(self._nonfinite_step)
+        n = len(self.task_names)
+        mine = torch.cat(
+            [
+                torch.stack([self._nonfinite_step, self._nonfinite_grad_step]).double(),
+                self._nonfinite_record.double(),
+                self._nonfinite_grad_record.double(),
+            ]
+        )
+        if self._all_ranks:
+            ranks = self.accelerator.gather(mine.view(1, -1).to(self.accelerator.device)).cpu().view(-1, mine.numel())
+        else:
+            ranks = mine.view(1, -1).cpu()
+        if not ranks[:, :2].any():
+            return
         current = self.state.global_step if current_step is None else current_step
-        if grad_step and not (step and step <= grad_step):
-            record = self._nonfinite_grad_record.tolist()
+        # The earliest event over the ranks; at equal steps a non-finite loss explains a non-finite gradient.
+        events = []
+        for rank, row in enumerate(ranks.tolist()):
+            step, grad_step = int(row[0]), int(row[1])
+            if step:
+                events.append((step, 0, rank, row[2 : 3 + 2 * n]))
+            if grad_step:
+                events.append((grad_step, 1, rank, row[3 + 2 * n :]))
+        step, kind, rank, record = min(events, key=lambda event: event[:3])
+        where = f" in process {rank} of {len(ranks)}" if self._all_ranks else ""
+        if kind == 1:
             tasks = [name for name, rows in zip(self.task_names, record[1:]) if rows > 0]
             raise FloatingPointError(
-                f"Non-finite gradient norm ({record[0]}) at step {grad_step} on task(s) {tasks}"
-                f"{_noticed(grad_step, current)}. Stopping instead of training on garbage: lower --learning_rate, "
+                f"Non-finite gradient norm ({record[0]}) at step {step} on task(s) {tasks}{where}"
+                f"{_noticed(step, current)}. Stopping instead of training on garbage: lower --learning_rate, "
                 f"set --max_grad_norm, check the data of that task, or use fp32."
             )
-        if step == 0:
-            return
-        n = len(self.task_names)
-        record = self._nonfinite_record.tolist()
         present = [name for name, rows in zip(self.task_names, record[1 : 1 + n]) if rows > 0]
         per_task = {name: loss for name, rows, loss in zip(self.task_names, record[1 : 1 + n], record[1 + n :]) if rows}
         raise FloatingPointError(
             f"Non-finite training loss ({record[0]}) at step {step} on task(s) {present} (per-task: {per_task})"
-            f"{_noticed(step, current)}. Stopping instead of training on garbage: lower --learning_rate, check the "
-            f"data of that task, or use fp32."
+            f"{where}{_noticed(step, current)}. Stopping instead of training on garbage: lower --learning_rate, "
+            f"check the data of that task, or use fp32."
         )
 
     def pop_task_stats(self, which: str, prefix: str) -> dict[str, float]:

@@ -6,6 +6,8 @@ Runs (`--runs`, in the order given; the first `stock` run is the reference of th
   ours      MultiTaskTrainer on the sentiment task alone: length-grouped batches, our collator, no per-step
             device->host sync.
   two_task  MultiTaskTrainer on sentiment + question (round robin), the recipe of configs/quick.yaml.
+  bare      our model, sampler and collator in a plain PyTorch loop (forward, backward, clip, fused AdamW, linear
+            schedule): no Trainer. `ours` minus `bare` is what the Trainer loop costs per step.
 A run can carry modifiers joined by '+': bf16, tf32, compile (torch.compile, mode --compile_mode), nogroup (no
 length grouping), pad<N> (pad lengths to a multiple of N), workers<N> (dataloader workers). --bf16, --tf32 and
 --torch_compile apply to every run, the stock one included.
@@ -17,6 +19,10 @@ the device synchronised at both ends.
 
     python bench/train_throughput.py --steps 30 --warmup_steps 5 --out bench/RESULTS.md
     python bench/train_throughput.py --device cuda --runs stock ours ours+bf16+compile two_task --steps 300
+
+`--overhead_probe` swaps the encoder for a random one of the same structure (same layers, same operators per
+step) but 8 wide with one attention head: the arithmetic all but vanishes and each step costs its host work, Python and operator dispatch. That is
+the regime of a GPU at batch size 32 (launch-bound), measurable on a CPU. Its accuracy means nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 logger = logging.getLogger("bench")
-BASES = ("stock", "ours", "two_task")
+BASES = ("stock", "ours", "two_task", "bare")
 
 
 @dataclass
@@ -161,6 +167,22 @@ def stock_data(args, tokenizer):
     return ds.map(tokenize, batched=True, remove_columns=["sentence"])
 
 
+def overhead_probe_encoder(encoder_path: str, folder: str) -> str:
+    """The encoder's config and tokenizer, 8 wide with one attention head (intermediate 4x), random weights.
+
+    The operator count per step does not depend on the widths or the head count, so what is left is host work.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(encoder_path)
+    config.num_attention_heads, config.hidden_size = 1, 8
+    config.intermediate_size = 4 * config.hidden_size
+    set_seed(0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(encoder_path).save_pretrained(folder)
+    return folder
+
+
 def check_same_rows(stock, ours, what: str = "SST-2 train") -> None:
     """A comparison means something only if both trainers see the same token ids and labels."""
     if "task_ids" in ours.column_names:
@@ -253,8 +275,87 @@ def build_ours(args, spec, device, tokenizer, encoder_path, mt, output_dir, trai
     return trainer, collator
 
 
+class BareClock:
+    """StepClock's contract for the plain loop: synchronised timestamps after warm-up and after the last step."""
+
+    def __init__(self, warmup: int, steps: int, device: str):
+        self.warmup, self.steps, self.device = warmup, steps, device
+        self.started = now()
+        self.begin = self.end = None
+
+    def step_end(self, step: int) -> None:
+        if step in (self.warmup, self.warmup + self.steps):
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            if step == self.warmup:
+                self.begin = now()
+            else:
+                self.end = now()
+
+    seconds = StepClock.seconds
+    warmup_seconds = StepClock.warmup_seconds
+
+
+def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> tuple[BareClock, CountingCollator, float]:
+    """The floor under `ours`: the same model, batches and update rule, in the shortest loop that does them."""
+    import data as mtdata
+    from modeling_multitask import MultiTaskModel
+    from torch.utils.data import DataLoader
+
+    set_seed(args.seed)
+    model = MultiTaskModel.from_encoder(
+        encoder_path,
+        tasks=[t.to_config() for t in mt.tasks],
+        attn_implementation=args.attn_implementation,
+        dtype=torch.float32,
+    ).to(device)
+    model.train()
+    sampler = mtdata.MultiTaskBatchSampler(
+        mt.task_sizes, batch_size=args.batch_size, strategy="round_robin", seed=args.seed,
+        lengths=mt.train["length"] if spec.group else None, drop_last=True,
+    )  # fmt: skip
+    collator = CountingCollator(mtdata.MultiTaskCollator(tokenizer.pad_token_id, spec.pad_to_multiple_of))
+    loader = DataLoader(mt.train, batch_sampler=sampler, collate_fn=collator, num_workers=spec.workers,
+                        pin_memory=device == "cuda")  # fmt: skip
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate, fused="fused" in args.optim,
+    )  # fmt: skip
+    total = args.warmup_steps + args.steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (total - step) / total))
+    forward = torch.compile(model, mode=args.compile_mode) if spec.compile else model
+    if spec.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    clock = BareClock(args.warmup_steps, args.steps, device)
+    step, losses = 0, []
+    while step < total:
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=spec.bf16):
+                loss = forward(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            step += 1
+            clock.step_end(step)
+            if step == total:
+                break
+    if spec.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    return clock, collator, float(torch.stack(losses).mean())
+
+
 def run_one(args, spec: RunSpec, device: str, tokenizer, encoder_path, prepared: dict) -> dict:
     free_memory(device)
+    if spec.base == "bare":
+        with PeakMemory(device) as memory:
+            clock, collator, train_loss = run_bare(args, spec, device, encoder_path, prepared["ours"], tokenizer)
+        return result_row(args, spec, clock, collator, memory, train_loss)
     with tempfile.TemporaryDirectory() as output_dir, PeakMemory(device) as memory:
         if spec.base == "stock":
             trainer, collator = build_stock(args, spec, device, tokenizer, encoder_path, prepared["stock"], output_dir)
@@ -265,6 +366,10 @@ def run_one(args, spec: RunSpec, device: str, tokenizer, encoder_path, prepared:
         trainer.remove_callback(PrinterCallback)  # the table is the output
         result = trainer.train()
     del trainer
+    return result_row(args, spec, clock, collator, memory, result.training_loss)
+
+
+def result_row(args, spec: RunSpec, clock, collator, memory, train_loss: float) -> dict:
     samples = args.steps * args.batch_size
     return {
         "run": spec.name,
@@ -275,7 +380,7 @@ def run_one(args, spec: RunSpec, device: str, tokenizer, encoder_path, prepared:
         "peak_memory_mb": memory.peak_mb,
         "memory_growth_mb": memory.growth_mb,
         "memory_kind": memory.kind,
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
         "settings": {k: v for k, v in vars(spec).items() if k != "name"},
     }
 
@@ -299,6 +404,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs.")
     parser.add_argument("--pad_to_multiple_of", type=int, default=None, help="Pad lengths to a multiple of this.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument(
+        "--overhead_probe", action="store_true", help="Random 8-wide encoder of the same structure (see above)."
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup_steps < 1:
         raise ValueError("--steps and --warmup_steps must be >= 1 (the clock starts at the end of a warm-up step).")
@@ -310,6 +418,10 @@ def main(argv: list[str] | None = None) -> dict:
     if device == "cpu" and any(s.tf32 for s in specs):
         raise ValueError("tf32 is a GPU setting; drop it (and --tf32) on CPU.")
     encoder_path = resolve_encoder(args.encoder)
+    probe_dir = None
+    if args.overhead_probe:
+        probe_dir = tempfile.TemporaryDirectory()
+        encoder_path = overhead_probe_encoder(encoder_path, probe_dir.name)
     info = setting(device)
 
     from transformers import AutoTokenizer
@@ -319,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
     bases = {s.base for s in specs}
     if "stock" in bases:
         prepared["stock"] = stock_data(args, tokenizer)
-    if "ours" in bases or "stock" in bases:
+    if bases & {"ours", "stock", "bare"}:
         prepared["ours"] = ours_data(args, tokenizer, ["sentiment"])
     if "two_task" in bases:
         prepared["two_task"] = ours_data(args, tokenizer, ["sentiment", "question"])
@@ -361,11 +473,14 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown_table(columns, rows)
     result = {"benchmark": "train_throughput", "device": device, "setting": info, "results": results}
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "note")}
+    encoder = f"{args.encoder} reshaped by --overhead_probe (random, 8 wide, 1 head)" if args.overhead_probe else args.encoder
     notes = [
         f"batch size {args.batch_size}, {args.steps} timed steps after {args.warmup_steps} warm-up steps, "
-        f"SST-2 rows: {args.max_train_samples or 'all'}, encoder {args.encoder}, attention {args.attn_implementation}",
+        f"SST-2 rows: {args.max_train_samples or 'all'}, encoder {encoder}, attention {args.attn_implementation}",
         args.note,
     ]
+    if probe_dir is not None:
+        probe_dir.cleanup()
     report(f"Training throughput ({device})", table, result, args.out, notes)
     return result
 

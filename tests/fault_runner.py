@@ -8,6 +8,8 @@ Environment:
 - MT_PAUSE_AFTER_CHECKPOINT=N: once checkpoint-N is complete, write MT_SIGNAL and hang (the test SIGKILLs).
 - MT_PAUSE_DURING_CHECKPOINT=N: while checkpoint N is half written (model and optimizer saved, RNG state not),
   write MT_SIGNAL and hang.
+- MT_NAN_HEAD=TASK:RANK: in process RANK only, that task's head outputs NaN (a forward hook: DDP copies rank 0's
+  weights to every rank, so NaN weights would not stay on one rank).
 """
 
 from __future__ import annotations
@@ -78,6 +80,18 @@ def _install_pauses(trainer_cls) -> None:
         trainer_cls._save_rng_state = _save_rng_state
 
 
+def _install_nan_head(trainer_cls, spec: str) -> None:
+    task, rank = spec.split(":")
+    init = trainer_cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.accelerator.process_index == int(rank):
+            self.model.heads[task].register_forward_hook(lambda module, inputs, output: output * float("nan"))
+
+    trainer_cls.__init__ = __init__
+
+
 if __name__ == "__main__":
     if os.environ.get("MT_BLOCK_NETWORK"):
         _block_network(os.environ["MT_BLOCK_NETWORK"])
@@ -85,4 +99,6 @@ if __name__ == "__main__":
     import train
 
     _install_pauses(train.MultiTaskTrainer)
+    if os.environ.get("MT_NAN_HEAD"):
+        _install_nan_head(train.MultiTaskTrainer, os.environ["MT_NAN_HEAD"])
     train.main(sys.argv[1:])

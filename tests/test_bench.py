@@ -43,6 +43,36 @@ def test_train_throughput_measures_every_run_on_the_same_rows(tiny_encoder_dir, 
     assert "command: `python" in written and "torch 2." in written
 
 
+def test_bare_loop_and_overhead_probe_take_the_same_batches_as_ours(tiny_encoder_dir, tiny_data_dir, tmp_path):
+    import train_throughput
+
+    out = tmp_path / "RESULTS.md"
+    argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(tiny_data_dir), "--device", "cpu", "--out", str(out)]
+    argv += ["--steps", "3", "--warmup_steps", "1", "--max_train_samples", "128", "--runs", "ours", "bare"]
+    result = train_throughput.main([*argv, "--overhead_probe"])
+    ours, bare = result["results"]
+    assert "error" not in ours and "error" not in bare, result["results"]
+    # Same sampler, seed and collator: the same batches, hence the same padded positions.
+    assert bare["padding_share"] == ours["padding_share"]
+    # Same initial weights, rows, schedule and update rule; only dropout masks differ between the two loops.
+    assert bare["train_loss"] == pytest.approx(ours["train_loss"], abs=0.05)
+    assert "reshaped by --overhead_probe (random, 8 wide, 1 head)" in out.read_text()
+
+
+def test_overhead_probe_keeps_the_structure_and_shrinks_the_width(tiny_encoder_dir, tmp_path):
+    import json
+
+    import train_throughput
+
+    folder = train_throughput.overhead_probe_encoder(str(tiny_encoder_dir), str(tmp_path / "probe"))
+    original = json.loads((tiny_encoder_dir / "config.json").read_text())
+    probe = json.loads((tmp_path / "probe" / "config.json").read_text())
+    assert probe["num_hidden_layers"] == original["num_hidden_layers"]
+    assert (probe["num_attention_heads"], probe["hidden_size"]) == (1, 8) and original["hidden_size"] > 8
+    assert probe["intermediate_size"] == 4 * probe["hidden_size"]
+    assert (Path(folder) / "model.safetensors").exists() and (Path(folder) / "tokenizer_config.json").exists()
+
+
 def test_train_throughput_rejects_an_unknown_run(tiny_encoder_dir):
     import train_throughput
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -115,3 +116,37 @@ def test_multi_gpu_flag_runs_two_cpu_processes(tmp_path, tiny_encoder_dir, tiny_
     assert "Process rank 1" in log and "distributed True" in log
     metrics = assert_one_finished_model(out)
     assert metrics["recipe"]["num_processes"] == 2 and metrics["train"]["global_steps"] == 3
+
+
+def test_nan_on_one_rank_stops_every_rank_with_the_same_error(tmp_path, tiny_encoder_dir, tiny_data_dir):
+    # Round robin over two ranks: rank 0 gets the sentiment batches, rank 1 the question batches. A NaN question
+    # head in process 1 alone used to stop that process only; process 0, inside DDP's gradient all-reduce, then
+    # died of gloo's "Connection closed by peer" (here; a collective can also wait for its timeout), which names
+    # neither the step nor the task. Now both stop before the first optimizer step, with the same error.
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               MT_NAN_HEAD="question:1")  # fmt: skip
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(TWO_PROCESSES), "--main_process_port", str(free_port()),
+        str(ROOT / "tests" / "fault_runner.py"),
+        *tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--task_sampling", "round_robin", "--max_steps", "4"),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"a NaN on one rank left the run hanging for 300 s:\n{output[-4000:]}")
+    (tmp_path / "run.log").write_text(output, encoding="utf-8")
+    assert process.returncode != 0, output[-4000:]
+    error = (
+        r"FloatingPointError: Non-finite training loss \(nan\) at step 1 on task\(s\) \['question'\] "
+        r"\(per-task: \{'question': nan\}\) in process 1 of 2\."
+    )
+    tracebacks = re.findall(r"\[rank(\d)\]: " + error, output)
+    assert sorted(tracebacks) == ["0", "1"], output[-4000:]
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()

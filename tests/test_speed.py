@@ -203,6 +203,19 @@ def test_task_stats_count_loss_rows_and_correct_rows(make_trainer):
     assert trainer.task_stats["epoch"][:, 1].tolist() == [4, 2]  # rows per task over the epoch so far
 
 
+def test_floating_point_ops_counts_like_the_stock_trainer(make_trainer):
+    from transformers import Trainer
+
+    trainer = make_trainer()
+    inputs = {"input_ids": torch.ones(8, 13, dtype=torch.long)}
+    expected = Trainer.floating_point_ops(trainer, inputs)  # walks the modules every call
+    assert expected == 6 * 8 * 13 * trainer.model.num_parameters(exclude_embeddings=True) > 0
+    assert trainer.floating_point_ops(inputs) == expected
+    assert trainer.floating_point_ops({"input_ids": torch.ones(4, 13, dtype=torch.long)}) == expected // 2
+    trainer.train()
+    assert trainer.state.total_flos > 0
+
+
 def test_training_logs_per_task_metrics_and_stock_filter_is_off(make_trainer):
     trainer = make_trainer()
     assert trainer.args.logging_nan_inf_filter is False

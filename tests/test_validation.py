@@ -183,6 +183,28 @@ def _max_seq_length_over_positions(ctx):
     )
 
 
+def _roberta_encoder(folder, max_position_embeddings=514):
+    from transformers import RobertaConfig
+
+    RobertaConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=max_position_embeddings, pad_token_id=1,
+    ).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+def _max_seq_length_over_roberta_positions(ctx, max_seq_length=513):
+    encoder = _roberta_encoder(ctx.tmp_path / "roberta")
+    train.check_model_setup(
+        str(encoder),
+        [mtdata.TASKS["sentiment"].to_config()],
+        {},
+        train.ModelArguments(encoder=str(encoder)),
+        train.DataArguments(max_seq_length=max_seq_length),
+        train.MultiTaskArguments(),
+    )
+
+
 CASES = [
     ("unknown config key", _unknown_config_key, r"unknown key 'learning_rat'\. Did you mean 'learning_rate'\?"),
     ("unknown task definition key", _unknown_definition_key,
@@ -259,7 +281,11 @@ CASES = [
     ("resume from an incomplete checkpoint", _resume_incomplete_checkpoint,
      r"checkpoint-4 lacks \['config\.json', 'trainer_state\.json', 'optimizer\.safetensors', .*It is incomplete"),
     ("max_seq_length beyond the encoder", _max_seq_length_over_positions,
-     r"max_seq_length=256 exceeds the encoder's max_position_embeddings=128"),
+     r"max_seq_length=256 exceeds the 128 tokens the encoder can place \(max_position_embeddings=128; .*set "
+     r"--max_seq_length 128 or less"),
+    ("max_seq_length beyond a RoBERTa encoder", _max_seq_length_over_roberta_positions,
+     r"max_seq_length=513 exceeds the 512 tokens the encoder can place \(max_position_embeddings=514 minus 2 "
+     r"positions its model type skips; .*set --max_seq_length 512 or less"),
 ]
 
 
@@ -383,3 +409,7 @@ def test_output_folder_of_another_run_is_refused_then_replaced_with_consent(tmp_
     assert metrics["train"]["global_steps"] == 2
     assert not (out / "checkpoint-3").exists()  # the old run is gone, not mixed with the new one
     assert json.loads((out / "metrics.json").read_text())["tasks"][0]["name"] == "topic"
+
+
+def test_roberta_encoder_takes_its_full_512_tokens(ctx):
+    _max_seq_length_over_roberta_positions(ctx, max_seq_length=512)  # the boundary of the case above: no error
