@@ -317,8 +317,9 @@ def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> t
     collator = CountingCollator(mtdata.MultiTaskCollator(tokenizer.pad_token_id, spec.pad_to_multiple_of))
     loader = DataLoader(mt.train, batch_sampler=sampler, collate_fn=collator, num_workers=spec.workers,
                         pin_memory=device == "cuda")  # fmt: skip
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    # The Trainer's split: matrices decay, biases and LayerNorm weights (the 1-D parameters) do not.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate, fused="fused" in args.optim,
