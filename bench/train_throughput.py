@@ -33,6 +33,7 @@ import re
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
@@ -199,7 +200,7 @@ def check_same_rows(stock, ours, what: str = "SST-2 train") -> None:
 
 def training_arguments(args, spec: RunSpec, device: str, output_dir: str, **overrides) -> TrainingArguments:
     if "max_steps" not in overrides:
-        overrides["max_steps"] = args.warmup_steps + args.steps
+        overrides["max_steps"] = args.warmup_steps + args.steps + args.profile_steps
     settings = dict(
         output_dir=output_dir,
         per_device_train_batch_size=args.batch_size,
@@ -296,6 +297,58 @@ class BareClock:
     warmup_seconds = StepClock.warmup_seconds
 
 
+class ProfileWindow:
+    """torch.profiler over the `--profile_steps` steps after the timed ones; the top operators go to a file.
+
+    What it answers on a GPU: how many operators (kernel launches) a step issues outside a CUDA graph, and which
+    ones take the host's time. The timed steps are never profiled.
+    """
+
+    def __init__(self, args, spec: RunSpec, device: str):
+        self.start, self.steps, self.device = args.warmup_steps + args.steps, args.profile_steps, device
+        self.path = Path(args.profile_dir) / f"{spec.name}.txt" if args.profile_dir and self.steps else None
+        self.profiler = None
+
+    def step_end(self, step: int) -> None:
+        if self.path is None:
+            return
+        if step == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+        elif step == self.start + self.steps and self.profiler is not None:
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            self.write()
+
+    def write(self) -> None:
+        events = self.profiler.key_averages()
+        operators = sum(e.count for e in events if e.key.startswith("aten::"))
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch"))
+        lines = [
+            f"steps {self.start + 1}..{self.start + self.steps} ({self.steps} steps, after the timed ones)",
+            f"aten operators per step (nested ones included): {operators / self.steps:.0f}",
+            f"kernel and graph launches per step: {launches / self.steps:.0f}",
+            "",
+            events.table(sort_by="self_cpu_time_total", row_limit=30),
+        ]
+        if self.device == "cuda":
+            lines += ["", events.table(sort_by="self_device_time_total", row_limit=30)]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+class _ProfileCallback(TrainerCallback):
+    def __init__(self, window: ProfileWindow):
+        self.window = window
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.window.step_end(state.global_step)
+
+
 def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> tuple[BareClock, CountingCollator, float]:
     """The floor under `ours`: the same model, batches and update rule, in the shortest loop that does them."""
     import data as mtdata
@@ -324,12 +377,13 @@ def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> t
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate, fused="fused" in args.optim,
     )  # fmt: skip
-    total = args.warmup_steps + args.steps
+    total = args.warmup_steps + args.steps + args.profile_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (total - step) / total))
     forward = torch.compile(model, mode=args.compile_mode) if spec.compile else model
     if spec.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     clock = BareClock(args.warmup_steps, args.steps, device)
+    window = ProfileWindow(args, spec, device)
     step, losses = 0, []
     while step < total:
         for batch in loader:
@@ -344,6 +398,7 @@ def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> t
             losses.append(loss.detach())
             step += 1
             clock.step_end(step)
+            window.step_end(step)
             if step == total:
                 break
     if spec.tf32:
@@ -364,6 +419,7 @@ def run_one(args, spec: RunSpec, device: str, tokenizer, encoder_path, prepared:
             trainer, collator = build_ours(args, spec, device, tokenizer, encoder_path, prepared[spec.base], output_dir)
         clock = StepClock(args.warmup_steps, args.steps, device)
         trainer.add_callback(clock)
+        trainer.add_callback(_ProfileCallback(ProfileWindow(args, spec, device)))
         trainer.remove_callback(PrinterCallback)  # the table is the output
         result = trainer.train()
     del trainer
@@ -405,6 +461,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs.")
     parser.add_argument("--pad_to_multiple_of", type=int, default=None, help="Pad lengths to a multiple of this.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--profile_steps", type=int, default=0, help="Profile this many steps after the timed ones.")
+    parser.add_argument("--profile_dir", default=None, help="Write each run's top operators to DIR/<run>.txt.")
     parser.add_argument(
         "--overhead_probe", action="store_true", help="Random 8-wide encoder of the same structure (see above)."
     )

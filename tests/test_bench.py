@@ -59,6 +59,23 @@ def test_bare_loop_and_overhead_probe_take_the_same_batches_as_ours(tiny_encoder
     assert "reshaped by --overhead_probe (random, 8 wide, 1 head)" in out.read_text()
 
 
+def test_profile_window_writes_each_runs_operators_without_touching_the_timed_steps(
+    tiny_encoder_dir, tiny_data_dir, tmp_path
+):
+    import train_throughput
+
+    argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(tiny_data_dir), "--device", "cpu"]
+    argv += ["--steps", "2", "--warmup_steps", "1", "--max_train_samples", "128", "--runs", "ours", "bare"]
+    result = train_throughput.main([*argv, "--profile_steps", "2", "--profile_dir", str(tmp_path / "profiles")])
+    assert all("error" not in r for r in result["results"]), result["results"]
+    for run in ("ours", "bare"):
+        text = (tmp_path / "profiles" / f"{run}.txt").read_text()
+        assert text.startswith("steps 4..5 (2 steps, after the timed ones)")
+        operators = int(text.splitlines()[1].rsplit(":", 1)[1])
+        assert operators > 50  # a forward and backward through a 2-layer BERT and an optimizer step
+        assert "aten::addmm" in text or "aten::linear" in text
+
+
 def test_overhead_probe_keeps_the_structure_and_shrinks_the_width(tiny_encoder_dir, tmp_path):
     import json
 
