@@ -652,6 +652,8 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         waits for the loss; the steps between the bad one and the next log are the price. With several processes
         this is a collective (every rank calls it at the same point): all ranks raise the same error together.
         """
+        if not self._all_ranks and not (int(self._nonfinite_step) or int(self._nonfinite_grad_step)):
+            return  # the usual case, checked every step on the CPU: two reads, nothing built
         n = len(self.task_names)
         mine = torch.cat(
             [

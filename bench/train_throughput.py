@@ -81,23 +81,32 @@ def parse_run(name: str, args) -> RunSpec:
 
 
 class StepClock(TrainerCallback):
-    """Times optimiser steps warmup+1 .. warmup+steps, synchronising the device at both ends."""
+    """Times optimiser steps warmup+1 .. warmup+steps, synchronising the device at both ends.
+
+    A Trainer callback; the plain loop of `bare` calls `start()` and `step_end(step)` itself.
+    """
 
     def __init__(self, warmup: int, steps: int, device: str):
         self.warmup, self.steps, self.device = warmup, steps, device
         self.started = self.begin = self.end = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def start(self) -> None:
         self.started = now()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in (self.warmup, self.warmup + self.steps):
+    def step_end(self, step: int) -> None:
+        if step in (self.warmup, self.warmup + self.steps):
             if self.device == "cuda":
                 torch.cuda.synchronize()
-            if state.global_step == self.warmup:
+            if step == self.warmup:
                 self.begin = now()
             else:
                 self.end = now()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_end(state.global_step)
 
     @property
     def seconds(self) -> float:
@@ -276,28 +285,7 @@ def build_ours(args, spec, device, tokenizer, encoder_path, mt, output_dir, trai
     return trainer, collator
 
 
-class BareClock:
-    """StepClock's contract for the plain loop: synchronised timestamps after warm-up and after the last step."""
-
-    def __init__(self, warmup: int, steps: int, device: str):
-        self.warmup, self.steps, self.device = warmup, steps, device
-        self.started = now()
-        self.begin = self.end = None
-
-    def step_end(self, step: int) -> None:
-        if step in (self.warmup, self.warmup + self.steps):
-            if self.device == "cuda":
-                torch.cuda.synchronize()
-            if step == self.warmup:
-                self.begin = now()
-            else:
-                self.end = now()
-
-    seconds = StepClock.seconds
-    warmup_seconds = StepClock.warmup_seconds
-
-
-class ProfileWindow:
+class ProfileWindow(TrainerCallback):
     """torch.profiler over the `--profile_steps` steps after the timed ones; the top operators go to a file.
 
     What it answers on a GPU: how many operators (kernel launches) a step issues outside a CUDA graph, and which
@@ -340,16 +328,11 @@ class ProfileWindow:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-
-class _ProfileCallback(TrainerCallback):
-    def __init__(self, window: ProfileWindow):
-        self.window = window
-
     def on_step_end(self, args, state, control, **kwargs):
-        self.window.step_end(state.global_step)
+        self.step_end(state.global_step)
 
 
-def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> tuple[BareClock, CountingCollator, float]:
+def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> tuple[StepClock, CountingCollator, float]:
     """The floor under `ours`: the same model, batches and update rule, in the shortest loop that does them."""
     import data as mtdata
     from modeling_multitask import MultiTaskModel
@@ -382,7 +365,8 @@ def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> t
     forward = torch.compile(model, mode=args.compile_mode) if spec.compile else model
     if spec.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    clock = BareClock(args.warmup_steps, args.steps, device)
+    clock = StepClock(args.warmup_steps, args.steps, device)
+    clock.start()
     window = ProfileWindow(args, spec, device)
     step, losses = 0, []
     while step < total:
@@ -419,7 +403,7 @@ def run_one(args, spec: RunSpec, device: str, tokenizer, encoder_path, prepared:
             trainer, collator = build_ours(args, spec, device, tokenizer, encoder_path, prepared[spec.base], output_dir)
         clock = StepClock(args.warmup_steps, args.steps, device)
         trainer.add_callback(clock)
-        trainer.add_callback(_ProfileCallback(ProfileWindow(args, spec, device)))
+        trainer.add_callback(ProfileWindow(args, spec, device))
         trainer.remove_callback(PrinterCallback)  # the table is the output
         result = trainer.train()
     del trainer
