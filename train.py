@@ -218,6 +218,13 @@ class MultiTaskArguments:
         default=False, metadata={"help": "Allow writing into an output folder that already holds another run."}
     )
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Round padded lengths up to this."})
+    pad_to_buckets: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Pad each batch to the smallest of these lengths that holds it (e.g. 16 32 64 128): a few fixed "
+            "shapes, so --torch_compile with CUDA graphs (--torch_compile_mode reduce-overhead) records a few graphs."
+        },
+    )
     export_sentence_transformers: str = field(
         default="inline",
         metadata={
@@ -232,6 +239,16 @@ class MultiTaskArguments:
             raise ValueError(f"task_sampling_temperature must be > 0, got {self.task_sampling_temperature}.")
         if self.loss_weights_learning_rate is not None and self.loss_weights_learning_rate <= 0:
             raise ValueError(f"loss_weights_learning_rate must be > 0, got {self.loss_weights_learning_rate}.")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive length or null, got {self.pad_to_multiple_of}.")
+        try:
+            self.pad_to_buckets = sorted({int(b) for b in self.pad_to_buckets})
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"pad_to_buckets must be a list of lengths (e.g. 16 32 64 128), got {self.pad_to_buckets!r}."
+            ) from None
+        if self.pad_to_buckets and self.pad_to_buckets[0] < 1:
+            raise ValueError(f"pad_to_buckets must hold positive lengths, got {self.pad_to_buckets}.")
 
     def weights(self) -> dict[str, float]:
         out = {}
@@ -448,6 +465,12 @@ def check_model_setup(
             f"max_seq_length={data_args.max_seq_length} exceeds the {usable} tokens the encoder can place "
             f"(max_position_embeddings={max_positions}{offset}; {model_args.encoder}); set --max_seq_length "
             f"{usable} or less."
+        )
+    if mt_args.pad_to_buckets and mt_args.pad_to_buckets[-1] > data_args.max_seq_length:
+        raise ValueError(
+            f"pad_to_buckets {mt_args.pad_to_buckets} has lengths above max_seq_length={data_args.max_seq_length}: "
+            f"no batch is longer than max_seq_length, so those buckets would only add padding. Drop them or raise "
+            f"--max_seq_length."
         )
     encoder = encoder_config.to_dict()
     for key in ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
@@ -993,7 +1016,9 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=mt.train,
         eval_dataset=mt.eval_sets,
         processing_class=tokenizer,
-        data_collator=mtdata.MultiTaskCollator(tokenizer.pad_token_id, mt_args.pad_to_multiple_of),
+        data_collator=mtdata.MultiTaskCollator(
+            tokenizer.pad_token_id, mt_args.pad_to_multiple_of, mt_args.pad_to_buckets or None
+        ),
         compute_metrics=build_compute_metrics(),
         task_sizes=mt.task_sizes,
         eval_tasks=mt.eval_tasks,

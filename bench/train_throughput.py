@@ -9,8 +9,13 @@ Runs (`--runs`, in the order given; the first `stock` run is the reference of th
   bare      our model, sampler and collator in a plain PyTorch loop (forward, backward, clip, fused AdamW, linear
             schedule): no Trainer. `ours` minus `bare` is what the Trainer loop costs per step.
 A run can carry modifiers joined by '+': bf16, tf32, compile (torch.compile, mode --compile_mode), nogroup (no
-length grouping), pad<N> (pad lengths to a multiple of N), workers<N> (dataloader workers). --bf16, --tf32 and
+length grouping), pad<N> (pad lengths to a multiple of N), buckets (pad each batch to the smallest of
+--pad_buckets that holds it; our collator only), workers<N> (dataloader workers). --bf16, --tf32 and
 --torch_compile apply to every run, the stock one included.
+
+The "shapes" column counts the distinct batch shapes a run met, and in brackets how many of them it met first
+during the timed steps: with CUDA graphs each new shape is a recording (tens of milliseconds or more) that lands
+in the timed window, so a fair compiled figure has 0 there (raise --warmup_steps, or use fewer shapes).
 
 Everything else is equal: encoder, batch size, the SST-2 rows (their token ids are checked to be identical),
 optimiser (fused AdamW), learning rate, `--warmup_steps` untimed steps then `--steps` timed optimiser steps.
@@ -28,6 +33,7 @@ the regime of a GPU at batch size 32 (launch-bound), measurable on a CPU. Its ac
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -54,6 +60,7 @@ class RunSpec:
     compile: bool = False
     group: bool = True
     pad_to_multiple_of: int | None = None
+    pad_to_buckets: tuple[int, ...] | None = None
     workers: int = 0
 
 
@@ -69,13 +76,18 @@ def parse_run(name: str, args) -> RunSpec:
             setattr(spec, mod, True)
         elif mod == "nogroup":
             spec.group = False
+        elif mod == "buckets":
+            if base == "stock":
+                raise ValueError(f"--runs: {name!r}: DataCollatorWithPadding has no length buckets; use pad<N>.")
+            spec.pad_to_buckets = tuple(sorted(set(args.pad_buckets)))
         elif re.fullmatch(r"pad\d+", mod):
             spec.pad_to_multiple_of = int(mod[3:])
         elif re.fullmatch(r"workers\d+", mod):
             spec.workers = int(mod[7:])
         else:
             raise ValueError(
-                f"--runs: unknown modifier {mod!r} in {name!r}; use bf16, tf32, compile, nogroup, pad<N>, workers<N>."
+                f"--runs: unknown modifier {mod!r} in {name!r}; use bf16, tf32, compile, nogroup, pad<N>, buckets, "
+                f"workers<N>."
             )
     return spec
 
@@ -118,18 +130,28 @@ class StepClock(TrainerCallback):
 
 
 class CountingCollator:
-    """Wraps a collator to count real and padded token positions (main-process loading only)."""
+    """Wraps a collator to count real and padded token positions, and the batch shapes in the order met
+    (main-process loading only: batch i is the one optimiser step i + 1 trains on)."""
 
     def __init__(self, inner):
         self.inner = inner
         self.real = self.total = 0
+        self.first_seen: dict[tuple[int, ...], int] = {}  # shape -> index of the first batch of that shape
+        self.batches = 0
 
     def __call__(self, features):
         batch = self.inner(features)
         mask = batch["attention_mask"]
         self.real += int(mask.sum())
         self.total += mask.numel()
+        self.first_seen.setdefault(tuple(mask.shape), self.batches)
+        self.batches += 1
         return batch
+
+    def shapes(self, warmup: int, steps: int) -> tuple[int, int]:
+        """Distinct shapes over warm-up and timed steps, and how many of them appeared first in the timed ones."""
+        seen = [index for index in self.first_seen.values() if index < warmup + steps]
+        return len(seen), sum(index >= warmup for index in seen)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,8 +290,14 @@ def build_ours(args, spec, device, tokenizer, encoder_path, mt, output_dir, trai
         attn_implementation=args.attn_implementation,
         dtype=torch.float32,  # float32 master weights whatever the checkpoint's dtype; --bf16 is autocast
     )
-    mt_args = MultiTaskArguments(length_grouping=spec.group, pad_to_multiple_of=spec.pad_to_multiple_of)
-    collator = CountingCollator(mtdata.MultiTaskCollator(tokenizer.pad_token_id, spec.pad_to_multiple_of))
+    mt_args = MultiTaskArguments(
+        length_grouping=spec.group,
+        pad_to_multiple_of=spec.pad_to_multiple_of,
+        pad_to_buckets=list(spec.pad_to_buckets or []),
+    )
+    collator = CountingCollator(
+        mtdata.MultiTaskCollator(tokenizer.pad_token_id, spec.pad_to_multiple_of, spec.pad_to_buckets)
+    )
     trainer = MultiTaskTrainer(
         model=model,
         args=training_args or training_arguments(args, spec, device, output_dir),
@@ -300,6 +328,13 @@ class ProfileWindow(TrainerCallback):
     def step_end(self, step: int) -> None:
         if self.path is None:
             return
+        try:
+            self._step_end(step)
+        except Exception as err:  # a profiler failure must not cost the run its timed figure
+            logger.warning("profile of %s failed (%s: %s); no profile written", self.path.stem, type(err).__name__, err)
+            self.path = None
+
+    def _step_end(self, step: int) -> None:
         if step == self.start:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device == "cuda":
@@ -350,7 +385,9 @@ def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> t
         mt.task_sizes, batch_size=args.batch_size, strategy="round_robin", seed=args.seed,
         lengths=mt.train["length"] if spec.group else None, drop_last=True,
     )  # fmt: skip
-    collator = CountingCollator(mtdata.MultiTaskCollator(tokenizer.pad_token_id, spec.pad_to_multiple_of))
+    collator = CountingCollator(
+        mtdata.MultiTaskCollator(tokenizer.pad_token_id, spec.pad_to_multiple_of, spec.pad_to_buckets)
+    )
     loader = DataLoader(mt.train, batch_sampler=sampler, collate_fn=collator, num_workers=spec.workers,
                         pin_memory=device == "cuda")  # fmt: skip
     # The Trainer's split: matrices decay, biases and LayerNorm weights (the 1-D parameters) do not.
@@ -412,12 +449,15 @@ def run_one(args, spec: RunSpec, device: str, tokenizer, encoder_path, prepared:
 
 def result_row(args, spec: RunSpec, clock, collator, memory, train_loss: float) -> dict:
     samples = args.steps * args.batch_size
+    shapes, new_when_timed = collator.shapes(args.warmup_steps, args.steps) if not spec.workers else (None, None)
     return {
         "run": spec.name,
         "samples_per_second": samples / clock.seconds,
         "step_ms": 1000 * clock.seconds / args.steps,
         "warmup_seconds": clock.warmup_seconds,
         "padding_share": None if spec.workers else 1 - collator.real / collator.total,
+        "shapes": shapes,
+        "shapes_first_timed": new_when_timed,
         "peak_memory_mb": memory.peak_mb,
         "memory_growth_mb": memory.growth_mb,
         "memory_kind": memory.kind,
@@ -444,6 +484,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--torch_compile", action="store_true", help="torch.compile the model in every run.")
     parser.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs.")
     parser.add_argument("--pad_to_multiple_of", type=int, default=None, help="Pad lengths to a multiple of this.")
+    parser.add_argument(
+        "--pad_buckets", type=int, nargs="+", default=[16, 32, 64, 128], help="Lengths of the 'buckets' modifier."
+    )
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     parser.add_argument("--profile_steps", type=int, default=0, help="Profile this many steps after the timed ones.")
     parser.add_argument("--profile_dir", default=None, help="Write each run's top operators to DIR/<run>.txt.")
@@ -487,7 +530,8 @@ def main(argv: list[str] | None = None) -> dict:
         results.append(
             common.guarded(spec.name, lambda: run_one(args, spec, device, tokenizer, encoder_path, prepared), device)
         )
-        logger.warning("run %s: %s", spec.name, results[-1].get("samples_per_second", results[-1].get("error")))
+        # The whole row at once, so a run cut off by a time limit still leaves the finished rows in its log.
+        logger.warning("run %s: %s", spec.name, json.dumps(results[-1], default=str))
     measured = [r for r in results if "error" not in r]
     reference = next((r for r in measured if r["run"].split("+")[0] == "stock"), None)
     for r in measured:
@@ -496,9 +540,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([f"`{r['run']}`", f"failed: {r['error']}"] + [None] * 6)
+            rows.append([f"`{r['run']}`", f"failed: {r['error']}"] + [None] * 7)
             continue
         padding = None if r["padding_share"] is None else f"{100 * r['padding_share']:.0f}%"
+        shapes = None if r["shapes"] is None else f"{r['shapes']} ({r['shapes_first_timed']})"
         rows.append(
             [
                 f"`{r['run']}`",
@@ -506,13 +551,15 @@ def main(argv: list[str] | None = None) -> dict:
                 r["ratio_vs_stock"],
                 r["step_ms"],
                 padding,
+                shapes,
                 r["peak_memory_mb"],
                 r["warmup_seconds"],
                 r["train_loss"],
             ]
         )
     mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
-    columns = ["run", "samples/s", "x stock", "ms/step", "padding", mem, "warm-up s", "train loss"]
+    columns = ["run", "samples/s", "x stock", "ms/step", "padding", "shapes (new when timed)", mem, "warm-up s",
+               "train loss"]
     table = markdown_table(columns, rows)
     result = {"benchmark": "train_throughput", "device": device, "setting": info, "results": results}
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "note")}

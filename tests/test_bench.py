@@ -23,10 +23,10 @@ def test_train_throughput_measures_every_run_on_the_same_rows(tiny_encoder_dir, 
     import train_throughput
 
     out = tmp_path / "RESULTS.md"
-    runs = ["stock", "ours", "two_task", "ours+nogroup+pad8"]
+    runs = ["stock", "ours", "two_task", "ours+nogroup+pad8", "ours+buckets"]
     argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(tiny_data_dir), "--device", "cpu", "--out", str(out)]
     argv += ["--steps", "2", "--warmup_steps", "1", "--max_train_samples", "128", "--runs", *runs]
-    result = train_throughput.main(argv)
+    result = train_throughput.main([*argv, "--pad_buckets", "16", "8"])
     by_run = {r["run"]: r for r in result["results"]}
     assert list(by_run) == runs
     for r in by_run.values():
@@ -37,6 +37,11 @@ def test_train_throughput_measures_every_run_on_the_same_rows(tiny_encoder_dir, 
     assert by_run["ours"]["padding_share"] < by_run["stock"]["padding_share"] - 0.1
     assert by_run["ours+nogroup+pad8"]["padding_share"] > by_run["ours"]["padding_share"]
     assert by_run["ours+nogroup+pad8"]["settings"]["pad_to_multiple_of"] == 8
+    # The modifier reaches our collator (its bucketing is tested in test_data.py); buckets pad more than `ours`.
+    assert list(by_run["ours+buckets"]["settings"]["pad_to_buckets"]) == [8, 16]
+    assert by_run["ours+buckets"]["padding_share"] > by_run["ours"]["padding_share"]
+    for r in by_run.values():  # three batches: each shape was met in warm-up (step 1) or the timed steps 2-3
+        assert 1 <= r["shapes"] <= 3 and r["shapes"] - 1 == r["shapes_first_timed"]
     assert bench_json(capsys.readouterr().out)["results"] == json.loads(json.dumps(result["results"]))
     written = out.read_text()
     assert "### Training throughput (cpu)" in written and "| `two_task` |" in written
@@ -95,6 +100,22 @@ def test_train_throughput_rejects_an_unknown_run(tiny_encoder_dir):
 
     with pytest.raises(ValueError, match="unknown modifier 'fp8'"):
         train_throughput.main(["--encoder", str(tiny_encoder_dir), "--runs", "ours+fp8"])
+    with pytest.raises(ValueError, match="DataCollatorWithPadding has no length buckets; use pad<N>"):
+        train_throughput.main(["--encoder", str(tiny_encoder_dir), "--runs", "stock+buckets"])
+
+
+def test_counting_collator_reports_shapes_first_met_in_the_timed_steps():
+    import train_throughput
+
+    import data as mtdata
+
+    collator = train_throughput.CountingCollator(mtdata.MultiTaskCollator(pad_token_id=0))
+    for length in (3, 3, 5, 3, 7, 5, 9):  # batches 0..6: steps 1..7
+        collator([{"input_ids": [1] * length}])
+    # Warm-up steps 1-2 met length 3; timed steps 3-6 met 5 and 7 first; 9 (step 7) is after the timed window.
+    assert collator.shapes(warmup=2, steps=4) == (3, 2)
+    assert collator.shapes(warmup=5, steps=1) == (3, 0)  # 5 and 7 were met during warm-up
+    assert collator.shapes(warmup=5, steps=2) == (4, 1)
 
 
 def test_time_to_accuracy_stops_at_the_target(tiny_encoder_dir, tiny_data_dir, capsys):

@@ -233,3 +233,23 @@ def test_collator_pad_to_multiple_of():
     batch = MultiTaskCollator(pad_token_id=0, pad_to_multiple_of=8)([{"input_ids": [1, 2, 3]}])
     assert batch["input_ids"].shape == (1, 8)
     assert "labels" not in batch
+
+
+def test_collator_pad_to_buckets():
+    collator = MultiTaskCollator(pad_token_id=9, pad_to_buckets=[32, 8, 16])  # any order
+    widths = {n: collator([{"input_ids": [1] * n}, {"input_ids": [2]}])["input_ids"].shape[1] for n in (1, 8, 9, 17, 32)}
+    assert widths == {1: 8, 8: 8, 9: 16, 17: 32, 32: 32}
+    # Longer than every bucket: its own length, then rounded by pad_to_multiple_of when given.
+    assert collator([{"input_ids": [1] * 33}])["input_ids"].shape == (1, 33)
+    rounded = MultiTaskCollator(pad_token_id=9, pad_to_buckets=[8, 16], pad_to_multiple_of=8)
+    assert rounded([{"input_ids": [1] * 17}])["input_ids"].shape == (1, 24)
+    batch = collator([{"input_ids": [1, 2, 3]}, {"input_ids": [4]}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3] + [9] * 5, [4] + [9] * 7]
+    assert batch["attention_mask"].sum(1).tolist() == [3, 1]
+
+
+def test_collator_rejects_bad_padding_settings():
+    with pytest.raises(ValueError, match="pad_to_buckets must hold positive lengths"):
+        MultiTaskCollator(pad_to_buckets=[0, 8])
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive length"):
+        MultiTaskCollator(pad_to_multiple_of=-8)

@@ -205,6 +205,17 @@ def _max_seq_length_over_roberta_positions(ctx, max_seq_length=513):
     )
 
 
+def _pad_buckets_over_max_seq_length(ctx):
+    train.check_model_setup(
+        str(ctx.tiny_encoder_dir),
+        [mtdata.TASKS["sentiment"].to_config()],
+        {},
+        train.ModelArguments(encoder=str(ctx.tiny_encoder_dir)),
+        train.DataArguments(max_seq_length=64),
+        train.MultiTaskArguments(pad_to_buckets=[16, 32, 64, 128]),
+    )
+
+
 CASES = [
     ("unknown config key", _unknown_config_key, r"unknown key 'learning_rat'\. Did you mean 'learning_rate'\?"),
     ("unknown task definition key", _unknown_definition_key,
@@ -286,6 +297,13 @@ CASES = [
     ("max_seq_length beyond a RoBERTa encoder", _max_seq_length_over_roberta_positions,
      r"max_seq_length=513 exceeds the 512 tokens the encoder can place \(max_position_embeddings=514 minus 2 "
      r"positions its model type skips; .*set --max_seq_length 512 or less"),
+    ("pad bucket above max_seq_length", _pad_buckets_over_max_seq_length,
+     r"pad_to_buckets \[16, 32, 64, 128\] has lengths above max_seq_length=64: .*Drop them or raise "
+     r"--max_seq_length"),
+    ("pad bucket of length 0", lambda ctx: train.MultiTaskArguments(pad_to_buckets=[0, 16]),
+     r"pad_to_buckets must hold positive lengths, got \[0, 16\]"),
+    ("pad_to_multiple_of 0", lambda ctx: train.MultiTaskArguments(pad_to_multiple_of=0),
+     r"pad_to_multiple_of must be a positive length or null, got 0"),
 ]
 
 
