@@ -25,7 +25,7 @@ phase() {  # name, time cap (s), runs...
   echo "phase $name exit $? after $((SECONDS - start)) s" >> "$OUT/env.txt"
 }
 phase buckets 270 stock ours+bf16+compile+buckets bare+bf16+compile+buckets stock
-phase pad8 170 stock ours+bf16+compile+pad8 two_task+bf16+compile+buckets
+[[ -z "${ONLY_BUCKETS:-}" ]] && phase pad8 170 stock ours+bf16+compile+pad8 two_task+bf16+compile+buckets
 tar czf "$OUT/logs.tgz" -C "$logs" .
 cat "$OUT/env.txt" "$R" 2>/dev/null
 grep -h "run .*: {" "$logs"/*.log | cut -c1-400

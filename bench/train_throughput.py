@@ -405,7 +405,9 @@ def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> t
     clock = StepClock(args.warmup_steps, args.steps, device)
     clock.start()
     window = ProfileWindow(args, spec, device)
-    step, losses = 0, []
+    # A sum on the device, not a list of losses: with CUDA graphs each step's loss lives in graph memory that the
+    # next replay overwrites, so it must not be kept.
+    step, loss_sum = 0, torch.zeros((), device=device)
     while step < total:
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -416,7 +418,7 @@ def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> t
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+            loss_sum += loss.detach()
             step += 1
             clock.step_end(step)
             window.step_end(step)
@@ -424,7 +426,7 @@ def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> t
                 break
     if spec.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    return clock, collator, float(torch.stack(losses).mean())
+    return clock, collator, float(loss_sum) / total
 
 
 def run_one(args, spec: RunSpec, device: str, tokenizer, encoder_path, prepared: dict) -> dict:
