@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 6 on one GPU (~6-7 minutes): the stock Trainer against ours and the bare loop, both with CUDA graphs
-# (torch.compile mode reduce-overhead), bf16 autocast and a few fixed length buckets (16 32 64 128), after a
-# warm-up long enough to meet every bucket first (the "shapes (new when timed)" column says whether it did).
-# Session 1's 2.43x used pad8 (9 shapes) and 40 warm-up steps, so graphs were still being recorded while timed;
-# phase 2 reruns that setting with the long warm-up to separate the two effects.
+# Issue 6 on one GPU (~7 minutes cold, ~2 with ONLY_BUCKETS=1 on a warm machine): the stock Trainer against ours
+# and the bare loop, both with CUDA graphs (torch.compile mode reduce-overhead), bf16 autocast and a few fixed
+# length buckets (16 32 64 128), after a warm-up long enough to meet every bucket first (the "shapes (new when
+# timed)" column says whether it did). Phase pad8 reruns session 1's pad8 setting with the long warm-up.
+# Ran in session 3 on an H100 (three calls; bench/RESULTS.md, "Session 3: one H100"). Extra runs for a later
+# session: EXTRA_RUNS="ours+bf16+compile+buckets+workers2 bare+bf16+compile+buckets+optcompile" adds a phase.
 # On the device machine, from the repo root, carrying .device-bundle:  OUT=... bash bench/gpu_session3.sh
 # Dry run on CPU (figures meaningless): OUT=/tmp/g BENCH_DEVICE=cpu BENCH_STEPS="--steps 3 --warmup_steps 2
 #     --max_train_samples 300" ENCODER=<encoder folder> DATA_DIR=../shared/data bash bench/gpu_session3.sh
@@ -26,6 +27,8 @@ phase() {  # name, time cap (s), runs...
 }
 phase buckets 270 stock ours+bf16+compile+buckets bare+bf16+compile+buckets stock
 [[ -z "${ONLY_BUCKETS:-}" ]] && phase pad8 170 stock ours+bf16+compile+pad8 two_task+bf16+compile+buckets
+# shellcheck disable=SC2086  # a list of run names
+[[ -n "${EXTRA_RUNS:-}" ]] && phase extra 200 stock $EXTRA_RUNS stock
 tar czf "$OUT/logs.tgz" -C "$logs" .
 cat "$OUT/env.txt" "$R" 2>/dev/null
 grep -h "run .*: {" "$logs"/*.log | cut -c1-400

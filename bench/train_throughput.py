@@ -62,6 +62,7 @@ class RunSpec:
     pad_to_multiple_of: int | None = None
     pad_to_buckets: tuple[int, ...] | None = None
     workers: int = 0
+    optcompile: bool = False
 
 
 def parse_run(name: str, args) -> RunSpec:
@@ -76,6 +77,10 @@ def parse_run(name: str, args) -> RunSpec:
             setattr(spec, mod, True)
         elif mod == "nogroup":
             spec.group = False
+        elif mod == "optcompile":
+            if base != "bare":
+                raise ValueError(f"--runs: {name!r}: optcompile is an experiment of the bare loop only.")
+            spec.optcompile = True
         elif mod == "buckets":
             if base == "stock":
                 raise ValueError(f"--runs: {name!r}: DataCollatorWithPadding has no length buckets; use pad<N>.")
@@ -87,7 +92,7 @@ def parse_run(name: str, args) -> RunSpec:
         else:
             raise ValueError(
                 f"--runs: unknown modifier {mod!r} in {name!r}; use bf16, tf32, compile, nogroup, pad<N>, buckets, "
-                f"workers<N>."
+                f"workers<N>, optcompile (bare only)."
             )
     return spec
 
@@ -393,12 +398,24 @@ def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> t
     # The Trainer's split: matrices decay, biases and LayerNorm weights (the 1-D parameters) do not.
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate, fused="fused" in args.optim,
-    )  # fmt: skip
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+    if spec.optcompile:
+        # torch.compile'd clipping and update (PyTorch's compiled-optimizer recipe): the learning rate is a tensor
+        # the scheduler fills in place, so a new rate is not a new constant (a recompilation) at every step.
+        # A tensor rate needs capturable (GPU: state on the device, as CUDA graphs want) or fused (CPU dry runs).
+        device_kind = {"capturable": True} if device == "cuda" else {"fused": True}
+        optimizer = torch.optim.AdamW(groups, lr=torch.tensor(args.learning_rate), **device_kind)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused="fused" in args.optim)
     total = args.warmup_steps + args.steps + args.profile_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (total - step) / total))
+    parameters = list(model.parameters())
+
+    def update():
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+
+    update = torch.compile(update) if spec.optcompile else update
     forward = torch.compile(model, mode=args.compile_mode) if spec.compile else model
     if spec.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -414,8 +431,7 @@ def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> t
             with torch.autocast(device, dtype=torch.bfloat16, enabled=spec.bf16):
                 loss = forward(**batch).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            update()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()

@@ -64,6 +64,23 @@ def test_bare_loop_and_overhead_probe_take_the_same_batches_as_ours(tiny_encoder
     assert "reshaped by --overhead_probe (random, 8 wide, 1 head)" in out.read_text()
 
 
+def test_bare_loop_with_a_compiled_update_trains_like_the_plain_one(tiny_encoder_dir, tiny_data_dir):
+    """`optcompile` (an experiment for the GPU: clipping and AdamW under torch.compile, tensor learning rate) must
+    be the same update rule, so its figure compares like with like."""
+    import train_throughput
+
+    argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(tiny_data_dir), "--device", "cpu"]
+    argv += ["--steps", "3", "--warmup_steps", "1", "--max_train_samples", "128", "--learning_rate", "1e-2"]
+    argv += ["--runs", "bare", "bare+optcompile"]
+    plain, compiled = train_throughput.main(argv)["results"]
+    assert "error" not in plain and "error" not in compiled, (plain, compiled)
+    assert compiled["settings"]["optcompile"] and not plain["settings"]["optcompile"]
+    # A large rate, so that a different or skipped update would show in the mean loss of steps 2-4.
+    assert compiled["train_loss"] == pytest.approx(plain["train_loss"], abs=1e-4)
+    with pytest.raises(ValueError, match="optcompile is an experiment of the bare loop only"):
+        train_throughput.main(["--encoder", str(tiny_encoder_dir), "--runs", "ours+optcompile"])
+
+
 def test_profile_window_writes_each_runs_operators_without_touching_the_timed_steps(
     tiny_encoder_dir, tiny_data_dir, tmp_path
 ):
