@@ -928,6 +928,19 @@ def hardware_summary() -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def compile_shapes_advice(training_args: TrainingArguments, mt_args: MultiTaskArguments) -> str | None:
+    """A compiled run whose batches may take any length compiles and records again and again."""
+    if not training_args.torch_compile or mt_args.pad_to_buckets or mt_args.pad_to_multiple_of:
+        return None
+    mode = training_args.torch_compile_mode or "default"
+    graphs = " and records another CUDA graph" if "reduce-overhead" in mode else ""
+    return (
+        f"--torch_compile true (mode {mode}) without --pad_to_buckets or --pad_to_multiple_of: each new batch "
+        f"length is a new shape, which the compiler meets mid-run{graphs}. Pass --pad_to_buckets 16 32 64 128 "
+        f"for a few fixed shapes (bench/RESULTS.md, 'Session 3: one H100')."
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     use_cpu_backend_without_accelerator()
     threads_note = use_every_core_in_a_lone_cpu_process()
@@ -954,6 +967,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if threads_note:
         logger.info(threads_note)
+    shapes_note = compile_shapes_advice(training_args, mt_args)
+    if shapes_note:
+        logger.warning(shapes_note)
 
     if not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # nothing to pin to; silences a warning per loader

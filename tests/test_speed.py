@@ -300,3 +300,24 @@ def test_joint_loss_keeps_its_gradient_under_inductor(make_model, tasks):
     assert loss.requires_grad and not task_losses["sentiment"].requires_grad
     torch.testing.assert_close(loss, reference_loss(logits, labels, task_ids, model.config.task_names))
     assert float(weights["sentiment"]) == 1.0
+
+
+@pytest.mark.parametrize(
+    "flags, advice",
+    [
+        ([], None),
+        (["--torch_compile", "true"], "each new batch length is a new shape"),
+        (["--torch_compile", "true", "--torch_compile_mode", "reduce-overhead"], "records another CUDA graph"),
+        (["--torch_compile", "true", "--pad_to_buckets", "16", "32"], None),
+        (["--torch_compile", "true", "--pad_to_multiple_of", "8"], None),
+    ],
+)
+def test_compiled_runs_without_fixed_shapes_are_told_about_buckets(tmp_path, flags, advice):
+    import train
+
+    *_, mt_args, training_args = train.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", *flags])
+    note = train.compile_shapes_advice(training_args, mt_args)
+    if advice is None:
+        assert note is None
+    else:
+        assert advice in note and "--pad_to_buckets 16 32 64 128" in note

@@ -143,6 +143,20 @@ def test_train_end_to_end_in_process(tiny_encoder_dir, tiny_data_dir, tmp_path):
     assert config["tasks"][1]["id2label"] == {"0": "not_question", "1": "question"}
 
 
+def test_pad_to_buckets_reaches_every_batch(tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch):
+    import data as mtdata
+
+    widths = []
+    padded_width = mtdata.MultiTaskCollator.padded_width
+    monkeypatch.setattr(
+        mtdata.MultiTaskCollator, "padded_width", lambda self, n: widths.append(padded_width(self, n)) or widths[-1]
+    )
+    args = tiny_run_args(tiny_encoder_dir, tiny_data_dir, tmp_path / "run", "--pad_to_buckets", "32", "8", "16")
+    train.main([*args, "--num_train_epochs", "1", "--gold_eval", "false"])
+    # max_seq_length is 32, so every batch, training and evaluation, has one of the three bucket lengths.
+    assert len(widths) > 10 and set(widths) <= {8, 16, 32}
+
+
 @pytest.mark.integration
 def test_accelerate_launch_with_the_packaged_encoder(tiny_data_dir, tmp_path):
     """The README's entry point, on the real MiniLM and a few hundred real rows."""
