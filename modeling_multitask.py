@@ -9,7 +9,9 @@ from the Hub or from a folder.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +143,21 @@ def _normalise_task(task: dict, index: int) -> dict:
     return {"name": name, "num_labels": num_labels, "id2label": id2label}
 
 
+class _PoolerOnlyLoadReport(logging.Filter):
+    """Drops transformers' load report when all it lists is the checkpoint's pooler weights, left unused on purpose
+    (the encoder is built with add_pooling_layer=False: the heads read a mean-pooled embedding). Any other key, or a
+    report this cannot read, is kept."""
+
+    ROW = re.compile(r"^(\S+)\s*\|\s*([A-Z_]+)\s*\|", re.MULTILINE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        rows = self.ROW.findall(message)
+        return not rows or any(status != "UNEXPECTED" or not key.startswith("pooler.") for key, status in rows)
+
+
 @dataclass
 class MultiTaskOutput(ModelOutput):
     """
@@ -229,7 +246,13 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         weights, and a half-precision checkpoint would otherwise train in half precision.
         """
         encoder_kwargs.setdefault("dtype", torch.float32)
-        encoder = AutoModel.from_pretrained(encoder_name_or_path, add_pooling_layer=False, **encoder_kwargs)
+        report_logger = logging.getLogger("transformers.modeling_utils")
+        quiet_pooler = _PoolerOnlyLoadReport()
+        report_logger.addFilter(quiet_pooler)
+        try:
+            encoder = AutoModel.from_pretrained(encoder_name_or_path, add_pooling_layer=False, **encoder_kwargs)
+        finally:
+            report_logger.removeFilter(quiet_pooler)
         encoder_dict = encoder.config.to_dict()
         for key in ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
             encoder_dict.pop(key, None)

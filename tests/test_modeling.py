@@ -180,3 +180,47 @@ def test_labels_without_task_ids_is_an_error(make_model, tiny_tokenizer):
 def test_config_rejects_nonsense(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MultiTaskConfig(**kwargs)
+
+
+def test_from_encoder_hides_a_load_report_that_lists_only_the_unused_pooler(tmp_path):
+    """An encoder checkpoint with a pooler (MiniLM has one) would print transformers' LOAD REPORT on every run,
+    because the encoder is built without a pooler on purpose. Only that report is hidden."""
+    import logging
+
+    import transformers
+    from conftest import TINY_ENCODER
+    from transformers import AutoModel, BertConfig, BertModel
+
+    import modeling_multitask
+
+    folder = tmp_path / "pooled"
+    BertModel(BertConfig(**{**TINY_ENCODER, "vocab_size": 64}), add_pooling_layer=True).save_pretrained(folder)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("transformers.modeling_utils")
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_warning()
+    log.addHandler(handler)
+    try:
+        AutoModel.from_pretrained(folder, add_pooling_layer=False)  # the plain call does report the pooler
+        reports = [r for r in records if "LOAD REPORT" in r.getMessage()]
+        assert len(reports) == 1 and "pooler.dense.weight" in reports[0].getMessage()
+        records.clear()
+        MultiTaskModel.from_encoder(str(folder), tasks=[{"name": "sentiment", "num_labels": 2}])
+        assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
+    finally:
+        log.removeHandler(handler)
+        transformers.utils.logging.set_verbosity(verbosity)
+
+    keep = modeling_multitask._PoolerOnlyLoadReport()
+    message = reports[0].getMessage()
+
+    def record(text):
+        return logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1, text, None, None)
+
+    assert not keep.filter(record(message))
+    assert keep.filter(record(message.replace("pooler.dense.bias", "encoder.layer.0.output.dense.bias")))
+    assert keep.filter(record(message.replace("| UNEXPECTED", "| MISSING", 1)))
+    assert keep.filter(record("BertModel LOAD REPORT in a layout this filter cannot read"))
+    assert keep.filter(record("some other warning"))
