@@ -1028,6 +1028,21 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
             yield streams[task].pop()
 
 
+def check_padding(pad_to_multiple_of: int | None, pad_to_buckets: Sequence[int] | None) -> tuple[int, ...]:
+    """Validate the padding settings; returns the buckets sorted, without repeats (empty for none)."""
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be a positive length or unset, got {pad_to_multiple_of}.")
+    try:
+        buckets = tuple(sorted({int(b) for b in pad_to_buckets or ()}))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"pad_to_buckets must be a list of lengths (e.g. 16 32 64 128), got {pad_to_buckets!r}."
+        ) from None
+    if buckets and buckets[0] < 1:
+        raise ValueError(f"pad_to_buckets must hold positive lengths, got {list(buckets)}.")
+    return buckets
+
+
 @dataclass
 class MultiTaskCollator:
     """Pads a list of tokenized rows to the longest one and stacks task ids and labels.
@@ -1043,13 +1058,7 @@ class MultiTaskCollator:
     pad_to_buckets: Sequence[int] | None = None
 
     def __post_init__(self):
-        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be a positive length or None, got {self.pad_to_multiple_of}.")
-        if self.pad_to_buckets:
-            buckets = sorted(set(int(b) for b in self.pad_to_buckets))
-            if buckets[0] < 1:
-                raise ValueError(f"pad_to_buckets must hold positive lengths, got {list(self.pad_to_buckets)}.")
-            self.pad_to_buckets = tuple(buckets)
+        self.pad_to_buckets = check_padding(self.pad_to_multiple_of, self.pad_to_buckets) or None
 
     def padded_width(self, longest: int) -> int:
         """The length a batch whose longest row has `longest` tokens is padded to."""

@@ -239,16 +239,7 @@ class MultiTaskArguments:
             raise ValueError(f"task_sampling_temperature must be > 0, got {self.task_sampling_temperature}.")
         if self.loss_weights_learning_rate is not None and self.loss_weights_learning_rate <= 0:
             raise ValueError(f"loss_weights_learning_rate must be > 0, got {self.loss_weights_learning_rate}.")
-        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be a positive length or null, got {self.pad_to_multiple_of}.")
-        try:
-            self.pad_to_buckets = sorted({int(b) for b in self.pad_to_buckets})
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"pad_to_buckets must be a list of lengths (e.g. 16 32 64 128), got {self.pad_to_buckets!r}."
-            ) from None
-        if self.pad_to_buckets and self.pad_to_buckets[0] < 1:
-            raise ValueError(f"pad_to_buckets must hold positive lengths, got {self.pad_to_buckets}.")
+        self.pad_to_buckets = list(mtdata.check_padding(self.pad_to_multiple_of, self.pad_to_buckets))
 
     def weights(self) -> dict[str, float]:
         out = {}

@@ -172,15 +172,20 @@ def _resume_incomplete_checkpoint(ctx):
     )
 
 
-def _max_seq_length_over_positions(ctx):
+def _model_setup(encoder, max_seq_length=128, **mt_kwargs):
+    """check_model_setup on a sentiment-only model: the encoder, data and multi-task settings under test."""
     train.check_model_setup(
-        str(ctx.tiny_encoder_dir),
+        str(encoder),
         [mtdata.TASKS["sentiment"].to_config()],
         {},
-        train.ModelArguments(encoder=str(ctx.tiny_encoder_dir)),
-        train.DataArguments(max_seq_length=256),
-        train.MultiTaskArguments(),
+        train.ModelArguments(encoder=str(encoder)),
+        train.DataArguments(max_seq_length=max_seq_length),
+        train.MultiTaskArguments(**mt_kwargs),
     )
+
+
+def _max_seq_length_over_positions(ctx):
+    _model_setup(ctx.tiny_encoder_dir, max_seq_length=256)
 
 
 def _roberta_encoder(folder, max_position_embeddings=514):
@@ -194,26 +199,11 @@ def _roberta_encoder(folder, max_position_embeddings=514):
 
 
 def _max_seq_length_over_roberta_positions(ctx, max_seq_length=513):
-    encoder = _roberta_encoder(ctx.tmp_path / "roberta")
-    train.check_model_setup(
-        str(encoder),
-        [mtdata.TASKS["sentiment"].to_config()],
-        {},
-        train.ModelArguments(encoder=str(encoder)),
-        train.DataArguments(max_seq_length=max_seq_length),
-        train.MultiTaskArguments(),
-    )
+    _model_setup(_roberta_encoder(ctx.tmp_path / "roberta"), max_seq_length=max_seq_length)
 
 
 def _pad_buckets_over_max_seq_length(ctx):
-    train.check_model_setup(
-        str(ctx.tiny_encoder_dir),
-        [mtdata.TASKS["sentiment"].to_config()],
-        {},
-        train.ModelArguments(encoder=str(ctx.tiny_encoder_dir)),
-        train.DataArguments(max_seq_length=64),
-        train.MultiTaskArguments(pad_to_buckets=[16, 32, 64, 128]),
-    )
+    _model_setup(ctx.tiny_encoder_dir, max_seq_length=64, pad_to_buckets=[16, 32, 64, 128])
 
 
 CASES = [
@@ -303,7 +293,7 @@ CASES = [
     ("pad bucket of length 0", lambda ctx: train.MultiTaskArguments(pad_to_buckets=[0, 16]),
      r"pad_to_buckets must hold positive lengths, got \[0, 16\]"),
     ("pad_to_multiple_of 0", lambda ctx: train.MultiTaskArguments(pad_to_multiple_of=0),
-     r"pad_to_multiple_of must be a positive length or null, got 0"),
+     r"pad_to_multiple_of must be a positive length or unset, got 0"),
 ]
 
 
