@@ -179,8 +179,11 @@ class MultiTaskOutput(ModelOutput):
 
 
 def _is_compiling() -> bool:
+    """Inside torch.compile's tracing or a CUDA graph recording, where reading a tensor on the host is not allowed."""
     compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def pool(token_states: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
@@ -318,7 +321,8 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         if labels is not None:
             if task_ids is None:
                 raise ValueError("forward() got labels without task_ids (or task): cannot tell which head they train.")
-            # The range check reads the ids on the host; skipped inside torch.compile, where it would break the graph.
+            # The range check reads the ids on the host; skipped inside torch.compile (it would break the graph)
+            # and inside CUDA graph recordings (where it is an error).
             if not _is_compiling() and bool(((task_ids < 0) | (task_ids >= len(self.heads))).any()):
                 # Rows with an unknown task id would otherwise train no head and vanish from the loss.
                 raise ValueError(

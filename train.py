@@ -62,6 +62,7 @@ from transformers import (
 )
 
 import checkpoints
+import cuda_graphs
 import data as mtdata
 import hub
 from modeling_multitask import MultiTaskConfig, MultiTaskModel
@@ -223,6 +224,14 @@ class MultiTaskArguments:
         metadata={
             "help": "Pad each batch to the smallest of these lengths that holds it (e.g. 16 32 64 128): a few fixed "
             "shapes, so --torch_compile with CUDA graphs (--torch_compile_mode reduce-overhead) records a few graphs."
+        },
+    )
+    cuda_graphs: bool = field(
+        default=False,
+        metadata={
+            "help": "GPU: record each training step's forward and backward as one CUDA graph per batch shape and "
+            "replay it (cuda_graphs.py). Needs --pad_to_buckets or --pad_to_multiple_of, one process, bf16 or fp32, "
+            "gradient_accumulation_steps 1; combines with --torch_compile in mode default, not reduce-overhead."
         },
     )
     export_sentence_transformers: str = field(
@@ -545,6 +554,11 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
             # on the host every step; _check_finite stops the run instead.
             self.args.logging_nan_inf_filter = False
         self.add_callback(_TaskStatsCallback(self))
+        check_cuda_graphs(self.args, mt_args, device.type == "cuda" or self.emulate_cuda_graphs)
+        self.step_graphs: cuda_graphs.TrainStepGraphs | None = None  # built at the first step (--cuda_graphs)
+
+    # Tests on machines without CUDA set this: --cuda_graphs then runs its bookkeeping with eager "replays".
+    emulate_cuda_graphs = False
 
     # ---- checkpoints: the per-task running statistics resume with the run ----
     def checkpoint_extra_state(self) -> dict:
@@ -602,6 +616,29 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
                 {"params": log_vars, "weight_decay": 0.0, "lr": self.mt_args.loss_weights_learning_rate}
             )
         return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.mt_args.cuda_graphs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # check_cuda_graphs has ruled out what the stock step adds here: gradient accumulation, several GPUs,
+        # fp16 loss scaling.
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        if self.step_graphs is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+
+            def forward_backward(batch):
+                outputs = model(**batch)
+                self.accelerator.backward(outputs.loss)
+                return outputs
+
+            self.step_graphs = cuda_graphs.TrainStepGraphs(forward_backward, params, emulate=self.emulate_cuda_graphs)
+        outputs = self.step_graphs(inputs)
+        self._accumulate(outputs, inputs)
+        if self._check_every_step:
+            self._check_finite(current_step=self.state.global_step + 1)
+        # A copy: the recorded loss is rewritten by the next replay.
+        return outputs.loss.detach().clone()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -919,6 +956,37 @@ def hardware_summary() -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def check_cuda_graphs(training_args: TrainingArguments, mt_args: MultiTaskArguments, cuda: bool) -> None:
+    """`--cuda_graphs true` (`cuda`: the steps run on a CUDA device): refuse what a recording cannot do."""
+    if not mt_args.cuda_graphs:
+        return
+    problems = []
+    if not cuda:
+        problems.append("it needs a CUDA GPU (this run has none); drop --cuda_graphs")
+    if not (mt_args.pad_to_buckets or mt_args.pad_to_multiple_of):
+        problems.append(
+            "every batch length would be a new recording: pass --pad_to_buckets (e.g. 16 32 64 128, the last one "
+            "at most max_seq_length)"
+        )
+    if training_args.gradient_accumulation_steps != 1:
+        problems.append(
+            f"gradient_accumulation_steps is {training_args.gradient_accumulation_steps}: a recorded backward "
+            f"cannot add to the previous micro-batch's gradients; set it to 1 (raise the batch size instead)"
+        )
+    if training_args.world_size > 1:
+        problems.append(f"it runs in one process only, this run has {training_args.world_size}")
+    if training_args.fp16:
+        problems.append("fp16's loss scaler steps outside the recording; use --bf16 true (or fp32)")
+    mode = training_args.torch_compile_mode or "default"
+    if training_args.torch_compile and ("reduce-overhead" in mode or mode == "max-autotune"):
+        problems.append(
+            f"--torch_compile_mode {mode} records CUDA graphs itself; use mode default (or "
+            f"max-autotune-no-cudagraphs) with --cuda_graphs, or drop --cuda_graphs"
+        )
+    if problems:
+        raise ValueError("--cuda_graphs true: " + "; ".join(problems) + ".")
+
+
 def compile_shapes_advice(training_args: TrainingArguments, mt_args: MultiTaskArguments) -> str | None:
     """A compiled run whose batches may take any length compiles and records again and again."""
     if not training_args.torch_compile or mt_args.pad_to_buckets or mt_args.pad_to_multiple_of:
@@ -943,7 +1011,7 @@ def main(argv: list[str] | None = None) -> dict:
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     log_level = training_args.get_process_log_level()
-    for name in (__name__, "data"):
+    for name in (__name__, "data", "cuda_graphs"):
         logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
@@ -958,6 +1026,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if threads_note:
         logger.info(threads_note)
+    on_cuda = torch.cuda.is_available() and not training_args.use_cpu
+    check_cuda_graphs(training_args, mt_args, on_cuda or MultiTaskTrainer.emulate_cuda_graphs)
     shapes_note = compile_shapes_advice(training_args, mt_args)
     if shapes_note:
         logger.warning(shapes_note)
@@ -1050,6 +1120,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"loss_weighting={mt_args.loss_weighting!r} give; resume with the same settings as the run that wrote it."
         ) from err
     train_seconds = time.time() - started
+    if trainer.step_graphs is not None:
+        logger.info("--cuda_graphs: %s", trainer.step_graphs.summary())
 
     last_eval = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
     if last_eval and last_eval[-1].get("step") == trainer.state.global_step:

@@ -10,7 +10,9 @@ Runs (`--runs`, in the order given; the first `stock` run is the reference of th
             schedule): no Trainer. `ours` minus `bare` is what the Trainer loop costs per step.
 A run can carry modifiers joined by '+': bf16, tf32, compile (torch.compile, mode --compile_mode), nogroup (no
 length grouping), pad<N> (pad lengths to a multiple of N), buckets (pad each batch to the smallest of
---pad_buckets that holds it; our collator only), workers<N> (dataloader workers). --bf16, --tf32 and
+--pad_buckets that holds it; our collator only), workers<N> (dataloader workers), graphs (--cuda_graphs:
+forward + backward recorded as one CUDA graph per batch shape; with compile, torch.compile runs in mode default;
+emulated on a CPU, for dry runs). --bf16, --tf32 and
 --torch_compile apply to every run, the stock one included.
 
 The "shapes" column counts the distinct batch shapes a run met, and in brackets how many of them it met first
@@ -63,6 +65,7 @@ class RunSpec:
     pad_to_buckets: tuple[int, ...] | None = None
     workers: int = 0
     optcompile: bool = False
+    cuda_graphs: bool = False
 
 
 def parse_run(name: str, args) -> RunSpec:
@@ -77,6 +80,10 @@ def parse_run(name: str, args) -> RunSpec:
             setattr(spec, mod, True)
         elif mod == "nogroup":
             spec.group = False
+        elif mod == "graphs":
+            if base not in ("ours", "two_task"):
+                raise ValueError(f"--runs: {name!r}: graphs (--cuda_graphs) is an option of our Trainer.")
+            spec.cuda_graphs = True
         elif mod == "optcompile":
             if base != "bare":
                 raise ValueError(f"--runs: {name!r}: optcompile is an experiment of the bare loop only.")
@@ -92,7 +99,7 @@ def parse_run(name: str, args) -> RunSpec:
         else:
             raise ValueError(
                 f"--runs: unknown modifier {mod!r} in {name!r}; use bf16, tf32, compile, nogroup, pad<N>, buckets, "
-                f"workers<N>, optcompile (bare only)."
+                f"workers<N>, graphs (ours, two_task), optcompile (bare only)."
             )
     return spec
 
@@ -256,7 +263,8 @@ def training_arguments(args, spec: RunSpec, device: str, output_dir: str, **over
         # Explicit on GPU: TF32 is process-wide state, and a compiled run would otherwise leave it on for the next.
         tf32=spec.tf32 if device == "cuda" else None,
         torch_compile=spec.compile,
-        torch_compile_mode=args.compile_mode if spec.compile else None,
+        # --cuda_graphs records the step itself: the compiler then only fuses kernels (mode default).
+        torch_compile_mode=("default" if spec.cuda_graphs else args.compile_mode) if spec.compile else None,
         use_cpu=device == "cpu",
     )
     return TrainingArguments(**{**settings, **overrides})
@@ -299,6 +307,7 @@ def build_ours(args, spec, device, tokenizer, encoder_path, mt, output_dir, trai
         length_grouping=spec.group,
         pad_to_multiple_of=spec.pad_to_multiple_of,
         pad_to_buckets=list(spec.pad_to_buckets or []),
+        cuda_graphs=spec.cuda_graphs,
     )
     collator = CountingCollator(
         mtdata.MultiTaskCollator(tokenizer.pad_token_id, spec.pad_to_multiple_of, spec.pad_to_buckets)
@@ -461,8 +470,12 @@ def run_one(args, spec: RunSpec, device: str, tokenizer, encoder_path, prepared:
         trainer.add_callback(ProfileWindow(args, spec, device))
         trainer.remove_callback(PrinterCallback)  # the table is the output
         result = trainer.train()
+        graphs = trainer.step_graphs.summary() if getattr(trainer, "step_graphs", None) else None
     del trainer
-    return result_row(args, spec, clock, collator, memory, result.training_loss)
+    row = result_row(args, spec, clock, collator, memory, result.training_loss)
+    if graphs:
+        row["cuda_graphs"] = graphs  # recordings, replays and eager steps of --cuda_graphs
+    return row
 
 
 def result_row(args, spec: RunSpec, clock, collator, memory, train_loss: float) -> dict:
@@ -521,6 +534,11 @@ def main(argv: list[str] | None = None) -> dict:
     specs = [parse_run(name, args) for name in args.runs]
     if device == "cpu" and any(s.tf32 for s in specs):
         raise ValueError("tf32 is a GPU setting; drop it (and --tf32) on CPU.")
+    if device == "cpu" and any(s.cuda_graphs for s in specs):
+        from train import MultiTaskTrainer
+
+        logger.warning("graphs on a CPU: emulated (eager replays), for dry runs only; its figures mean nothing.")
+        MultiTaskTrainer.emulate_cuda_graphs = True
     encoder_path = resolve_encoder(args.encoder)
     probe_dir = None
     if args.overhead_probe:

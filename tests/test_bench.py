@@ -112,6 +112,24 @@ def test_overhead_probe_keeps_the_structure_and_shrinks_the_width(tiny_encoder_d
     assert (Path(folder) / "model.safetensors").exists() and (Path(folder) / "tokenizer_config.json").exists()
 
 
+def test_train_throughput_graphs_run_records_and_trains_like_ours(
+    tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    """`graphs` (--cuda_graphs) on a CPU is emulated: the same losses as `ours`, with recordings and replays."""
+    import train
+    import train_throughput
+
+    monkeypatch.setattr(train.MultiTaskTrainer, "emulate_cuda_graphs", False)  # restored after the bench sets it
+    argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(tiny_data_dir), "--device", "cpu"]
+    argv += ["--out", str(tmp_path / "R.md"), "--steps", "4", "--warmup_steps", "4", "--max_train_samples", "128"]
+    result = train_throughput.main([*argv, "--pad_buckets", "64", "--runs", "ours+buckets", "ours+buckets+graphs"])
+    plain, graphs = result["results"]
+    assert graphs["settings"]["cuda_graphs"] and "cuda_graphs" not in plain
+    assert graphs["cuda_graphs"]["graphs"] >= 1 and graphs["cuda_graphs"]["replays"] >= 1
+    assert sum(graphs["cuda_graphs"].values()) - graphs["cuda_graphs"]["graphs"] == 8  # every step ran once
+    assert graphs["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
+
+
 def test_train_throughput_rejects_an_unknown_run(tiny_encoder_dir):
     import train_throughput
 
@@ -119,6 +137,8 @@ def test_train_throughput_rejects_an_unknown_run(tiny_encoder_dir):
         train_throughput.main(["--encoder", str(tiny_encoder_dir), "--runs", "ours+fp8"])
     with pytest.raises(ValueError, match="DataCollatorWithPadding has no length buckets; use pad<N>"):
         train_throughput.main(["--encoder", str(tiny_encoder_dir), "--runs", "stock+buckets"])
+    with pytest.raises(ValueError, match=r"graphs \(--cuda_graphs\) is an option of our Trainer"):
+        train_throughput.main(["--encoder", str(tiny_encoder_dir), "--runs", "stock+graphs"])
 
 
 def test_counting_collator_reports_shapes_first_met_in_the_timed_steps():

@@ -206,6 +206,15 @@ def _pad_buckets_over_max_seq_length(ctx):
     _model_setup(ctx.tiny_encoder_dir, max_seq_length=64, pad_to_buckets=[16, 32, 64, 128])
 
 
+def _cuda_graphs(ctx, cuda=True, buckets=(16, 32), **training):
+    """check_cuda_graphs with --cuda_graphs true; `cuda`: whether the run has a CUDA device."""
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(ctx.tmp_path / "run"), report_to="none", **training)
+    mt_args = train.MultiTaskArguments(cuda_graphs=True, pad_to_buckets=list(buckets))
+    train.check_cuda_graphs(args, mt_args, cuda=cuda)
+
+
 CASES = [
     ("unknown config key", _unknown_config_key, r"unknown key 'learning_rat'\. Did you mean 'learning_rate'\?"),
     ("unknown task definition key", _unknown_definition_key,
@@ -294,6 +303,16 @@ CASES = [
      r"pad_to_buckets must hold positive lengths, got \[0, 16\]"),
     ("pad_to_multiple_of 0", lambda ctx: train.MultiTaskArguments(pad_to_multiple_of=0),
      r"pad_to_multiple_of must be a positive length or unset, got 0"),
+    ("cuda_graphs without a GPU", lambda ctx: _cuda_graphs(ctx, cuda=False),
+     r"--cuda_graphs true: it needs a CUDA GPU \(this run has none\); drop --cuda_graphs\.$"),
+    ("cuda_graphs without fixed batch shapes", lambda ctx: _cuda_graphs(ctx, buckets=()),
+     r"--cuda_graphs true: every batch length would be a new recording: pass --pad_to_buckets \(e\.g\. 16 32 64"),
+    ("cuda_graphs with gradient accumulation", lambda ctx: _cuda_graphs(ctx, gradient_accumulation_steps=4),
+     r"gradient_accumulation_steps is 4: a recorded backward cannot add to the previous micro-batch's gradients; "
+     r"set it to 1"),
+    ("cuda_graphs inside torch.compile's own CUDA graphs",
+     lambda ctx: _cuda_graphs(ctx, torch_compile=True, torch_compile_mode="reduce-overhead"),
+     r"--torch_compile_mode reduce-overhead records CUDA graphs itself; use mode default"),
 ]
 
 
