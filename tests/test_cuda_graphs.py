@@ -38,26 +38,31 @@ def batches(device="cpu", steps=10):
     return out
 
 
-def train_steps(model, data, graphs: bool, emulate: bool = True, **kwargs):
-    """Forward, backward, clip, AdamW, zero_grad per batch, as the Trainer steps; returns the losses and the runner."""
-    model.train()
+def runner_for(model, **kwargs) -> tuple[cuda_graphs.TrainStepGraphs, list[torch.nn.Parameter]]:
+    """A TrainStepGraphs over the model's forward + backward, and the trainable parameters it fills."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
 
     def forward_backward(batch):
         outputs = model(**batch)
         outputs.loss.backward()
         return outputs
 
-    runner = cuda_graphs.TrainStepGraphs(forward_backward, params, emulate=emulate, **kwargs) if graphs else None
+    return cuda_graphs.TrainStepGraphs(forward_backward, params, **kwargs), params
+
+
+def train_steps(model, data, graphs: bool, emulate: bool = True, **kwargs):
+    """Forward, backward, clip, AdamW, zero_grad per batch, as the Trainer steps; returns the losses and the runner."""
+    model.train()
+    runner, params = runner_for(model, emulate=emulate, **kwargs)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
     losses = []
     for batch in data:
-        outputs = runner(batch) if runner else forward_backward(batch)
-        losses.append(outputs.loss.item())
+        # No output is kept across steps, as in the Trainer (a kept one holds the autograd graph alive).
+        losses.append((runner(batch) if graphs else runner.step(batch)).loss.item())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return losses, runner
+    return losses, runner if graphs else None
 
 
 def test_recorded_steps_train_exactly_like_eager_ones(make_model):
@@ -82,15 +87,8 @@ def test_gradients_reach_the_optimizer_after_every_replay(make_model):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     changed_per_step = []
     data = [batches()[1]] * 5  # one shape: 2 eager steps, a recording, 2 more replays
-    params = [p for p in model.parameters() if p.requires_grad]
+    runner, params = runner_for(model, emulate=True)
     optimizer = torch.optim.SGD(params, lr=0.1)
-
-    def forward_backward(batch):
-        outputs = model(**batch)
-        outputs.loss.backward()
-        return outputs
-
-    runner = cuda_graphs.TrainStepGraphs(forward_backward, params, emulate=True)
     for batch in data:
         runner(batch)
         assert all(p.grad is not None for p in params)
@@ -115,14 +113,7 @@ def test_graph_limit_and_warmup(make_model):
 
 def test_recording_refuses_leftover_gradients(make_model):
     model = make_model()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def forward_backward(batch):
-        outputs = model(**batch)
-        outputs.loss.backward()
-        return outputs
-
-    runner = cuda_graphs.TrainStepGraphs(forward_backward, params, warmup=1, emulate=True)
+    runner, _ = runner_for(model, warmup=1, emulate=True)
     batch = batches()[1]
     runner(batch)  # eager warm-up; its gradients are not cleared before the next step
     with pytest.raises(RuntimeError, match=r"parameters still hold a gradient .* zero_grad\(set_to_none=True\)"):
@@ -180,14 +171,7 @@ def test_cuda_recorded_steps_match_eager_steps(make_model):
 def test_cuda_replays_draw_new_dropout_masks(make_model):
     model = make_model(classifier_dropout=0.5).cuda()
     batch = batches("cuda")[1]
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def forward_backward(inputs):
-        outputs = model(**inputs)
-        outputs.loss.backward()
-        return outputs
-
-    runner = cuda_graphs.TrainStepGraphs(forward_backward, params, warmup=1, emulate=False)
+    runner, _ = runner_for(model, warmup=1, emulate=False)
     model.train()
     losses = []
     for _ in range(5):  # the weights never change (no optimizer): only dropout moves the loss
