@@ -977,6 +977,11 @@ def check_cuda_graphs(training_args: TrainingArguments, mt_args: MultiTaskArgume
         problems.append(f"it runs in one process only, this run has {training_args.world_size}")
     if training_args.fp16:
         problems.append("fp16's loss scaler steps outside the recording; use --bf16 true (or fp32)")
+    if training_args.activation_checkpointing:
+        problems.append(
+            "activation (gradient) checkpointing is not supported with it (its recomputation saves and restores "
+            "the random state, which a recording cannot; untested): drop --activation_checkpointing"
+        )
     mode = training_args.torch_compile_mode or "default"
     if training_args.torch_compile and ("reduce-overhead" in mode or mode == "max-autotune"):
         problems.append(

@@ -4,7 +4,8 @@
 # length buckets (16 32 64 128), after a warm-up long enough to meet every bucket first (the "shapes (new when
 # timed)" column says whether it did). Phase pad8 reruns session 1's pad8 setting with the long warm-up.
 # Ran in session 3 on an H100 (three calls; bench/RESULTS.md, "Session 3: one H100"). Extra runs for a later
-# session: EXTRA_RUNS="ours+bf16+compile+buckets+workers2 bare+bf16+compile+buckets+optcompile" adds a phase.
+# session: EXTRA_RUNS="ours+bf16+compile+buckets+workers2 bare+bf16+compile+buckets+optcompile" adds a phase
+# (session 4 measured --cuda_graphs instead: bench/gpu_session4.sh).
 # On the device machine, from the repo root, carrying .device-bundle:  OUT=... bash bench/gpu_session3.sh
 # Dry run on CPU (figures meaningless): OUT=/tmp/g BENCH_DEVICE=cpu BENCH_STEPS="--steps 3 --warmup_steps 2
 #     --max_train_samples 300" ENCODER=<encoder folder> DATA_DIR=../shared/data bash bench/gpu_session3.sh

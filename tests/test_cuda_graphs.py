@@ -8,6 +8,9 @@ tests marked `cuda` run the real recordings and are skipped without a GPU; they 
 
 from __future__ import annotations
 
+import ast
+import logging
+
 import pytest
 import torch
 
@@ -148,6 +151,40 @@ def flatten(tree, prefix="") -> dict[str, float]:
     if isinstance(tree, list):
         return {k: v for i, value in enumerate(tree) for k, v in flatten(value, f"{prefix}[{i}]").items()}
     return {prefix: float(tree)} if isinstance(tree, (int, float)) else {}
+
+
+def test_trainer_with_cuda_graphs_freezing_learned_weights_and_resume(
+    tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch, caplog
+):
+    """Frozen layers stay out of the recording, the learned loss weights train in it, and a run resumed from a
+    checkpoint (its recordings start afresh) ends on the same weights as the uninterrupted run and the plain one."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(train.MultiTaskTrainer, "emulate_cuda_graphs", True)
+    flags = ["--pad_to_buckets", "16", "32", "--max_steps", "12", "--eval_strategy", "no", "--gold_eval", "false",
+             "--freeze", "layers:0-0", "--loss_weighting", "uncertainty", "--loss_weights_learning_rate", "1e-2",
+             "--save_strategy", "steps", "--save_steps", "6"]  # fmt: skip
+    runs = {
+        "plain": flags,
+        "graphs": [*flags, "--cuda_graphs", "true"],
+        "resumed": [*flags, "--cuda_graphs", "true", "--resume_from_checkpoint", str(tmp_path / "graphs/checkpoint-6")],
+    }
+    weights, replays = {}, {}
+    for name, extra in runs.items():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="train"):
+            train.main(tiny_run_args(tiny_encoder_dir, tiny_data_dir, tmp_path / name, *extra))
+        weights[name] = load_file(tmp_path / name / "model.safetensors")
+        summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--cuda_graphs: ")]
+        replays[name] = ast.literal_eval(summary[0].split(": ", 1)[1])["replays"] if summary else None
+    assert replays["plain"] is None and replays["graphs"] > 0 and replays["resumed"] > 0
+    start = load_file(tmp_path / "graphs" / "checkpoint-6" / "model.safetensors")
+    for key, value in weights["plain"].items():
+        torch.testing.assert_close(weights["graphs"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(weights["resumed"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    frozen = [k for k in start if "encoder.layer.0." in k]
+    assert frozen and all(torch.equal(weights["graphs"][k], start[k]) for k in frozen)
+    assert not torch.equal(weights["graphs"]["loss_log_vars"], start["loss_log_vars"])  # trained after step 6
 
 
 # ---- real CUDA graphs (skipped without a GPU) ----

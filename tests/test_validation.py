@@ -310,6 +310,8 @@ CASES = [
     ("cuda_graphs with gradient accumulation", lambda ctx: _cuda_graphs(ctx, gradient_accumulation_steps=4),
      r"gradient_accumulation_steps is 4: a recorded backward cannot add to the previous micro-batch's gradients; "
      r"set it to 1"),
+    ("cuda_graphs with activation checkpointing", lambda ctx: _cuda_graphs(ctx, activation_checkpointing=True),
+     r"activation \(gradient\) checkpointing is not supported with it .*: drop --activation_checkpointing"),
     ("cuda_graphs inside torch.compile's own CUDA graphs",
      lambda ctx: _cuda_graphs(ctx, torch_compile=True, torch_compile_mode="reduce-overhead"),
      r"--torch_compile_mode reduce-overhead records CUDA graphs itself; use mode default"),
