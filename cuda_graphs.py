@@ -24,40 +24,15 @@ the step eagerly and copying its results into the recorded tensors.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils import _pytree as pytree  # transformers registers ModelOutput with it
 
 logger = logging.getLogger(__name__)
-
-
-def _tensors(tree) -> list[torch.Tensor]:
-    """The tensors of a (nested) output in a fixed order: dataclass/dict values, list items."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for value in tree.values() for t in _tensors(value)]
-    if isinstance(tree, (list, tuple)):
-        return [t for value in tree for t in _tensors(value)]
-    return []
-
-
-def _detached(tree):
-    """The same (nested) output with every tensor detached: same memory, no autograd graph."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach()
-    if isinstance(tree, dict):
-        out = copy.copy(tree)  # keeps the class (a ModelOutput stays a ModelOutput)
-        for key, value in tree.items():
-            out[key] = _detached(value)
-        return out
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_detached(value) for value in tree)
-    return tree
 
 
 @dataclass
@@ -158,7 +133,7 @@ class TrainStepGraphs:
             p.grad = None
         # Detached views of the same memory: the recorded autograd graph is freed (holding it would keep the
         # recording's AccumulateGrad nodes, bound to the recording stream, alive for the eager steps of other shapes).
-        return _Recording(graph, static, _detached(outputs), grads)
+        return _Recording(graph, static, pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, outputs), grads)
 
     def _replay(self, recording: _Recording) -> None:
         if not self.emulate:
@@ -167,7 +142,7 @@ class TrainStepGraphs:
         for p in self.params:
             p.grad = None
         fresh = self.step(recording.inputs)
-        for old, new in zip(_tensors(recording.outputs), _tensors(fresh)):
+        for old, new in zip(pytree.tree_leaves(recording.outputs), pytree.tree_leaves(fresh), strict=True):
             old.copy_(new.detach())
         for p, grad in zip(self.params, recording.grads):
             if grad is not None:

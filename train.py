@@ -948,7 +948,8 @@ def plot_curves(metrics: dict, output_dir: Path) -> list[str]:
 def hardware_summary() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    processor = platform.processor() or platform.machine()
+    return f"CPU ({processor}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1031,6 +1032,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if threads_note:
         logger.info(threads_note)
+    # Here, before any output is written; MultiTaskTrainer checks again for callers that build it directly (bench/).
     on_cuda = torch.cuda.is_available() and not training_args.use_cpu
     check_cuda_graphs(training_args, mt_args, on_cuda or MultiTaskTrainer.emulate_cuda_graphs)
     shapes_note = compile_shapes_advice(training_args, mt_args)

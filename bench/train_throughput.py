@@ -28,8 +28,9 @@ the device synchronised at both ends.
     python bench/train_throughput.py --device cuda --runs stock ours ours+bf16+compile two_task --steps 300
 
 `--overhead_probe` swaps the encoder for a random one of the same structure (same layers, same operators per
-step) but 8 wide with one attention head: the arithmetic all but vanishes and each step costs its host work, Python and operator dispatch. That is
-the regime of a GPU at batch size 32 (launch-bound), measurable on a CPU. Its accuracy means nothing.
+step) but 8 wide with one attention head: the arithmetic all but vanishes and each step costs its host work,
+Python and operator dispatch. That is the regime of a GPU at batch size 32 (launch-bound), measurable on a CPU.
+Its accuracy means nothing.
 """
 
 from __future__ import annotations
