@@ -2,7 +2,7 @@
 
 At batch size 32 a small encoder keeps an H100 busy for 2-5 ms per step, while the host spends 20-30 ms
 launching its few hundred kernels one by one (bench/RESULTS.md). With this, MiniLM steps in 4.8 ms on an H100:
-4.2-4.5x the stock Trainer (bench/RESULTS.md, "Session 4"). A CUDA graph records those launches once and
+4.2-4.5x the stock Trainer (measured in bench/RESULTS.md). A CUDA graph records those launches once and
 replays them with one call. `torch.compile(mode="reduce-overhead")` records the forward and the backward as
 separate graphs and keeps the Trainer's Python around them; this records forward + backward as one graph and
 leaves the rest of the step (clipping, the optimizer, logging) to the Trainer as usual.

@@ -4,6 +4,8 @@
     model.encoder + tokenizer --> 0_Transformer/ + 1_Pooling/ + modules.json (SentenceTransformer(folder) works)
     folder --(HfApi.create_repo + upload_folder)--> https://huggingface.co/<repo id>
 
+What the card says about each task (description, training sources, label names) and each eval set (dataset,
+split) is read from metrics.json, which train.py writes from the task definitions: custom tasks get the same card.
 `train.py` calls these at the end of a run. The command line re-does one step on an existing folder:
 
     python hub.py card runs/quick [--model_id me/multitask-minilm]    # re-render README.md from metrics.json
@@ -20,15 +22,12 @@ import logging
 import os
 from pathlib import Path
 
-import data as mtdata
-
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
 CARD_TEMPLATE = ROOT / "model_card.md"
 PLOTS = ("loss_curves.png", "accuracy_curves.png")
 # The metrics of the model-index, as (metrics.json key, display name, metric args).
 CARD_METRICS = (("accuracy", "Accuracy", None), ("f1", "Macro F1", {"average": "macro"}))
-DATASET_NAMES = {"stanfordnlp/sst2": "SST-2", "CogComp/trec": "TREC", "li2017dailydialog/daily_dialog": "DailyDialog"}
 LICENSE = "apache-2.0"  # the packaged encoder's (all-MiniLM-L6-v2) licence
 
 # sentence-transformers layout: the encoder (a plain transformers model) in a subfolder, then mean pooling.
@@ -61,38 +60,23 @@ def hub_id_or_none(name: str | None) -> str | None:
     return name
 
 
-def dataset_display(source: mtdata.Source) -> str:
-    name = DATASET_NAMES.get(source.dataset, source.dataset)
-    extra = f", {source.transform.__name__.replace('_', ' ')}" if source.transform is not None else ""
-    return f"{name} {source.split}{extra}"
+def eval_set_info(name: str, entry: dict) -> dict:
+    """Where an eval set's rows come from: the Hub dataset id, a readable name and the split.
 
-
-def eval_set_info(name: str, task: str) -> dict:
-    """Where an eval set's rows come from: the Hub dataset id, a readable name and the split."""
-    spec = mtdata.TASKS.get(task)
-    if spec is not None:
-        for ev in spec.eval:
-            if ev.name == name:
-                return {"type": ev.source.dataset, "name": dataset_display(ev.source), "split": ev.source.split}
-        if spec.holdout_name == name:
-            pool = " + ".join(DATASET_NAMES.get(s.dataset, s.dataset) for s in spec.train)
-            kind = "heuristic labels" if spec.label_fn is not None else "gold labels"
-            return {
-                "type": spec.train[0].dataset,
-                "name": f"held-out part of the {task} training pool ({pool} {spec.train[0].split}, {kind})",
-                "split": f"{spec.train[0].split} (held out)",
-            }
-    return {"type": name, "name": name, "split": "validation"}
+    train.py writes them into metrics.json's `eval_sets` entry (outputs.eval_set_card_info); a metrics.json
+    from before that names only the set.
+    """
+    return {
+        "type": entry.get("dataset", name),
+        "name": entry.get("dataset_name", name),
+        "split": entry.get("split", "validation"),
+    }
 
 
 def training_datasets(metrics: dict) -> list[str]:
     """Hub ids of every dataset the run trained or was evaluated on."""
-    ids = []
-    for task in metrics["tasks"]:
-        spec = mtdata.TASKS.get(task["name"])
-        if spec is not None:
-            ids += [s.dataset for s in spec.train]
-    ids += [eval_set_info(n, e["task"])["type"] for n, e in metrics["eval_sets"].items()]
+    ids = [source["dataset"] for task in metrics["tasks"] for source in task.get("sources", [])]
+    ids += [eval_set_info(n, e)["type"] for n, e in metrics["eval_sets"].items()]
     return list(dict.fromkeys(ids))
 
 
@@ -108,7 +92,7 @@ def eval_results(metrics: dict) -> list:
     results = []
     for name, values in metrics["final"].items():
         task = metrics["eval_sets"][name]["task"]
-        info = eval_set_info(name, task)
+        info = eval_set_info(name, metrics["eval_sets"][name])
         for key, display, args in CARD_METRICS:
             if key not in values:
                 continue
@@ -239,15 +223,15 @@ def card_context(metrics: dict, config: dict, model_id: str, folder: Path, image
     eval_sets = metrics["eval_sets"]
     tasks = []
     for task in metrics["tasks"]:
-        spec = mtdata.TASKS.get(task["name"])
         labels = [task["id2label"][k] for k in sorted(task["id2label"], key=int)]
+        sources = task.get("sources", [])
         names = [n for n, e in eval_sets.items() if e["task"] == task["name"]]
         tasks.append(
             {
                 "name": task["name"],
                 "labels": labels,
-                "description": spec.description if spec is not None else "",
-                "trained_on": " + ".join(dataset_display(s) for s in spec.train) if spec is not None else "–",
+                "description": task.get("description", ""),
+                "trained_on": " + ".join(s["display"] for s in sources) if sources else "–",
                 "eval_sets": names,
                 "epoch_table": _epoch_table(metrics, task["name"], names),
             }
@@ -260,7 +244,7 @@ def card_context(metrics: dict, config: dict, model_id: str, folder: Path, image
                 "name": name,
                 "task": entry["task"],
                 "rows": f"{entry['rows']:,}",
-                "dataset": eval_set_info(name, entry["task"])["name"],
+                "dataset": eval_set_info(name, entry)["name"],
                 "acc_before": _fmt(before.get("accuracy")),
                 "acc_after": _fmt(after.get("accuracy")),
                 "f1_before": _fmt(before.get("f1")),

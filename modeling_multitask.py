@@ -122,6 +122,14 @@ class MultiTaskConfig(PretrainedConfig):
         return AutoConfig.for_model(encoder.pop("model_type"), **encoder)
 
 
+def encoder_config_dict(encoder_config: PretrainedConfig) -> dict:
+    """The encoder's config as `MultiTaskConfig.encoder` stores it: without the keys of one particular save."""
+    encoder = encoder_config.to_dict()
+    for key in ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        encoder.pop(key, None)
+    return encoder
+
+
 def _normalise_task(task: dict, index: int) -> dict:
     if not isinstance(task, dict) or "name" not in task:
         raise ValueError(f"MultiTaskConfig: task #{index} must be a dict with a 'name', got {task!r}.")
@@ -236,14 +244,18 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
     def from_encoder(
         cls,
         encoder_name_or_path: str,
-        tasks: list[dict],
+        tasks: list[dict] | None = None,
         pooling: str = "mean",
         classifier_dropout: float = 0.1,
         loss_weighting: str = "static",
         task_weights: dict[str, float] | None = None,
+        config: MultiTaskConfig | None = None,
         **encoder_kwargs,
     ) -> "MultiTaskModel":
         """Start from pretrained encoder weights (a Hub id or a local folder) with freshly initialised heads.
+
+        `config`: a `MultiTaskConfig` already built on this encoder's config (train.py builds it once, in its
+        checks); the task and head arguments are then ignored.
 
         Weights load as float32 unless `dtype` is given: mixed precision (bf16/fp16 autocast) wants fp32 master
         weights, and a half-precision checkpoint would otherwise train in half precision.
@@ -256,18 +268,16 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
             encoder = AutoModel.from_pretrained(encoder_name_or_path, add_pooling_layer=False, **encoder_kwargs)
         finally:
             report_logger.removeFilter(quiet_pooler)
-        encoder_dict = encoder.config.to_dict()
-        for key in ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
-            encoder_dict.pop(key, None)
-        config = MultiTaskConfig(
-            encoder=encoder_dict,
-            tasks=tasks,
-            pooling=pooling,
-            classifier_dropout=classifier_dropout,
-            loss_weighting=loss_weighting,
-            task_weights=task_weights,
-            encoder_name_or_path=str(encoder_name_or_path),
-        )
+        if config is None:
+            config = MultiTaskConfig(
+                encoder=encoder_config_dict(encoder.config),
+                tasks=tasks,
+                pooling=pooling,
+                classifier_dropout=classifier_dropout,
+                loss_weighting=loss_weighting,
+                task_weights=task_weights,
+                encoder_name_or_path=str(encoder_name_or_path),
+            )
         model = cls(config)
         model.encoder.load_state_dict(encoder.state_dict())
         model.to(encoder.dtype)

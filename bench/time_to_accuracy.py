@@ -94,6 +94,7 @@ def stock_accuracy(prediction) -> dict[str, float]:
 
 
 def run_one(args, spec: tt.RunSpec, device: str, tokenizer, encoder_path, prepared: dict) -> dict:
+    import outputs
     import train
 
     free_memory(device)
@@ -137,7 +138,7 @@ def run_one(args, spec: tt.RunSpec, device: str, tokenizer, encoder_path, prepar
                 output_dir,
                 training_args=training_args,
                 eval_dataset={"sentiment": mt.eval_sets["sentiment"]},
-                compute_metrics=train.build_compute_metrics(),
+                compute_metrics=outputs.build_compute_metrics(),
             )
             metric = "eval_sentiment_accuracy"
         eval_rows = len(prepared["stock_eval"] if spec.base == "stock" else prepared[spec.base].eval_sets["sentiment"])

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import checkpoints
+import checks
 import data as mtdata
 import train
 
@@ -214,7 +215,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_the_previous_one(
 
 def test_resume_auto_without_checkpoint_starts_fresh_in_an_empty_folder(tmp_path):
     args = train.TrainingArguments(output_dir=str(tmp_path / "new"), resume_from_checkpoint="auto", report_to="none")
-    assert train.check_output_dir(args, train.MultiTaskArguments()) is None
+    assert checks.check_output_dir(args, train.MultiTaskArguments()) is None
     assert not (tmp_path / "new").exists()
 
 

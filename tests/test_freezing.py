@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import changed_and_unchanged, optimizer_parameter_ids, run_main, tiny_argv
 
+import freezing
 import train
 from modeling_multitask import MultiTaskConfig, MultiTaskModel
 
@@ -33,7 +34,7 @@ def model_with_layers(num_layers: int, **config) -> MultiTaskModel:
 
 
 def frozen_layers(model) -> list[int]:
-    layers = train.encoder_layers(model)
+    layers = freezing.encoder_layers(model)
     return [i for i, layer in enumerate(layers) if not any(p.requires_grad for p in layer.parameters())]
 
 
@@ -57,7 +58,7 @@ def frozen_layers(model) -> list[int]:
 )
 def test_spec_selects_parameters(make_model, freeze, unfreeze, expected_frozen_prefixes):
     model = make_model()
-    trainable, total = train.apply_freezing(model, freeze, unfreeze)
+    trainable, total = freezing.apply_freezing(model, freeze, unfreeze)
     expected = {n for n in all_names(model) if n.startswith(tuple(expected_frozen_prefixes))}
     assert frozen_names(model) == expected
     assert total == sum(p.numel() for p in model.parameters())
@@ -68,8 +69,8 @@ def test_all_differs_from_encoder_only_by_what_lies_outside_encoder_and_heads(ma
     # With learned loss weights the model has a third kind of parameter: `all` + heads freezes it (a pure
     # linear probe, weights stay 1), `encoder` leaves it training.
     probe, encoder_frozen = make_model(loss_weighting="uncertainty"), make_model(loss_weighting="uncertainty")
-    train.apply_freezing(probe, ["all"], ["heads"])
-    train.apply_freezing(encoder_frozen, ["encoder"])
+    freezing.apply_freezing(probe, ["all"], ["heads"])
+    freezing.apply_freezing(encoder_frozen, ["encoder"])
     assert frozen_names(probe) - frozen_names(encoder_frozen) == {"loss_log_vars"}
     assert not probe.loss_log_vars.requires_grad and encoder_frozen.loss_log_vars.requires_grad
 
@@ -89,7 +90,7 @@ def test_all_differs_from_encoder_only_by_what_lies_outside_encoder_and_heads(ma
 )
 def test_layer_ranges_scale_by_fraction(num_layers, spec, expected):
     model = model_with_layers(num_layers)
-    train.apply_freezing(model, [spec])
+    freezing.apply_freezing(model, [spec])
     assert frozen_layers(model) == expected
     assert all(p.requires_grad for p in model.encoder.embeddings.parameters())
     assert all(p.requires_grad for p in model.heads.parameters())
@@ -98,9 +99,9 @@ def test_layer_ranges_scale_by_fraction(num_layers, spec, expected):
 def test_layer_range_beyond_depth_names_the_fix():
     model = model_with_layers(6)
     with pytest.raises(ValueError, match=r"does not fit a 6-layer encoder.*'layers:0-6/12'"):
-        train.apply_freezing(model, ["layers:0-6"])
+        freezing.apply_freezing(model, ["layers:0-6"])
     with pytest.raises(ValueError, match=r"layer range 5-2"):
-        train.apply_freezing(model, ["layers:5-2"])
+        freezing.apply_freezing(model, ["layers:5-2"])
 
 
 @pytest.mark.parametrize(
@@ -114,7 +115,7 @@ def test_layer_range_beyond_depth_names_the_fix():
 )
 def test_bad_specs_raise(make_model, freeze, unfreeze, message):
     with pytest.raises(ValueError, match=message):
-        train.apply_freezing(make_model(), freeze, unfreeze)
+        freezing.apply_freezing(make_model(), freeze, unfreeze)
 
 
 def test_yaml_scalar_is_one_spec(tmp_path):

@@ -342,11 +342,11 @@ def test_render_card_names_a_missing_metrics_file(tmp_path):
 
 def test_eval_sets_sharing_a_prefix_stay_apart():
     """'question' is a prefix of 'question_gold': its metrics must not absorb the gold set's keys."""
-    import train
+    import outputs
 
     flat = {"eval_question_accuracy": 0.5, "eval_question_gold_accuracy": 0.9, "eval_question_gold_noqm_f1": 0.7,
             "eval_question_runtime": 1.0, "epoch": 1.0}  # fmt: skip
-    split = train.split_eval_metrics(flat, ["question", "question_gold", "question_gold_noqm"])
+    split = outputs.split_eval_metrics(flat, ["question", "question_gold", "question_gold_noqm"])
     assert split == {"question": {"accuracy": 0.5}, "question_gold": {"accuracy": 0.9}, "question_gold_noqm": {"f1": 0.7}}
 
 
@@ -498,12 +498,13 @@ def test_export_option_writes_a_separate_folder(tiny_run, make_model, tiny_token
     from sentence_transformers import SentenceTransformer
     from transformers import TrainingArguments
 
+    import outputs
     import train
 
     out, st_dir = tmp_path / "out", tmp_path / "st"
     model = make_model()
     args = TrainingArguments(output_dir=str(out), report_to="none")
-    names = train.save_outputs(
+    names = outputs.save_outputs(
         model, tiny_tokenizer, _saved_metrics(tiny_run.out), args, export_sentence_transformers=str(st_dir)
     )
     assert "modules.json" not in names and not (out / "0_Transformer").exists()
@@ -512,3 +513,72 @@ def test_export_option_writes_a_separate_folder(tiny_run, make_model, tiny_token
     assert got.sub(_pooled(model, tiny_tokenizer, TEXTS)).abs().max() <= 1e-5
     parsed = train.parse_args(["--output_dir", str(out), "--export_sentence_transformers", "none"])
     assert parsed[2].export_sentence_transformers == "none"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cards of custom tasks and of older runs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _topic_split(folder: Path, split: str, n: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"{'a fine' if i % 2 else 'a dull'} film, take {i}" for i in range(n)]
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": texts, "label": [i % 2 for i in range(n)]}), folder / f"{split}.parquet")
+
+
+def test_custom_task_card_has_its_description_dataset_and_metrics(tiny_encoder_dir, tmp_path):
+    """A task defined only through --task_definitions gets a complete card: hub.py knows no task registry."""
+    import train
+
+    mirror = tmp_path / "mirror"
+    _topic_split(mirror / "topic", "train", 32)
+    _topic_split(mirror / "topic", "validation", 12)
+    definition = {
+        "name": "topic", "dataset": "someone/topic", "mirror": "topic", "text_column": "text",
+        "label_column": "label", "label_names": ["dull", "fine"], "eval_split": "validation",
+    }  # fmt: skip
+    out = tmp_path / "out"
+    metrics = train.main(
+        [
+            "--encoder", str(tiny_encoder_dir), "--data_dir", str(mirror), "--output_dir", str(out),
+            "--tasks", "topic", "--task_definitions", json.dumps([definition]), "--max_seq_length", "32",
+            "--per_device_train_batch_size", "8", "--max_steps", "2", "--eval_strategy", "no",
+            "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+        ]
+    )  # fmt: skip
+    saved = _saved_metrics(out)
+    assert saved["tasks"][0]["description"] == "Custom task from someone/topic (text -> label)."
+    assert saved["tasks"][0]["sources"] == [{"dataset": "someone/topic", "split": "train", "display": "someone/topic train"}]
+    assert saved["eval_sets"]["topic"] == {
+        "task": "topic", "rows": 12, "dataset": "someone/topic", "dataset_name": "someone/topic validation",
+        "split": "validation",
+    }  # fmt: skip
+    card = (out / "README.md").read_text()
+    meta, body = card.split("\n---\n", 1)
+    assert "someone/topic" in meta.split("datasets:", 1)[1]
+    assert "| `topic` | `0` dull, `1` fine | Custom task from someone/topic (text -> label). | someone/topic train |" in body
+    final = metrics["final"]["topic"]
+    assert f"| `topic` | topic | someone/topic validation | 12 |" in body
+    assert f"**{final['accuracy']:.4f}**" in body and f"**{final['f1']:.4f}**" in body
+    assert f"value: {final['accuracy']}" in meta  # the model-index carries metrics.json's number
+
+
+def test_card_renders_from_a_metrics_file_without_task_descriptions(tiny_run, tmp_path):
+    """metrics.json written before the card info travelled in it: the card still renders, with blanks."""
+    import hub
+
+    folder = tmp_path / "old"
+    shutil.copytree(tiny_run.out, folder, ignore=shutil.ignore_patterns("checkpoint-*", "0_Transformer"))
+    metrics = _saved_metrics(folder)
+    for task in metrics["tasks"]:
+        del task["description"], task["sources"]
+    for entry in metrics["eval_sets"].values():
+        del entry["dataset"], entry["dataset_name"], entry["split"]
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    hub.render_card(folder, model_id="someone/old-run")
+    text = (folder / "README.md").read_text()
+    assert "| `sentiment` | sentiment | sentiment |" in text  # the eval set's own name stands in for its dataset
+    assert "someone/old-run" in text

@@ -253,7 +253,7 @@ def test_error_report_rejects_a_folder_without_model(tmp_path, tiny_data_dir):
 def test_eval_set_names_that_extend_another_do_not_leak_into_it():
     # 'question' is a prefix of 'question_gold': each set keeps only its own metrics (a run with gold eval used
     # to crash in plot_curves on the 'question' row holding only 'gold_*' keys).
-    from train import epoch_table, split_eval_metrics
+    from outputs import epoch_table, split_eval_metrics
 
     names = ["question", "question_gold", "question_gold_noqm"]
     logs = [

@@ -313,10 +313,11 @@ def test_joint_loss_keeps_its_gradient_under_inductor(make_model, tasks):
     ],
 )
 def test_compiled_runs_without_fixed_shapes_are_told_about_buckets(tmp_path, flags, advice):
+    import checks
     import train
 
     *_, mt_args, training_args = train.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", *flags])
-    note = train.compile_shapes_advice(training_args, mt_args)
+    note = checks.compile_shapes_advice(training_args, mt_args)
     if advice is None:
         assert note is None
     else:

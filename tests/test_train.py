@@ -10,6 +10,8 @@ import pytest
 import torch
 import yaml
 
+import checks
+import freezing
 import train
 from helpers import tiny_argv
 
@@ -68,8 +70,8 @@ def test_bad_task_weight_entry():
 
 def test_freeze_lower_layers_by_fraction(make_model):
     model = make_model()  # 2 layers
-    trainable, total = train.apply_freezing(model, ["embeddings", "layers:0-5/12"])
-    layers = train.encoder_layers(model)
+    trainable, total = freezing.apply_freezing(model, ["embeddings", "layers:0-5/12"])
+    layers = freezing.encoder_layers(model)
     assert not any(p.requires_grad for p in layers[0].parameters())
     assert all(p.requires_grad for p in layers[1].parameters())
     assert not any(p.requires_grad for p in model.encoder.embeddings.parameters())
@@ -78,17 +80,17 @@ def test_freeze_lower_layers_by_fraction(make_model):
 
 def test_freeze_all_then_unfreeze_heads_is_a_linear_probe(make_model):
     model = make_model()
-    trainable, _ = train.apply_freezing(model, ["all"], ["heads"])
+    trainable, _ = freezing.apply_freezing(model, ["all"], ["heads"])
     assert trainable == sum(p.numel() for p in model.heads.parameters())
 
 
 def test_freeze_errors_name_the_fix(make_model):
     with pytest.raises(ValueError, match=r"layer range 7-11 does not fit a 2-layer encoder.*'layers:0-6/12'"):
-        train.apply_freezing(make_model(), ["layers:7-11"])
+        freezing.apply_freezing(make_model(), ["layers:7-11"])
     with pytest.raises(ValueError, match=r"no task 'topic'; this model's tasks are \['sentiment', 'question'\]"):
-        train.apply_freezing(make_model(), ["head:topic"])
+        freezing.apply_freezing(make_model(), ["head:topic"])
     with pytest.raises(ValueError, match="leaves nothing to train"):
-        train.apply_freezing(make_model(), ["all"])
+        freezing.apply_freezing(make_model(), ["all"])
 
 
 # ---- end to end ----
@@ -225,7 +227,7 @@ def test_lone_cpu_process_threads(monkeypatch, env, changed):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        note = train.use_every_core_in_a_lone_cpu_process()
+        note = checks.use_every_core_in_a_lone_cpu_process()
         if changed and _available_cores() > 1:
             assert torch.get_num_threads() == _available_cores() and "OMP_NUM_THREADS=1" in note
         else:

@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import checks
 import data as mtdata
+import freezing
 import train
 
 GOOD_TEXTS = ["a good film", "a bad film", "what a film", "is it good ?"]
@@ -136,11 +138,11 @@ def _hub_while_offline(ctx):
 
 
 def _freeze_missing_layer(ctx):
-    train.apply_freezing(ctx.make_model(), ["layers:0-5"])
+    freezing.apply_freezing(ctx.make_model(), ["layers:0-5"])
 
 
 def _freeze_missing_task(ctx):
-    train.apply_freezing(ctx.make_model(), ["encoder"], ["head:topic"])
+    freezing.apply_freezing(ctx.make_model(), ["encoder"], ["head:topic"])
 
 
 def _forward_unknown_task(ctx):
@@ -155,7 +157,7 @@ def _output_dir_other_run(ctx):
     out = ctx.tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text("{}", encoding="utf-8")
-    train.check_output_dir(
+    checks.check_output_dir(
         train.TrainingArguments(output_dir=str(out), report_to="none"), train.MultiTaskArguments()
     )
 
@@ -164,7 +166,7 @@ def _resume_incomplete_checkpoint(ctx):
     checkpoint = ctx.tmp_path / "run" / "checkpoint-4"
     checkpoint.mkdir(parents=True)
     (checkpoint / "model.safetensors").write_bytes(b"")
-    train.check_output_dir(
+    checks.check_output_dir(
         train.TrainingArguments(
             output_dir=str(checkpoint.parent), resume_from_checkpoint=str(checkpoint), report_to="none"
         ),
@@ -174,7 +176,7 @@ def _resume_incomplete_checkpoint(ctx):
 
 def _model_setup(encoder, max_seq_length=128, **mt_kwargs):
     """check_model_setup on a sentiment-only model: the encoder, data and multi-task settings under test."""
-    train.check_model_setup(
+    checks.check_model_setup(
         str(encoder),
         [mtdata.TASKS["sentiment"].to_config()],
         {},
@@ -212,7 +214,7 @@ def _cuda_graphs(ctx, cuda=True, buckets=(16, 32), **training):
 
     args = TrainingArguments(output_dir=str(ctx.tmp_path / "run"), report_to="none", **training)
     mt_args = train.MultiTaskArguments(cuda_graphs=True, pad_to_buckets=list(buckets))
-    train.check_cuda_graphs(args, mt_args, cuda=cuda)
+    checks.check_cuda_graphs(args, mt_args, cuda=cuda)
 
 
 CASES = [
