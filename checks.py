@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, TrainingArguments
@@ -19,6 +20,9 @@ from transformers import AutoConfig, TrainingArguments
 import checkpoints
 from freezing import apply_freezing
 from modeling_multitask import MultiTaskConfig, MultiTaskModel, encoder_config_dict
+
+if TYPE_CHECKING:  # train.py imports this module
+    from train import DataArguments, ModelArguments, MultiTaskArguments
 
 logger = logging.getLogger(__name__)
 

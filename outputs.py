@@ -121,7 +121,9 @@ def eval_set_card_info(name: str, spec) -> dict:
     return {"dataset": name, "dataset_name": name, "split": "validation"}
 
 
-def run_metrics(tasks, mt, trainer, train_result, evals: dict, heuristics: dict, counts: dict, args) -> dict:
+def run_metrics(
+    tasks: list, mt, trainer, train_result, evals: dict, heuristics: dict, counts: dict, args: tuple
+) -> dict:
     """metrics.json: tasks (with what the card says about them), eval sets, metrics before/per epoch/final,
     the question heuristics' own metrics, training figures and the recipe. `evals` holds "before" and "final";
     `counts` wall_seconds, trainable_parameters and total_parameters (counted before the Trainer shards the

@@ -1,6 +1,11 @@
 """Fine-tune one shared sentence encoder on several classification tasks at once.
 
-    parse -> logging -> seed -> data -> model -> freezing -> trainer -> evaluate before -> train -> save -> plots/card
+    parse -> logging -> checks -> seed -> data -> model -> freezing -> trainer -> evaluate before -> train
+          -> evaluate -> save -> plots/card (-> push)
+
+This file holds the arguments and `main`; the pieces it calls live beside it: checks.py (every check before the
+run and the non-finite watch during it), trainer.py (`MultiTaskTrainer`), freezing.py (`--freeze` specs),
+outputs.py (metrics, metrics.json, plots, the output folder), hub.py (model card, upload), data.py (tasks, data).
 
 Launch (a YAML config gives the defaults, flags override it; every `TrainingArguments` field is a flag):
 
@@ -331,6 +336,11 @@ def heuristic_metrics(texts_by_set: dict[str, list[str]], labels_by_set: dict[st
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+
+
 def setup_logging(training_args: TrainingArguments, threads_note: str | None = None) -> None:
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -355,7 +365,7 @@ def setup_logging(training_args: TrainingArguments, threads_note: str | None = N
         logger.info(threads_note)
 
 
-def log_data(tasks, mt, tokenizer) -> None:
+def log_data(tasks: list[mtdata.TaskSpec], mt: mtdata.MultiTaskData, tokenizer) -> None:
     """A couple of processed samples per task, the eval sets, and row 0 as the model sees it."""
     for task, size in zip(tasks, mt.task_sizes):
         logger.info("Task %r: %d training rows; labels %s", task.name, size, list(task.label_names))
@@ -392,7 +402,13 @@ def final_evaluation(trainer: MultiTaskTrainer, eval_names: list[str]) -> dict[s
     return split_eval_metrics(final_flat, eval_names)
 
 
-def preflight(tasks, model_args, data_args, mt_args, training_args):
+def preflight(
+    tasks: list[mtdata.TaskSpec],
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    mt_args: MultiTaskArguments,
+    training_args: TrainingArguments,
+) -> tuple[str, MultiTaskConfig, str | None, str | None]:
     """Check the settings before any output is written and settle what follows from them; returns the encoder's
     local path, the run's `MultiTaskConfig`, the checkpoint to resume from and the Hub repo to push to."""
     # --cuda_graphs here, before any output is written; MultiTaskTrainer checks again for callers that build it

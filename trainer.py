@@ -9,6 +9,7 @@ and appear atomically (checkpoints.py).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
@@ -19,6 +20,9 @@ import checkpoints
 import checks
 import cuda_graphs
 import data as mtdata
+
+if TYPE_CHECKING:  # train.py imports this module
+    from train import MultiTaskArguments
 
 
 class _TaskStatsCallback(TrainerCallback):

@@ -295,7 +295,8 @@ def build_stock(
 def build_ours(args, spec, device, tokenizer, encoder_path, mt, output_dir, training_args=None, **trainer_kwargs):
     import data as mtdata
     from modeling_multitask import MultiTaskModel
-    from train import MultiTaskArguments, MultiTaskTrainer
+    from train import MultiTaskArguments
+    from trainer import MultiTaskTrainer
 
     set_seed(args.seed)
     model = MultiTaskModel.from_encoder(
@@ -536,7 +537,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device == "cpu" and any(s.tf32 for s in specs):
         raise ValueError("tf32 is a GPU setting; drop it (and --tf32) on CPU.")
     if device == "cpu" and any(s.cuda_graphs for s in specs):
-        from train import MultiTaskTrainer
+        from trainer import MultiTaskTrainer
 
         logger.warning("graphs on a CPU: emulated (eager replays), for dry runs only; its figures mean nothing.")
         MultiTaskTrainer.emulate_cuda_graphs = True
