@@ -182,6 +182,12 @@ def check_argparse_program(path: Path, args: list[str], where: str, monkeypatch)
     assert parsed, f"{where}: {rel(path)}.main never parsed its arguments"
 
 
+@pytest.fixture(autouse=True)
+def no_abbreviations(monkeypatch):
+    """argparse takes `--learning_rat` for `--learning_rate`; the docs spell every flag in full."""
+    monkeypatch.setattr(argparse.ArgumentParser, "_get_option_tuples", lambda self, option_string: [])
+
+
 @pytest.mark.parametrize(
     "invocation", INVOCATIONS, ids=[f"{p}:{' '.join(a)[:60]}" for (p, a, _), _ in INVOCATIONS]
 )
