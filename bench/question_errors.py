@@ -1,7 +1,7 @@
 """Where does the trained question head disagree with a heuristic on the DailyDialog gold set?
 
     python bench/question_errors.py runs/quick --data_dir ../shared/data
-    python bench/question_errors.py runs/quick --data_dir ../shared/data --rule dialog_heuristic --limit 20
+    python bench/question_errors.py runs/quick --data_dir ../shared/data --rule dialog --limit 20
 
 For each gold view (`question_gold`: the text as written; `question_gold_noqm`: every `?` removed) it prints the
 F1 of the question class for the model and the rule, then the rows where the two disagree, in two groups:
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data as mtdata  # noqa: E402
+from question import RULES  # noqa: E402
 from modeling_multitask import MultiTaskModel  # noqa: E402
 
-RULES: dict[str, Callable[[str], bool]] = {
-    "heuristic": mtdata.is_question_heuristic,
-    "rule_qmark_or_what_how": mtdata.reference_rule_wh_or_qmark,
-    "dialog_heuristic": mtdata.is_question_dialog,
-}
 VIEWS = {"question_gold": "the text as written", "question_gold_noqm": "every '?' removed"}
 
 

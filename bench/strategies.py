@@ -15,7 +15,7 @@ question held-out accuracy, trainable parameters and training samples/s.
         --work_dir /tmp/bench-smoke -- --max_steps 3
 
 Budget: every row trains for the same number of optimiser steps on the same rows with the same seed. One epoch
-is sum_t ceil(n_t / batch) batches whatever the task sampling (see data.MultiTaskBatchSampler), so the sampling
+is sum_t ceil(n_t / batch) batches whatever the task sampling (see sampler.py), so the sampling
 rows differ only in which task each step trains. Rows that train only the heads use --head_lr (a fresh linear
 head needs a larger step than a pretrained encoder); everything else uses --lr.
 """

@@ -386,6 +386,7 @@ class ProfileWindow(TrainerCallback):
 def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> tuple[StepClock, CountingCollator, float]:
     """The floor under `ours`: the same model, batches and update rule, in the shortest loop that does them."""
     import data as mtdata
+    from sampler import make_batch_sampler
     from modeling_multitask import MultiTaskModel
     from torch.utils.data import DataLoader
 
@@ -397,7 +398,7 @@ def run_bare(args, spec: RunSpec, device: str, encoder_path, mt, tokenizer) -> t
         dtype=torch.float32,
     ).to(device)
     model.train()
-    sampler = mtdata.MultiTaskBatchSampler(
+    sampler = make_batch_sampler(
         mt.task_sizes, batch_size=args.batch_size, strategy="round_robin", seed=args.seed,
         lengths=mt.train["length"] if spec.group else None, drop_last=True,
     )  # fmt: skip

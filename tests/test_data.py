@@ -1,6 +1,7 @@
+"""data.py: built-in and custom tasks, loading the mirror, building the tokenized sets, the collator."""
+
 from __future__ import annotations
 
-from collections import Counter
 from types import SimpleNamespace
 
 import pandas as pd
@@ -8,62 +9,9 @@ import pytest
 import torch
 
 import data as mtdata
-from data import MultiTaskBatchSampler, MultiTaskCollator, is_question_heuristic
-
-# (sentence, is it a question by our heuristic) -- the heuristic's contract, traps included.
-HEURISTIC_TABLE = [
-    ("what is the capital of france ?", True),
-    ("How far is it from Denver to Aspen ?", True),
-    ("who was galileo ?", True),
-    ("where do you live", True),
-    ("why would anyone make this movie", True),
-    ("which one do you want", True),
-    ("when does the film start", True),
-    ("whose idea was this", True),
-    ("is there a bank near here", True),
-    ("are you coming tonight", True),
-    ("do you like it", True),
-    ("does it rain much in seattle", True),
-    ("can you change some money for me", True),
-    ("could you pass the salt", True),
-    ("would you like some tea", True),
-    ("should i stay or should i go", True),
-    ("did you see that", True),
-    ("has anyone seen my keys", True),
-    ("you did what ?", True),  # declarative question with a '?'
-    ("so you 're leaving ?", True),
-    ('he asked , " is it true ? "', True),  # closing quote after the '?'
-    ("what a film !", False),  # exclamation, not a question
-    ("what an awful mess", False),
-    ("how wonderful !", False),
-    ("when the credits roll , you will weep .", False),  # wh-word opens a subordinate clause
-    ("what i liked most was the score .", False),
-    ("a gorgeous , witty , seductive movie .", False),
-    ("it 's a charming and often affecting journey .", False),
-    ("the film asks what it means to be human", False),  # wh-word inside, not first
-    ("i wonder why", False),
-    ("", False),
-    ("   ", False),
-    ("?", True),
-    ("is this any good", True),
-    ("great fun !", False),
-]
-
-
-@pytest.mark.parametrize("sentence, expected", HEURISTIC_TABLE)
-def test_question_heuristic_table(sentence, expected):
-    assert is_question_heuristic(sentence) is expected
-
-
-def test_heuristic_table_is_large_and_balanced():
-    labels = Counter(expected for _, expected in HEURISTIC_TABLE)
-    assert len(HEURISTIC_TABLE) >= 30
-    assert labels[True] >= 10 and labels[False] >= 10
-
-
-def test_strip_question_marks():
-    assert mtdata.strip_question_marks("What for ?") == "What for"
-    assert mtdata.strip_question_marks("really ? ? no way") == "really no way"
+import question
+from data import MultiTaskCollator
+from question import QuestionArguments, is_question_heuristic
 
 
 def test_get_tasks_rejects_unknown_and_duplicates():
@@ -105,23 +53,19 @@ def test_load_source_names_the_file_it_looked_for(tmp_path):
 
 
 def data_args(data_dir, **overrides):
-    values = dict(
-        data_dir=str(data_dir),
-        max_seq_length=32,
-        max_train_samples=None,
-        max_eval_samples=None,
-        question_pool_per_source=100,
-        question_holdout_fraction=0.2,
-        question_strip_qmark_prob=0.0,
-        question_lowercase_prob=0.0,
-        gold_eval=True,
-    )
+    values = dict(data_dir=str(data_dir), max_seq_length=32, max_train_samples=None, max_eval_samples=None, gold_eval=True)
     values.update(overrides)
     return SimpleNamespace(**values)
 
 
+def get_tasks(names):
+    """The tasks with the question pool of these tests: 100 rows per source, a fifth held out."""
+    options = QuestionArguments(question_pool_per_source=100, question_holdout_fraction=0.2)
+    return mtdata.get_tasks(names, pools={"question": question.QuestionPool(options)})
+
+
 def test_build_data_layout(tiny_data_dir, tiny_tokenizer):
-    tasks = mtdata.get_tasks(["sentiment", "question"])
+    tasks = get_tasks(["sentiment", "question"])
     mt = mtdata.build_data(tasks, tiny_tokenizer, data_args(tiny_data_dir, max_train_samples=150))
     assert mt.task_sizes == [150, 150]  # 200 pool rows (100 SST-2 + 100 TREC) - 40 held out, capped at 150
     assert len(mt.train) == 300
@@ -140,7 +84,7 @@ def test_build_data_layout(tiny_data_dir, tiny_tokenizer):
 
 
 def test_question_labels_come_from_the_heuristic_and_holdout_is_disjoint(tiny_data_dir, tiny_tokenizer):
-    tasks = mtdata.get_tasks(["question"])
+    tasks = get_tasks(["question"])
     mt = mtdata.build_data(tasks, tiny_tokenizer, data_args(tiny_data_dir, gold_eval=False))
     held = mt.eval_texts["question"]
     assert mt.eval_sets["question"]["labels"] == [int(is_question_heuristic(t)) for t in held]
@@ -152,7 +96,7 @@ def test_question_labels_come_from_the_heuristic_and_holdout_is_disjoint(tiny_da
 
 
 def test_gold_text_never_reaches_training(tiny_data_dir, tiny_tokenizer):
-    tasks = mtdata.get_tasks(["sentiment", "question"])
+    tasks = get_tasks(["sentiment", "question"])
     mt = mtdata.build_data(tasks, tiny_tokenizer, data_args(tiny_data_dir))
     gold = {tuple(ids) for ids in mt.eval_sets["question_gold"]["input_ids"]}
     train = {tuple(ids) for ids in mt.train["input_ids"]}
@@ -160,7 +104,7 @@ def test_gold_text_never_reaches_training(tiny_data_dir, tiny_tokenizer):
 
 
 def test_truncation_is_counted_in_one_warning(tiny_data_dir, tiny_tokenizer, caplog):
-    tasks = mtdata.get_tasks(["sentiment"])
+    tasks = get_tasks(["sentiment"])
     with caplog.at_level("WARNING", logger="data"):
         mt = mtdata.build_data(tasks, tiny_tokenizer, data_args(tiny_data_dir, max_seq_length=8))
     warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
@@ -169,46 +113,6 @@ def test_truncation_is_counted_in_one_warning(tiny_data_dir, tiny_tokenizer, cap
     assert max(mt.train["length"]) == 8
     # The closing [SEP] is kept on truncated rows.
     assert all(ids[-1] == tiny_tokenizer.sep_token_id for ids in mt.train["input_ids"])
-
-
-# ---- sampler ----
-
-
-def test_sampler_epoch_covers_each_example_once_proportional():
-    sampler = MultiTaskBatchSampler([10, 25], batch_size=4, strategy="proportional", seed=1)
-    batches = list(sampler)
-    assert len(batches) == len(sampler) == 3 + 7
-    flat = [i for b in batches for i in b]
-    assert sorted(flat) == list(range(35))
-    for batch in batches:  # every batch holds one task only
-        assert all(i < 10 for i in batch) or all(i >= 10 for i in batch)
-
-
-def test_round_robin_alternates_tasks():
-    sampler = MultiTaskBatchSampler([8, 40], batch_size=4, strategy="round_robin", seed=0)
-    tasks = [0 if b[0] < 8 else 1 for b in sampler]
-    assert tasks[:6] == [0, 1, 0, 1, 0, 1]
-    assert len(tasks) == 2 + 10
-
-
-def test_sampler_is_seeded_by_epoch():
-    sampler = MultiTaskBatchSampler([50, 50], batch_size=5, strategy="temperature", seed=3)
-    first = list(sampler)
-    assert first == list(sampler)
-    sampler.set_epoch(1)
-    assert list(sampler) != first
-
-
-def test_length_grouping_reduces_padding():
-    lengths = [1 + (i * 37) % 60 for i in range(640)]
-    plain = MultiTaskBatchSampler([640], batch_size=32, seed=0)
-    grouped = MultiTaskBatchSampler([640], batch_size=32, seed=0, lengths=lengths)
-
-    def padding(sampler):
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in sampler)
-
-    assert sorted(i for b in grouped for i in b) == list(range(640))
-    assert padding(grouped) < 0.2 * padding(plain)
 
 
 # ---- collator ----

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 import checkpoints
 import checks
 import data as mtdata
+import question
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,10 +227,11 @@ def test_resume_auto_without_checkpoint_starts_fresh_in_an_empty_folder(tmp_path
 
 def _trainer(tmp_path, model, tiny_tokenizer, tiny_data_dir, **training):
     data_args = train.DataArguments(
-        data_dir=str(tiny_data_dir), max_seq_length=32, max_train_samples=16, question_pool_per_source=30,
-        max_eval_samples=8, gold_eval=False,
-    )  # fmt: skip
-    mt = mtdata.build_data(mtdata.get_tasks(["sentiment", "question"]), tiny_tokenizer, data_args, seed=0)
+        data_dir=str(tiny_data_dir), max_seq_length=32, max_train_samples=16, max_eval_samples=8, gold_eval=False
+    )
+    pool = question.QuestionPool(question.QuestionArguments(question_pool_per_source=30))
+    tasks = mtdata.get_tasks(["sentiment", "question"], pools={"question": pool})
+    mt = mtdata.build_data(tasks, tiny_tokenizer, data_args, seed=0)
     args = train.TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, report_to="none", save_strategy="no",
         eval_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, **training,

@@ -121,10 +121,10 @@ def test_bad_specs_raise(make_model, freeze, unfreeze, message):
 def test_yaml_scalar_is_one_spec(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("freeze: encoder\nunfreeze: head:question\ntasks: sentiment\n", encoding="utf-8")
-    _, data_args, mt_args, _ = train.parse_args([str(config), "--output_dir", str(tmp_path / "out")])
+    _, data_args, _, mt_args, _ = train.parse_args([str(config), "--output_dir", str(tmp_path / "out")])
     assert mt_args.freeze == ["encoder"] and mt_args.unfreeze == ["head:question"]
     assert data_args.tasks == ["sentiment"]
-    _, _, mt_args, _ = train.parse_args([str(config), "--output_dir", "x", "--freeze", "all", "--unfreeze", "heads"])
+    _, _, _, mt_args, _ = train.parse_args([str(config), "--output_dir", "x", "--freeze", "all", "--unfreeze", "heads"])
     assert mt_args.freeze == ["all"] and mt_args.unfreeze == ["heads"]
 
 

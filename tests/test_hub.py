@@ -512,7 +512,7 @@ def test_export_option_writes_a_separate_folder(tiny_run, make_model, tiny_token
     got = SentenceTransformer(str(st_dir), device="cpu").encode(TEXTS, convert_to_tensor=True)
     assert got.sub(_pooled(model, tiny_tokenizer, TEXTS)).abs().max() <= 1e-5
     parsed = train.parse_args(["--output_dir", str(out), "--export_sentence_transformers", "none"])
-    assert parsed[2].export_sentence_transformers == "none"
+    assert parsed[3].export_sentence_transformers == "none"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,22 +1,83 @@
-"""The dialog teacher, the question-pool augmentations and the gold error analysis (bench/question_errors.py)."""
+"""question.py: the rules (the heuristic and dialog teachers), the question-pool augmentations, the arguments,
+and the gold error analysis (bench/question_errors.py)."""
 
 from __future__ import annotations
 
 import importlib.util
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 
 import data as mtdata
-from data import (
+import question
+from question import (
+    QuestionArguments,
     augment_questions,
     combine_sentences,
     how_to_verb_phrases,
     is_question_dialog,
+    is_question_heuristic,
     mine_traps,
     rephrase_questions,
 )
-from train import ROOT, DataArguments
+from train import ROOT
+
+# (sentence, is it a question by our heuristic) -- the heuristic's contract, traps included.
+HEURISTIC_TABLE = [
+    ("what is the capital of france ?", True),
+    ("How far is it from Denver to Aspen ?", True),
+    ("who was galileo ?", True),
+    ("where do you live", True),
+    ("why would anyone make this movie", True),
+    ("which one do you want", True),
+    ("when does the film start", True),
+    ("whose idea was this", True),
+    ("is there a bank near here", True),
+    ("are you coming tonight", True),
+    ("do you like it", True),
+    ("does it rain much in seattle", True),
+    ("can you change some money for me", True),
+    ("could you pass the salt", True),
+    ("would you like some tea", True),
+    ("should i stay or should i go", True),
+    ("did you see that", True),
+    ("has anyone seen my keys", True),
+    ("you did what ?", True),  # declarative question with a '?'
+    ("so you 're leaving ?", True),
+    ('he asked , " is it true ? "', True),  # closing quote after the '?'
+    ("what a film !", False),  # exclamation, not a question
+    ("what an awful mess", False),
+    ("how wonderful !", False),
+    ("when the credits roll , you will weep .", False),  # wh-word opens a subordinate clause
+    ("what i liked most was the score .", False),
+    ("a gorgeous , witty , seductive movie .", False),
+    ("it 's a charming and often affecting journey .", False),
+    ("the film asks what it means to be human", False),  # wh-word inside, not first
+    ("i wonder why", False),
+    ("", False),
+    ("   ", False),
+    ("?", True),
+    ("is this any good", True),
+    ("great fun !", False),
+]
+
+
+@pytest.mark.parametrize("sentence, expected", HEURISTIC_TABLE)
+def test_question_heuristic_table(sentence, expected):
+    assert is_question_heuristic(sentence) is expected
+
+
+def test_heuristic_table_is_large_and_balanced():
+    labels = Counter(expected for _, expected in HEURISTIC_TABLE)
+    assert len(HEURISTIC_TABLE) >= 30
+    assert labels[True] >= 10 and labels[False] >= 10
+
+
+def test_strip_question_marks():
+    assert question.strip_question_marks("What for ?") == "What for"
+    assert question.strip_question_marks("really ? ? no way") == "really no way"
+
 
 # (utterance, is it a question by the dialog teacher): DailyDialog-style acts, where a request or suggestion
 # phrased as a question is a directive.
@@ -69,10 +130,10 @@ def test_dialog_table_is_balanced():
 
 
 def test_question_label_fn_rejects_unknown_teacher():
-    assert mtdata.question_label_fn("dialog")("Shall we dance ?") == 0
-    assert mtdata.question_label_fn("heuristic")("Shall we dance ?") == 1
+    assert question.question_label_fn("dialog")("Shall we dance ?") == 0
+    assert question.question_label_fn("heuristic")("Shall we dance ?") == 1
     with pytest.raises(ValueError, match="Unknown question_teacher 'oracle'; choose from"):
-        mtdata.question_label_fn("oracle")
+        question.question_label_fn("oracle")
 
 
 # ---- augmentations: deterministic with a seed, labels kept from the original text ----
@@ -120,14 +181,14 @@ def test_how_to_verb_phrases():
 
 
 def test_rephrased_rows_are_labelled_by_the_teacher_and_seeded():
-    label_fn = mtdata.question_label_fn("dialog")
+    label_fn = question.question_label_fn("dialog")
     texts, labels = rephrase_questions(["make a paintball", "find a list of books"], 60, label_fn, seed=0)
     assert (texts, labels) == rephrase_questions(["make a paintball", "find a list of books"], 60, label_fn, seed=0)
     assert len(texts) == 60 and labels == [label_fn(t) for t in texts]
     assert 0 < sum(labels) < 60  # questions and non-questions from the same verb phrases
     filled = {
         (t.format(vp=vp)[0].upper() + t.format(vp=vp)[1:])
-        for kind in mtdata.REPHRASE_TEMPLATES.values()
+        for kind in question.REPHRASE_TEMPLATES.values()
         for t in kind
         if "{vp}" in t  # no noun phrases given: those templates are skipped
         for vp in ("make a paintball", "find a list of books")
@@ -141,11 +202,11 @@ def test_rephrased_rows_are_labelled_by_the_teacher_and_seeded():
 def test_what_is_noun_phrases():
     trec = ["What is the capital of France ?", "Who was Galileo ?", "What is the name of the longest river in the "
             "whole wide world ?", "How far is it ?"]
-    assert mtdata.what_is_noun_phrases(trec) == ["the capital of France", "Galileo"]
+    assert question.what_is_noun_phrases(trec) == ["the capital of France", "Galileo"]
 
 
 def test_mined_traps_open_like_questions_but_are_statements():
-    label_fn = mtdata.question_label_fn("dialog")
+    label_fn = question.question_label_fn("dialog")
     texts = ["what a film !", "is worth your time", "is it worth your time", "when it ends , you sigh .",
              "a fine film .", "what is it ?", "how clever"]
     traps, labels = mine_traps(texts, 10, label_fn, seed=0, exclude=["how clever"])
@@ -159,26 +220,23 @@ def test_mined_traps_open_like_questions_but_are_statements():
 # ---- build_data and the arguments ----
 
 
-def _args(data_dir, **overrides):
-    values = dict(
-        data_dir=str(data_dir), max_seq_length=32, max_train_samples=None, max_eval_samples=None,
-        question_pool_per_source=100, question_holdout_fraction=0.2, question_strip_qmark_prob=0.0,
-        question_lowercase_prob=0.0, gold_eval=True,
+def _build(data_dir, tokenizer, max_seq_length=32, **question_options):
+    """The question task's data as train.py builds it: its options travel in the task's pool."""
+    options = dict(question_pool_per_source=100, question_holdout_fraction=0.2, **question_options)
+    pool = question.QuestionPool(QuestionArguments(**options))
+    tasks = mtdata.get_tasks(["question"], pools={"question": pool})
+    args = SimpleNamespace(
+        data_dir=str(data_dir), max_seq_length=max_seq_length, max_train_samples=None, max_eval_samples=None,
+        gold_eval=True,
     )
-    values.update(overrides)
-    return SimpleNamespace(**values)
+    return mtdata.build_data(tasks, tokenizer, args)
 
 
 def test_build_data_with_dialog_teacher_and_extras(tiny_data_dir, tiny_tokenizer):
-    tasks = mtdata.get_tasks(["question"])
-    plain = mtdata.build_data(tasks, tiny_tokenizer, _args(tiny_data_dir, question_teacher="dialog"))
+    plain = _build(tiny_data_dir, tiny_tokenizer, question_teacher="dialog")
     held = plain.eval_texts["question"]
     assert plain.eval_sets["question"]["labels"] == [int(is_question_dialog(t)) for t in held]
-    extra = mtdata.build_data(
-        tasks,
-        tiny_tokenizer,
-        _args(tiny_data_dir, question_teacher="dialog", question_rephrase_rows=40, question_trap_rows=10),
-    )
+    extra = _build(tiny_data_dir, tiny_tokenizer, question_teacher="dialog", question_rephrase_rows=40, question_trap_rows=10)
     # 40 rephrased rows plus up to 10 mined traps (the tiny SST-2 slice holds some), training rows only: the
     # held-out split and the gold sets are the same as without them.
     assert 40 < extra.task_sizes[0] - plain.task_sizes[0] <= 50
@@ -196,9 +254,9 @@ def test_build_data_with_dialog_teacher_and_extras(tiny_data_dir, tiny_tokenizer
         ("question_declarative_rows", -2, "question_declarative_rows must be a number of rows >= 0"),
     ],
 )
-def test_data_arguments_reject_bad_augmentation_values(field, value, message):
+def test_question_arguments_reject_bad_augmentation_values(field, value, message):
     with pytest.raises(ValueError, match=message):
-        DataArguments(**{field: value})
+        QuestionArguments(**{field: value})
 
 
 # ---- error analysis ----
@@ -234,7 +292,7 @@ def test_error_report_on_a_tiny_model(make_model, tiny_tokenizer, tiny_data_dir,
     for eval_source in task.eval:
         texts, gold = mtdata._read_source(eval_source.source, task, str(tiny_data_dir))
         predicted = errors.predict(model, tiny_tokenizer, texts)
-        groups = errors.disagreements(gold, predicted, [int(mtdata.is_question_heuristic(t)) for t in texts])
+        groups = errors.disagreements(gold, predicted, [int(question.is_question_heuristic(t)) for t in texts])
         section = text.split(f"== {eval_source.name} ")[1].split("\n\n")[0]
         assert f"{len(texts)} rows, {sum(gold)} gold questions" in section
         assert f"-- model right: {len(groups['model_right'])} rows" in section
@@ -272,23 +330,22 @@ def test_eval_set_names_that_extend_another_do_not_leak_into_it():
 
 
 def test_declarative_questions_are_closed_statements_with_a_question_mark():
-    label_fn = mtdata.question_label_fn("dialog")
+    label_fn = question.question_label_fn("dialog")
     texts = ["so you 're leaving .", "the film is good !", "high-minded snoozer", "what is it ?", "a fine cast ."]
-    rows, labels = mtdata.declarative_questions(texts, 10, label_fn, seed=0, exclude=["a fine cast ."])
+    rows, labels = question.declarative_questions(texts, 10, label_fn, seed=0, exclude=["a fine cast ."])
     assert sorted(rows) == ["so you 're leaving ?", "the film is good ?"]
     assert labels == [label_fn(t) for t in rows] == [1, 1]
-    assert mtdata.declarative_questions(texts, 1, label_fn, seed=5) == mtdata.declarative_questions(
+    assert question.declarative_questions(texts, 1, label_fn, seed=5) == question.declarative_questions(
         texts, 1, label_fn, seed=5
     )
 
 
 def test_declarative_rows_keep_their_question_mark_under_noise(tiny_data_dir, tiny_tokenizer):
-    tasks = mtdata.get_tasks(["question"])
     qmark = tiny_tokenizer.convert_tokens_to_ids("?")
     # max_seq_length 128: a truncated row would lose its closing '?' (the tiny vocab spells rare words by letter).
     args = dict(question_teacher="dialog", question_strip_qmark_prob=0.99, max_seq_length=128)
-    plain = mtdata.build_data(tasks, tiny_tokenizer, _args(tiny_data_dir, **args))
-    more = mtdata.build_data(tasks, tiny_tokenizer, _args(tiny_data_dir, question_declarative_rows=30, **args))
+    plain = _build(tiny_data_dir, tiny_tokenizer, **args)
+    more = _build(tiny_data_dir, tiny_tokenizer, question_declarative_rows=30, **args)
     assert more.task_sizes[0] == plain.task_sizes[0] + 30
     with_qmark = [sum(qmark in ids for ids in mt.train["input_ids"]) for mt in (plain, more)]
     assert with_qmark[1] - with_qmark[0] == 30

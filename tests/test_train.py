@@ -28,7 +28,7 @@ def write_yaml(path: Path, values: dict) -> str:
 
 def test_yaml_gives_defaults_and_flags_override(tmp_path):
     config = write_yaml(tmp_path / "c.yaml", {"learning_rate": 1e-4, "max_seq_length": 40, "tasks": ["sentiment"]})
-    model_args, data_args, mt_args, training_args = train.parse_args(
+    model_args, data_args, question_args, mt_args, training_args = train.parse_args(
         [config, "--learning_rate", "3e-5", "--output_dir", str(tmp_path / "out")]
     )
     assert training_args.learning_rate == 3e-5
@@ -39,7 +39,7 @@ def test_yaml_gives_defaults_and_flags_override(tmp_path):
 
 def test_config_flag_form_and_task_weight_mapping(tmp_path):
     config = write_yaml(tmp_path / "c.yaml", {"task_weights": {"sentiment": 1.0, "question": 0.5}})
-    _, _, mt_args, _ = train.parse_args(["--config", config])
+    _, _, _, mt_args, _ = train.parse_args(["--config", config])
     assert mt_args.weights() == {"sentiment": 1.0, "question": 0.5}
 
 
@@ -60,7 +60,7 @@ def test_shipped_configs_parse():
 
 
 def test_bad_task_weight_entry():
-    _, _, mt_args, _ = train.parse_args(["--task_weights", "sentiment:2"])
+    _, _, _, mt_args, _ = train.parse_args(["--task_weights", "sentiment:2"])
     with pytest.raises(ValueError, match=r"task_weights entry 'sentiment:2' must look like name=weight"):
         mt_args.weights()
 

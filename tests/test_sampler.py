@@ -14,7 +14,7 @@ from accelerate.data_loader import BatchSamplerShard, prepare_data_loader
 from helpers import run_main, tiny_argv
 
 import train
-from data import MultiTaskBatchSampler
+from sampler import MultiTaskBatchSampler, make_batch_sampler
 
 SIZES = [600, 150, 50]  # unequal on purpose: 150 + 38 + 13 = 201 batches of 4 per epoch
 STRATEGIES = ["round_robin", "proportional", "temperature"]
@@ -51,15 +51,15 @@ def frequencies(sampler: MultiTaskBatchSampler, epochs: int) -> np.ndarray:
     ],
 )
 def test_task_frequencies_match_the_target(strategy, temperature, target):
-    sampler = MultiTaskBatchSampler(SIZES, batch_size=4, strategy=strategy, temperature=temperature, seed=3)
+    sampler = make_batch_sampler(SIZES, batch_size=4, strategy=strategy, temperature=temperature, seed=3)
     np.testing.assert_allclose(sampler.task_probabilities(), target, atol=1e-3)
     # 50 epochs = 10,050 batches: a multinomial frequency has a standard deviation below 0.005.
     np.testing.assert_allclose(frequencies(sampler, epochs=50), target, atol=0.02)
 
 
 def test_temperature_one_draws_like_proportional():
-    proportional = MultiTaskBatchSampler(SIZES, 4, strategy="proportional", seed=0)
-    t1 = MultiTaskBatchSampler(SIZES, 4, strategy="temperature", temperature=1.0, seed=0)
+    proportional = make_batch_sampler(SIZES, 4, strategy="proportional", seed=0)
+    t1 = make_batch_sampler(SIZES, 4, strategy="temperature", temperature=1.0, seed=0)
     np.testing.assert_allclose(frequencies(t1, 50), frequencies(proportional, 50), atol=0.02)
 
 
@@ -67,7 +67,7 @@ def test_temperature_one_draws_like_proportional():
 @pytest.mark.parametrize("lengths", [None, "random"])
 def test_one_epoch_is_sum_of_task_batches(strategy, lengths):
     lengths = None if lengths is None else np.random.default_rng(0).integers(3, 60, sum(SIZES))
-    sampler = MultiTaskBatchSampler(SIZES, 4, strategy=strategy, seed=1, lengths=lengths)
+    sampler = make_batch_sampler(SIZES, 4, strategy=strategy, seed=1, lengths=lengths)
     batches = list(sampler)
     assert len(batches) == len(sampler) == sum(math.ceil(n / 4) for n in SIZES)
     assert all(1 <= len(b) <= 4 for b in batches)
@@ -79,8 +79,8 @@ def test_one_epoch_is_sum_of_task_batches(strategy, lengths):
 
 def test_length_grouping_cuts_padding():
     lengths = np.random.default_rng(0).integers(3, 60, sum(SIZES))
-    grouped = MultiTaskBatchSampler(SIZES, 8, strategy="proportional", seed=1, lengths=lengths)
-    plain = MultiTaskBatchSampler(SIZES, 8, strategy="proportional", seed=1)
+    grouped = make_batch_sampler(SIZES, 8, strategy="proportional", seed=1, lengths=lengths)
+    plain = make_batch_sampler(SIZES, 8, strategy="proportional", seed=1)
 
     def padding(sampler):
         return sum(len(b) * lengths[b].max() - lengths[b].sum() for b in sampler)
@@ -96,7 +96,7 @@ def test_length_grouping_cuts_padding():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_seed_and_epoch_fix_the_order(strategy):
     def order(seed, epoch):
-        sampler = MultiTaskBatchSampler(SIZES, 4, strategy=strategy, seed=seed)
+        sampler = make_batch_sampler(SIZES, 4, strategy=strategy, seed=seed)
         sampler.set_epoch(epoch)
         return list(sampler)
 
@@ -110,11 +110,11 @@ def test_seed_and_epoch_fix_the_order(strategy):
 
 def test_invalid_settings_raise():
     with pytest.raises(ValueError, match=r"Unknown task sampling strategy 'uniform'"):
-        MultiTaskBatchSampler(SIZES, 4, strategy="uniform")
+        make_batch_sampler(SIZES, 4, strategy="uniform")
     with pytest.raises(ValueError, match=r"task_sampling_temperature must be > 0"):
-        MultiTaskBatchSampler(SIZES, 4, strategy="temperature", temperature=0)
+        make_batch_sampler(SIZES, 4, strategy="temperature", temperature=0)
     with pytest.raises(ValueError, match=r"drop_last with batch size 64 would drop every batch of a task"):
-        MultiTaskBatchSampler(SIZES, 64, drop_last=True)
+        make_batch_sampler(SIZES, 64, drop_last=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def shards(sampler, num_processes: int = 2) -> list[list[list[int]]]:
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("sizes", [[50, 22], [600, 150, 50], [7, 3]], ids=["even", "odd", "tiny"])
 def test_two_ranks_split_the_epoch(strategy, sizes):
-    sampler = MultiTaskBatchSampler(sizes, 8, strategy=strategy, seed=5)
+    sampler = make_batch_sampler(sizes, 8, strategy=strategy, seed=5)
     full = list(sampler)
     rank0, rank1 = shards(sampler)
     # Same number of steps on both ranks, and as many as the loader announces (else DDP hangs).
@@ -145,7 +145,7 @@ def test_two_ranks_split_the_epoch(strategy, sizes):
 
 
 def test_two_ranks_drop_last():
-    sampler = MultiTaskBatchSampler([40, 27], 8, strategy="proportional", seed=5, drop_last=True)
+    sampler = make_batch_sampler([40, 27], 8, strategy="proportional", seed=5, drop_last=True)
     rank0, rank1 = shards(sampler)
     assert len(rank0) == len(rank1) == len(sampler) // 2
     assert all(len(b) == 8 for b in rank0 + rank1)
@@ -181,7 +181,7 @@ def sampler_epochs(caplog) -> list[int]:
 def test_set_epoch_reaches_the_sharded_sampler_also_on_resume(
     monkeypatch, caplog, tmp_path, tiny_encoder_dir, tiny_data_dir
 ):
-    caplog.set_level(logging.INFO, logger="data")
+    caplog.set_level(logging.INFO, logger="sampler")
     # 64 rows per task, batch 8: 16 global batches per epoch, 8 per rank. Checkpoint at step 12 = mid epoch 1.
     flags = ["--num_train_epochs", "2", "--save_strategy", "steps", "--save_steps", "12"]
     flags += ["--task_sampling", "proportional"]
@@ -201,3 +201,45 @@ def test_set_epoch_reaches_the_sharded_sampler_also_on_resume(
     final_first = dict(first.accelerator.unwrap_model(first.model).named_parameters())
     for name, p in resumed.accelerator.unwrap_model(resumed.model).named_parameters():
         assert torch.equal(p, final_first[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small cases
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_sampler_epoch_covers_each_example_once_proportional():
+    sampler = make_batch_sampler([10, 25], batch_size=4, strategy="proportional", seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 3 + 7
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(35))
+    for batch in batches:  # every batch holds one task only
+        assert all(i < 10 for i in batch) or all(i >= 10 for i in batch)
+
+
+def test_round_robin_alternates_tasks():
+    sampler = make_batch_sampler([8, 40], batch_size=4, strategy="round_robin", seed=0)
+    tasks = [0 if b[0] < 8 else 1 for b in sampler]
+    assert tasks[:6] == [0, 1, 0, 1, 0, 1]
+    assert len(tasks) == 2 + 10
+
+
+def test_sampler_is_seeded_by_epoch():
+    sampler = make_batch_sampler([50, 50], batch_size=5, strategy="temperature", seed=3)
+    first = list(sampler)
+    assert first == list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_length_grouping_reduces_padding():
+    lengths = [1 + (i * 37) % 60 for i in range(640)]
+    plain = make_batch_sampler([640], batch_size=32, seed=0)
+    grouped = make_batch_sampler([640], batch_size=32, seed=0, lengths=lengths)
+
+    def padding(sampler):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in sampler)
+
+    assert sorted(i for b in grouped for i in b) == list(range(640))
+    assert padding(grouped) < 0.2 * padding(plain)

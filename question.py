@@ -1,0 +1,471 @@
+"""Question detection: the weak labels of the `question` task.
+
+- The rules: `is_question_heuristic` (the plain teacher), `is_question_dialog` (the dialog-act teacher, the
+  recipe's default) and `reference_rule_wh_or_qmark` (the data README's reference rule), in one registry
+  `RULES` whose names are used everywhere: `--question_teacher`, metrics.json, the model card, bench/.
+- `QuestionArguments`: every `question_*` option of train.py.
+- `QuestionPool`: the per-task hook that `data.build_data` calls for the question task: how many rows each
+  text source gives, the hold-out share, and the training rows made from the pool (traps, rephrasings,
+  combined turns, noise, declarative questions), all labelled by the teacher, never by gold.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------------------
+# The rules
+# ---------------------------------------------------------------------------------------------------------
+
+WH_WORDS = frozenset("what how why who whom whose where when which".split())
+AUXILIARIES = frozenset(
+    "is are am was were do does did can could will would shall should may might must have has had "
+    "isn't aren't wasn't weren't don't doesn't didn't can't couldn't won't wouldn't shouldn't haven't hasn't "
+    "hadn't mustn't ca wo".split()  # "ca n't" / "wo n't" as SST-2 and DailyDialog tokenize them
+)
+# "what a film !", "how nice of you ." : wh-word + these opens an exclamation, not a question.
+_EXCLAMATIVE_NEXT = frozenset("a an".split())
+_TOKEN = re.compile(r"[a-z']+")
+
+
+def is_question_heuristic(text: str) -> bool:
+    """The weak labeller: a sentence is a question if it ends with `?`, or if it opens with a wh-word or an
+    auxiliary verb and is not closed as a statement or exclamation.
+
+    Refinements over the plain rule (each one pinned by tests/test_data.py):
+    - a final `?` (ignoring closing quotes/brackets) always wins;
+    - "what a ..."/"what an ..." open exclamations ("what a film !");
+    - a sentence ending in `!` is an exclamation ("how nice !");
+    - a wh-opening that ends in `.` is a statement ("when it ends , you sigh .", "what i liked was the cast .");
+    - a wh-word followed by a comma is an interjection, not a question ("well , what , it 's fine .").
+    """
+    stripped = text.strip().rstrip("\"')]} ")
+    if not stripped:
+        return False
+    if stripped.endswith("?"):
+        return True
+    words = _TOKEN.findall(stripped.lower())
+    if not words:
+        return False
+    first = words[0]
+    if first not in WH_WORDS and first not in AUXILIARIES:
+        return False
+    if stripped.endswith("!"):
+        return False
+    if first in WH_WORDS:
+        if len(words) > 1 and words[1] in _EXCLAMATIVE_NEXT:
+            return False
+        if stripped.endswith("."):
+            return False
+    return True
+
+
+def reference_rule_wh_or_qmark(text: str) -> bool:
+    """The simplest rule quoted in the data README: ends with `?` or starts with what/how.
+
+    Read as a raw string prefix ("however" counts), which reproduces the README's reference F1 (0.854 as
+    written, 0.350 with `?` removed, on DailyDialog validation).
+    """
+    stripped = text.strip()
+    return stripped.endswith("?") or stripped.lower().startswith(("what", "how"))
+
+
+# The dialog teacher (`question_teacher: dialog`): DailyDialog-style dialog acts, where a question asks for
+# information and a request or suggestion phrased as a question ("can you help me ?") is a directive.
+_LEAD_WORDS = frozenset(
+    "well oh so ok okay yes yeah no nope and but or then now hi hello hey excuse me sorry um mmm mmmm er ah uh "
+    "right sir madam really listen look actually anyway alright all dear honey".split()
+)
+# After an auxiliary, one of these makes a yes/no question ("is there ...", "don't you ..."); anything else is a
+# fragment or an imperative ("is pretty funny", "don't worry", "have a nice day").
+_SUBJECTS = frozenset(
+    "i you he she it we they there this that these those anyone anybody someone somebody everyone everybody "
+    "anything something everything nobody your my his her our their its".split()
+)
+_REQUEST_OPENERS = tuple(
+    tuple(opener.split())
+    for opener in (
+        "can you", "could you", "would you", "will you", "won't you", "can we", "could we", "could i",
+        "shall we", "shall i", "why don't", "why not", "how about", "may i", "do you mind",
+    )
+)
+# "how nice of you" opens an exclamation; "how much", "how long" open questions.
+_EXCLAMATIVE_HOW = frozenset(
+    "nice wonderful great lovely beautiful sweet kind terrible awful funny interesting strange sad exciting "
+    "stupid silly cute cool amazing romantic clever rude thoughtful generous marvelous".split()
+)
+_SENTENCE = re.compile(r"[^.!?]+[.!?]*")
+_APOSTROPHE = re.compile(r"(\w) ?['’] ?(t|s|re|ve|ll|d|m)\b")  # "don ' t" / "don ’ t" -> "don't"
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)*|n't")
+
+
+def _words(clause: str) -> list[str]:
+    words: list[str] = []
+    for word in _WORD.findall(_APOSTROPHE.sub(r"\1'\2", clause.lower())):
+        if word == "n't" and words:  # "do n't" / "ca n't" as SST-2 and DailyDialog tokenize them
+            words[-1] = {"ca": "can", "wo": "won"}.get(words[-1], words[-1]) + "n't"
+        else:
+            words.append(word)
+    while len(words) > 1 and words[0] in _LEAD_WORDS:  # "well , how long ..." is a how-question
+        words.pop(0)
+    return words
+
+
+def _clause_kind(words: list[str]) -> str:
+    """'request', 'question' or 'other', from the opening words of one comma-separated clause."""
+    if any(tuple(words[: len(opener)]) == opener for opener in _REQUEST_OPENERS):
+        return "request"
+    if not words:
+        return "other"
+    first, second = words[0], (words[1] if len(words) > 1 else "")
+    if first.split("'")[0] in WH_WORDS:  # "what's the problem", "how's it going"
+        first = first.split("'")[0]
+    if first in WH_WORDS:
+        if second in _EXCLAMATIVE_NEXT or (first == "how" and second in _EXCLAMATIVE_HOW):
+            return "other"
+        return "question"
+    if (first in AUXILIARIES or first.endswith("n't")) and second in _SUBJECTS:
+        return "question"
+    return "other"
+
+
+def _sentence_is_question(sentence: str) -> bool:
+    stripped = sentence.strip().rstrip("\"')]} ")
+    if not stripped:
+        return False
+    ends_with_qmark = stripped.endswith("?")
+    if not ends_with_qmark and stripped[-1] in ".!":
+        return False  # closed as a statement or an exclamation, whatever its opening
+    for clause in stripped.split(","):
+        kind = _clause_kind(_words(clause))
+        if kind != "other":  # the first clause with a question or request opening decides
+            return kind == "question"
+    return ends_with_qmark  # "you did what ?": a declarative question
+
+
+def is_question_dialog(text: str) -> bool:
+    """The dialog teacher: is this utterance (one or more sentences) a question, in the sense of a dialog act?
+
+    Refinements over `is_question_heuristic`, for conversational text (each pinned by tests/test_question.py):
+    - an utterance is a question if any of its sentences is ("Good morning , sir . Is there a bank near here ?");
+    - leading discourse words are skipped ("well , how far is it"), and a later comma clause can open the
+      question ("if I buy two , can I get a discount");
+    - a request or suggestion phrased as a question is a directive, not a question: "can you / could you /
+      would you / will you ...", "shall we", "why don't we", "how about", "may I";
+    - an auxiliary opens a question only before a subject ("is there", "don't you"), not in fragments or
+      imperatives ("is pretty funny", "don't worry");
+    - a sentence closed by `.` or `!` is a statement or exclamation, whatever its first word.
+    """
+    return any(_sentence_is_question(s) for s in _SENTENCE.findall(text))
+
+
+
+def strip_question_marks(text: str) -> str:
+    """The unpunctuated view of a text: every `?` removed, spaces tidied."""
+    return " ".join(text.replace("?", " ").split())
+
+
+TEACHERS: dict[str, Callable[[str], bool]] = {"heuristic": is_question_heuristic, "dialog": is_question_dialog}
+# Every rule measured beside the model on the question eval sets: the teachers and the reference rule.
+RULES: dict[str, Callable[[str], bool]] = {**TEACHERS, "qmark_or_what_how": reference_rule_wh_or_qmark}
+
+
+def question_label_fn(teacher: str) -> Callable[[str], int]:
+    if teacher not in TEACHERS:
+        raise ValueError(f"Unknown question_teacher {teacher!r}; choose from {sorted(TEACHERS)}.")
+    rule = TEACHERS[teacher]
+    return lambda text: int(rule(text))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuestionArguments:
+    question_pool_per_source: int | None = field(
+        default=6000, metadata={"help": "Rows taken from each text source of the question pool (SST-2, TREC)."}
+    )
+    question_holdout_fraction: float = field(
+        default=0.1, metadata={"help": "Share of the question pool held out as its validation split."}
+    )
+    question_strip_qmark_prob: float = field(
+        default=0.0, metadata={"help": "Share of training questions whose '?' is removed (label kept)."}
+    )
+    question_lowercase_prob: float = field(default=0.0, metadata={"help": "Share of training texts lowercased."})
+    question_teacher: Literal["heuristic", "dialog"] = field(
+        default="heuristic",
+        metadata={
+            "help": "Weak labeller of the question pool: heuristic (question.is_question_heuristic) or dialog "
+            "(question.is_question_dialog: per utterance, requests such as 'can you ...?' are not questions)."
+        },
+    )
+    question_trap_rows: int = field(
+        default=0, metadata={"help": "Extra rows that open like a question but the teacher calls statements."}
+    )
+    question_rephrase_rows: int = field(
+        default=0,
+        metadata={"help": "Extra rows of dialogue forms (yes/no questions, requests, statements) from TREC how-tos."},
+    )
+    question_declarative_rows: int = field(
+        default=0, metadata={"help": "Extra rows of source statements closed with '?' (declarative questions)."}
+    )
+    question_combine_prob: float = field(
+        default=0.0, metadata={"help": "Share of training rows joined with another row into a two-sentence turn."}
+    )
+    question_strip_period_prob: float = field(
+        default=0.0, metadata={"help": "Share of training statements whose closing '.' or '!' is removed."}
+    )
+
+    def __post_init__(self):
+        if self.question_pool_per_source is not None and self.question_pool_per_source <= 0:
+            raise ValueError(
+                f"question_pool_per_source must be a positive number of rows or null, got "
+                f"{self.question_pool_per_source}."
+            )
+        for name in ("question_trap_rows", "question_rephrase_rows", "question_declarative_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a number of rows >= 0, got {getattr(self, name)}.")
+        for name in (
+            "question_holdout_fraction",
+            "question_strip_qmark_prob",
+            "question_lowercase_prob",
+            "question_combine_prob",
+            "question_strip_period_prob",
+        ):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}.")
+        question_label_fn(self.question_teacher)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training rows made from the pool
+# ---------------------------------------------------------------------------------------------------------
+
+def augment_questions(
+    texts: list[str], labels: list[int], strip_prob: float, lower_prob: float, seed: int, period_prob: float = 0.0
+):
+    """Noise the training text of heuristic-labelled questions so the student must learn syntax, not '?'.
+
+    Labels are kept from the original text (the teacher saw the punctuation; the student does not always).
+    `period_prob` drops the closing `.`/`!` of statements, so that `.` is no cue either.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for text, label in zip(texts, labels):
+        if label == 1 and strip_prob > 0 and rng.random() < strip_prob:
+            text = strip_question_marks(text) or text
+        if label == 0 and period_prob > 0 and rng.random() < period_prob:
+            text = text.rstrip().rstrip(".!").rstrip() or text
+        if lower_prob > 0 and rng.random() < lower_prob:
+            text = text.lower()
+        out.append(text)
+    return out
+
+
+# Sentence forms that TREC's factoid questions lack but dialogue is full of, filled with verb phrases taken
+# from TREC's how-to questions and short noun phrases from its what/who-is questions. The teacher labels each
+# result; the templates carry no label.
+REPHRASE_TEMPLATES = {
+    "question": (
+        "do you {vp} ?", "did you {vp} ?", "have you ever tried to {vp} ?", "are you going to {vp} ?",
+        "should we {vp} ?", "is it hard to {vp} ?", "when do you {vp} ?", "why do you want to {vp} ?",
+        "do you have {np} ?", "is {np} included ?", "what about {np} ?", "did you see {np} ?", "where is {np} ?",
+        "have you heard of {np} ?", "is that {np} ?", "can I have {np} ?",
+    ),
+    "request": (
+        "can you {vp} ?", "could you {vp} for me ?", "would you {vp} , please ?", "will you {vp} ?",
+        "shall we {vp} ?", "why don't we {vp} ?", "how about we {vp} ?", "may I {vp} ?", "would you like to {vp} ?",
+        "how about {np} ?", "would you like {np} ?", "could you show me {np} ?", "can you get me {np} ?",
+        "may I have {np} ?", "why not {np} ?",
+    ),
+    "statement": (
+        "I want to {vp} .", "we should {vp} .", "let's {vp} .", "you need to {vp} .", "I'd like to {vp} .",
+        "I don't know how to {vp} .", "please {vp} .",
+        "I'd like {np} .", "here is {np} .", "that's {np} .", "I have {np} .", "we need {np} .", "{np} , please .",
+    ),
+}
+_HOW_TO = re.compile(
+    r"^(?:how|where|when|why) (?:do|can|could|should|would) (?:i|you|we|one|people) (?P<vp>[^?]+?) ?\?$",
+    re.IGNORECASE,
+)
+_WHAT_IS = re.compile(r"^(?:what|who) (?:is|are|was|were) (?P<np>[^?]+?) ?\?$", re.IGNORECASE)
+
+
+def how_to_verb_phrases(texts: Sequence[str]) -> list[str]:
+    """'How can I find a list of books ?' -> 'find a list of books' (unique, in order of first appearance)."""
+    phrases = (" ".join(m["vp"].split()) for t in texts if (m := _HOW_TO.match(t.strip())))
+    return list(dict.fromkeys(p for p in phrases if p))
+
+
+def what_is_noun_phrases(texts: Sequence[str], max_words: int = 6) -> list[str]:
+    """'What is the capital of France ?' -> 'the capital of France' (short ones only: dialogue turns are short)."""
+    phrases = (" ".join(m["np"].split()) for t in texts if (m := _WHAT_IS.match(t.strip())))
+    return list(dict.fromkeys(p for p in phrases if p and len(p.split()) <= max_words))
+
+
+def rephrase_questions(
+    verb_phrases: Sequence[str],
+    n: int,
+    label_fn: Callable[[str], int],
+    seed: int,
+    noun_phrases: Sequence[str] = (),
+) -> tuple[list[str], list[int]]:
+    """`n` sentences from REPHRASE_TEMPLATES (kinds drawn evenly) filled with the given phrases, each labelled by
+    `label_fn`. Templates whose slot has no phrases are skipped."""
+    fillers = {"vp": list(verb_phrases), "np": list(noun_phrases)}
+    usable = {
+        kind: [t for t in templates if fillers["vp" if "{vp}" in t else "np"]]
+        for kind, templates in REPHRASE_TEMPLATES.items()
+    }
+    usable = {kind: templates for kind, templates in usable.items() if templates}
+    if n <= 0 or not usable:
+        return [], []
+    rng = np.random.default_rng(seed)
+    kinds = list(usable)
+    texts = []
+    for _ in range(n):
+        templates = usable[kinds[rng.integers(len(kinds))]]
+        template = templates[rng.integers(len(templates))]
+        slot = "vp" if "{vp}" in template else "np"
+        phrase = fillers[slot][rng.integers(len(fillers[slot]))]
+        text = template.format(**{slot: phrase})
+        texts.append(text[0].upper() + text[1:])
+    return texts, [int(label_fn(t)) for t in texts]
+
+
+def mine_traps(
+    texts: Sequence[str], n: int, label_fn: Callable[[str], int], seed: int, exclude: Sequence[str] = ()
+) -> tuple[list[str], list[int]]:
+    """Up to `n` texts that open like a question (a wh-word or an auxiliary first) but that the teacher labels
+    a statement: "what a film !", "when it ends , you sigh .", "is pretty funny". The plain student learns
+    "wh-word first = question"; these rows say otherwise."""
+    if n <= 0:
+        return [], []
+    skip = set(exclude)
+    by_opening: dict[str, list[str]] = {"wh": [], "aux": []}
+    for text in texts:
+        words = _TOKEN.findall(text.lower())
+        opening = "wh" if words and words[0] in WH_WORDS else "aux" if words and words[0] in AUXILIARIES else None
+        if opening and text not in skip and not label_fn(text):
+            by_opening[opening].append(text)
+    # Half of each kind where possible: aux-first fragments ("is worth your time") far outnumber wh-first traps.
+    rng = np.random.default_rng(seed)
+    wh, aux = by_opening["wh"], by_opening["aux"]
+    n_wh = min(len(wh), max(n // 2, n - len(aux)))
+    traps = [wh[i] for i in np.sort(rng.permutation(len(wh))[:n_wh])]
+    traps += [aux[i] for i in np.sort(rng.permutation(len(aux))[: n - n_wh])]
+    return traps, [0] * len(traps)
+
+
+def declarative_questions(
+    texts: Sequence[str], n: int, label_fn: Callable[[str], int], seed: int, exclude: Sequence[str] = ()
+) -> tuple[list[str], list[int]]:
+    """Up to `n` statements of the sources turned into declarative questions by closing them with `?` instead
+    of `.`/`!` ("so you 're leaving ?"), labelled by the teacher. TREC questions all open with a wh-word, so
+    without these rows the student never sees a question that only its `?` marks."""
+    if n <= 0:
+        return [], []
+    skip = set(exclude)
+    # Closed sentences only: SST-2 also holds phrases ("high-minded snoozer"), which make poor questions.
+    statements = [
+        t for t in texts if t.rstrip().endswith((".", "!")) and "?" not in t and t not in skip and not label_fn(t)
+    ]
+    keep = np.sort(np.random.default_rng(seed).permutation(len(statements))[:n])
+    out = [statements[i].rstrip().rstrip(".!").rstrip() + " ?" for i in keep]
+    return out, [int(label_fn(t)) for t in out]
+
+
+def combine_sentences(
+    texts: list[str], labels: list[int], prob: float, seed: int
+) -> tuple[list[str], list[int]]:
+    """With probability `prob`, join a row with a random other row of the pool (either order), as dialogue turns
+    join sentences ("Well , that's too far . Can you change some money ?"). The label is the larger of the two
+    original labels: an utterance is a question when one of its sentences is."""
+    if prob <= 0 or len(texts) < 2:
+        return texts, labels
+    rng = np.random.default_rng(seed)
+    out_texts, out_labels = [], []
+    for i, (text, label) in enumerate(zip(texts, labels)):
+        if rng.random() < prob:
+            j = int(rng.integers(len(texts) - 1))
+            j += j >= i  # any row but this one
+            first, second = (i, j) if rng.random() < 0.5 else (j, i)
+            head = texts[first].rstrip()
+            if head[-1] not in ".!?":
+                head += " ."
+            text, label = f"{head} {texts[second].strip()}", max(label, labels[j])
+        out_texts.append(text)
+        out_labels.append(label)
+    return out_texts, out_labels
+
+
+
+@dataclass(frozen=True)
+class QuestionPool:
+    """The hook `data.build_data` calls for the question task (see `data.TaskSpec.pool`).
+
+    The task's text sources are unlabelled; each gives `rows_per_source` rows to the pool, `holdout_fraction`
+    of the pool is held out as the task's own validation split, and `training_rows` turns the rest into the
+    training set. `source_texts` (every row of the sources) feeds the mined and rephrased rows; rows of the
+    pool are never reused there."""
+
+    args: QuestionArguments = field(default_factory=QuestionArguments)
+
+    @property
+    def label_fn(self) -> Callable[[str], int]:
+        return question_label_fn(self.args.question_teacher)
+
+    @property
+    def rows_per_source(self) -> int | None:
+        return self.args.question_pool_per_source
+
+    @property
+    def holdout_fraction(self) -> float:
+        return self.args.question_holdout_fraction
+
+    def training_rows(
+        self, texts: list[str], labels: list[int], source_texts: Sequence[str], pool: Sequence[str], seed: int
+    ) -> tuple[list[str], list[int]]:
+        args, label_fn = self.args, self.label_fn
+        traps = mine_traps(source_texts, args.question_trap_rows, label_fn, seed, exclude=pool)
+        rephrased = rephrase_questions(
+            how_to_verb_phrases(source_texts),
+            args.question_rephrase_rows,
+            label_fn,
+            seed,
+            noun_phrases=what_is_noun_phrases(source_texts),
+        )
+        texts, labels = texts + traps[0] + rephrased[0], labels + traps[1] + rephrased[1]
+        texts, labels = combine_sentences(texts, labels, args.question_combine_prob, seed)
+        texts = augment_questions(
+            texts,
+            labels,
+            args.question_strip_qmark_prob,
+            args.question_lowercase_prob,
+            seed,
+            period_prob=args.question_strip_period_prob,
+        )
+        # Added after the noise: removing their `?` would leave statements labelled as questions.
+        declarative = declarative_questions(
+            source_texts, args.question_declarative_rows, label_fn, seed, exclude=pool
+        )
+        return texts + declarative[0], labels + declarative[1]
+
+
+def rule_metrics(metric, texts_by_set: dict[str, list[str]], labels_by_set: dict[str, list[int]]) -> dict:
+    """Each rule of `RULES` scored on each question eval set (the teachers beside the student)."""
+    return {
+        name: {
+            rule: metric.compute(predictions=[int(fn(t)) for t in texts], references=labels_by_set[name])
+            for rule, fn in RULES.items()
+        }
+        for name, texts in texts_by_set.items()
+    }
