@@ -1,4 +1,4 @@
-"""Tasks, data loading and checks, the multi-task batch samplers and the collator.
+"""Tasks, data loading and checks, building the tokenized sets, and the collator (task sampling: sampler.py).
 
 A task is a name, its label names and where its text comes from. Every source is a Hub dataset id with
 a mirror folder name: with `--data_dir DIR` the split is read from `DIR/<mirror>/<split>.parquet` (or
