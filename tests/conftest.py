@@ -120,3 +120,42 @@ def tiny_data_dir(tmp_path_factory, shared_data_dir) -> Path:
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         pd.read_parquet(shared_data_dir / rel).head(rows).to_parquet(folder / rel)
     return folder
+
+
+@pytest.fixture
+def make_trainer(make_model, tiny_tokenizer, tiny_data_dir, tmp_path):
+    from transformers import TrainingArguments
+
+    import train
+
+    def make(model=None, **overrides):
+        data_args = train.DataArguments(
+            data_dir=str(tiny_data_dir), max_train_samples=64, max_eval_samples=16, gold_eval=False
+        )
+        import data as mtdata
+
+        mt = mtdata.build_data(mtdata.get_tasks(["sentiment", "question"]), tiny_tokenizer, data_args, seed=0)
+        settings = dict(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=8,
+            max_steps=8,
+            logging_steps=4,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            use_cpu=True,
+            dataloader_pin_memory=False,
+        )
+        return train.MultiTaskTrainer(
+            model=model or make_model(),
+            args=TrainingArguments(**{**settings, **overrides}),
+            train_dataset=mt.train,
+            eval_dataset=mt.eval_sets,
+            processing_class=tiny_tokenizer,
+            data_collator=mtdata.MultiTaskCollator(tiny_tokenizer.pad_token_id),
+            task_sizes=mt.task_sizes,
+            eval_tasks=mt.eval_tasks,
+            mt_args=train.MultiTaskArguments(),
+        )
+
+    return make

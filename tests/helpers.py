@@ -6,6 +6,7 @@ parse -> freezing -> Trainer path as `accelerate launch train.py`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -68,3 +69,7 @@ def changed_and_unchanged(trainer) -> tuple[set[str], set[str]]:
     for name, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters():
         (unchanged if torch.equal(p.detach(), trainer.initial_state[name]) else changed).add(name)
     return changed, unchanged
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

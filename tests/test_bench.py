@@ -1,5 +1,5 @@
 """The benchmark scripts run end to end on the tiny encoder and report what they claim (not timed: the figures
-themselves are only meaningful on a quiet machine, see notes/issue6.md)."""
+themselves are only meaningful on a quiet machine, see docs/performance.md)."""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ import data as mtdata
 import question
 from data import MultiTaskCollator
 from question import QuestionArguments, is_question_heuristic
+import math
+import numpy as np
 
 
 def test_get_tasks_rejects_unknown_and_duplicates():
@@ -157,3 +159,28 @@ def test_collator_rejects_bad_padding_settings():
         MultiTaskCollator(pad_to_buckets=[0, 8])
     with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive length"):
         MultiTaskCollator(pad_to_multiple_of=-8)
+
+
+def naive_pad(rows, pad_id, multiple):
+    width = max(len(r) for r in rows)
+    if multiple:
+        width = math.ceil(width / multiple) * multiple
+    ids = [r + [pad_id] * (width - len(r)) for r in rows]
+    mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+@pytest.mark.parametrize("multiple", [None, 8])
+@pytest.mark.parametrize("lengths", [(1,), (5, 5, 5), (3, 17, 1, 9, 64, 2)])
+def test_collator_pads_like_the_naive_loop(lengths, multiple):
+    rng = np.random.default_rng(len(lengths))
+    features = [
+        {"input_ids": rng.integers(1, 1000, n).tolist(), "task_ids": i % 2, "labels": i % 3, "length": n}
+        for i, n in enumerate(lengths)
+    ]
+    got = mtdata.MultiTaskCollator(pad_token_id=7, pad_to_multiple_of=multiple)(features)
+    ids, mask = naive_pad([f["input_ids"] for f in features], 7, multiple)
+    assert torch.equal(got["input_ids"], ids) and got["input_ids"].dtype == torch.long
+    assert torch.equal(got["attention_mask"], mask) and got["attention_mask"].dtype == torch.long
+    assert got["task_ids"].tolist() == [i % 2 for i in range(len(lengths))]
+    assert got["labels"].tolist() == [i % 3 for i in range(len(lengths))]

@@ -187,3 +187,28 @@ def test_resume_with_other_freezing_is_refused(monkeypatch, tmp_path, tiny_encod
     resume = ["--max_steps", "4", "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-2")]
     with pytest.raises(ValueError, match=r"different set of trainable parameters.*resume with the same settings"):
         run_main(monkeypatch, tiny_argv(tiny_encoder_dir, tiny_data_dir, tmp_path / "b", *resume))
+
+
+def test_freeze_lower_layers_by_fraction(make_model):
+    model = make_model()  # 2 layers
+    trainable, total = freezing.apply_freezing(model, ["embeddings", "layers:0-5/12"])
+    layers = freezing.encoder_layers(model)
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert all(p.requires_grad for p in layers[1].parameters())
+    assert not any(p.requires_grad for p in model.encoder.embeddings.parameters())
+    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) < total
+
+
+def test_freeze_all_then_unfreeze_heads_is_a_linear_probe(make_model):
+    model = make_model()
+    trainable, _ = freezing.apply_freezing(model, ["all"], ["heads"])
+    assert trainable == sum(p.numel() for p in model.heads.parameters())
+
+
+def test_freeze_errors_name_the_fix(make_model):
+    with pytest.raises(ValueError, match=r"layer range 7-11 does not fit a 2-layer encoder.*'layers:0-6/12'"):
+        freezing.apply_freezing(make_model(), ["layers:7-11"])
+    with pytest.raises(ValueError, match=r"no task 'topic'; this model's tasks are \['sentiment', 'question'\]"):
+        freezing.apply_freezing(make_model(), ["head:topic"])
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        freezing.apply_freezing(make_model(), ["all"])

@@ -340,16 +340,6 @@ def test_render_card_names_a_missing_metrics_file(tmp_path):
         hub.render_card(tmp_path)
 
 
-def test_eval_sets_sharing_a_prefix_stay_apart():
-    """'question' is a prefix of 'question_gold': its metrics must not absorb the gold set's keys."""
-    import outputs
-
-    flat = {"eval_question_accuracy": 0.5, "eval_question_gold_accuracy": 0.9, "eval_question_gold_noqm_f1": 0.7,
-            "eval_question_runtime": 1.0, "epoch": 1.0}  # fmt: skip
-    split = outputs.split_eval_metrics(flat, ["question", "question_gold", "question_gold_noqm"])
-    assert split == {"question": {"accuracy": 0.5}, "question_gold": {"accuracy": 0.9}, "question_gold_noqm": {"f1": 0.7}}
-
-
 def test_sample_card_is_current(tiny_run, tiny_data_dir, tmp_path):
     """docs/sample_model_card.md is generated (see the module docstring); it must have today's template's layout."""
     if os.environ.get("WRITE_SAMPLE_CARD") == "1":

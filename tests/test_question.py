@@ -308,27 +308,6 @@ def test_error_report_rejects_a_folder_without_model(tmp_path, tiny_data_dir):
         errors.main([str(tmp_path), "--data_dir", str(tiny_data_dir)])
 
 
-def test_eval_set_names_that_extend_another_do_not_leak_into_it():
-    # 'question' is a prefix of 'question_gold': each set keeps only its own metrics (a run with gold eval used
-    # to crash in plot_curves on the 'question' row holding only 'gold_*' keys).
-    from outputs import epoch_table, split_eval_metrics
-
-    names = ["question", "question_gold", "question_gold_noqm"]
-    logs = [
-        {"eval_question_loss": 0.1, "eval_question_accuracy": 0.9, "epoch": 1.0},
-        {"eval_question_gold_loss": 0.5, "eval_question_gold_accuracy": 0.8, "epoch": 1.0},
-        {"eval_question_gold_noqm_loss": 0.7, "eval_question_gold_noqm_accuracy": 0.7, "epoch": 1.0},
-    ]
-    row = epoch_table(logs, names, ["question"])[0]
-    assert row["eval"] == {
-        "question": {"loss": 0.1, "accuracy": 0.9},
-        "question_gold": {"loss": 0.5, "accuracy": 0.8},
-        "question_gold_noqm": {"loss": 0.7, "accuracy": 0.7},
-    }
-    flat = {k: v for entry in logs for k, v in entry.items()}
-    assert split_eval_metrics(flat, names)["question"] == {"loss": 0.1, "accuracy": 0.9}
-
-
 def test_declarative_questions_are_closed_statements_with_a_question_mark():
     label_fn = question.question_label_fn("dialog")
     texts = ["so you 're leaving .", "the film is good !", "high-minded snoozer", "what is it ?", "a fine cast ."]

@@ -1,4 +1,5 @@
-"""Loss weighting: static per-task weights, learned uncertainty weights, and what gets logged."""
+"""trainer.py: `MultiTaskTrainer`'s per-task statistics on the device, its FLOP count, per-task logging, and the
+loss weights it trains and logs."""
 
 from __future__ import annotations
 
@@ -7,60 +8,62 @@ import math
 import pytest
 import torch
 from helpers import run_main, tiny_argv
-from torch.nn import functional as F
 
 import train
+from modeling_multitask import MultiTaskOutput
 
 
-def mixed_batch(model, rows: int = 6):
-    torch.manual_seed(1)
-    vocab = model.encoder.config.vocab_size
-    return {
-        "input_ids": torch.randint(5, vocab, (rows, 7)),
-        "attention_mask": torch.ones(rows, 7, dtype=torch.long),
-        "task_ids": torch.tensor([0, 0, 0, 1, 1, 1][:rows]),
-        "labels": torch.tensor([0, 1, 1, 0, 1, 0][:rows]),
+def test_task_stats_count_loss_rows_and_correct_rows(make_trainer):
+    trainer = make_trainer()
+    # rows: sentiment, sentiment, question; sentiment predicts [1, 1], question predicts [0]
+    logits = {
+        "sentiment": torch.tensor([[0.0, 1.0], [0.0, 2.0], [5.0, 0.0]]),
+        "question": torch.tensor([[1.0, 0.0]] * 3),
     }
+    outputs = MultiTaskOutput(
+        loss=torch.tensor(0.9),
+        logits=logits,
+        task_losses={"sentiment": torch.tensor(0.6), "question": torch.tensor(0.3)},
+    )
+    inputs = {"task_ids": torch.tensor([0, 0, 1]), "labels": torch.tensor([1, 0, 0])}
+    trainer._accumulate(outputs, inputs)
+    trainer._accumulate(outputs, inputs)
+    logs = trainer.pop_task_stats("interval", "train")
+    assert logs == pytest.approx(
+        {
+            "train_sentiment_loss": 0.6,
+            "train_sentiment_accuracy": 0.5,
+            "train_question_loss": 0.3,
+            "train_question_accuracy": 1.0,
+        }
+    )
+    assert trainer.task_stats["interval"].abs().sum() == 0  # popped
+    assert trainer.task_stats["epoch"][:, 1].tolist() == [4, 2]  # rows per task over the epoch so far
 
 
-def per_task_ce(out, batch) -> list[torch.Tensor]:
-    return [
-        F.cross_entropy(out.logits[name][batch["task_ids"] == i], batch["labels"][batch["task_ids"] == i])
-        for i, name in enumerate(["sentiment", "question"])
-    ]
+def test_floating_point_ops_counts_like_the_stock_trainer(make_trainer):
+    from transformers import Trainer
+
+    trainer = make_trainer()
+    inputs = {"input_ids": torch.ones(8, 13, dtype=torch.long)}
+    expected = Trainer.floating_point_ops(trainer, inputs)  # walks the modules every call
+    assert expected == 6 * 8 * 13 * trainer.model.num_parameters(exclude_embeddings=True) > 0
+    assert trainer.floating_point_ops(inputs) == expected
+    assert trainer.floating_point_ops({"input_ids": torch.ones(4, 13, dtype=torch.long)}) == expected // 2
+    trainer.train()
+    assert trainer.state.total_flos > 0
 
 
-def test_static_weights_scale_each_task_loss(make_model):
-    model = make_model(task_weights={"sentiment": 2.0, "question": 0.5}).eval()
-    batch = mixed_batch(model)
-    out = model(**batch)
-    ce = per_task_ce(out, batch)
-    torch.testing.assert_close(out.loss, 2.0 * ce[0] + 0.5 * ce[1])
-    assert {k: float(v) for k, v in out.task_weights.items()} == {"sentiment": 2.0, "question": 0.5}
-
-
-def test_uncertainty_loss_is_kendall(make_model):
-    model = make_model(loss_weighting="uncertainty").eval()
-    with torch.no_grad():
-        model.loss_log_vars.copy_(torch.tensor([0.7, -0.3]))
-    batch = mixed_batch(model)
-    out = model(**batch)
-    ce = per_task_ce(out, batch)
-    torch.testing.assert_close(out.loss, math.exp(-0.7) * ce[0] + 0.7 + math.exp(0.3) * ce[1] - 0.3)
-    torch.testing.assert_close(out.task_weights["sentiment"], torch.tensor(math.exp(-0.7)))
-
-
-@pytest.mark.parametrize("loss_weighting", ["static", "uncertainty"])
-def test_single_task_batch_reaches_every_parameter(make_model, loss_weighting):
-    # Under DDP with find_unused_parameters=False every parameter needs a gradient on every step, also the
-    # head (and log-variance) of a task absent from this rank's batch.
-    model = make_model(loss_weighting=loss_weighting)
-    batch = mixed_batch(model)
-    batch["task_ids"] = torch.zeros_like(batch["task_ids"])  # only sentiment rows
-    model(**batch).loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None]
-    assert missing == []
-    assert torch.count_nonzero(model.heads["question"].weight.grad) == 0
+def test_training_logs_per_task_metrics_and_stock_filter_is_off(make_trainer):
+    trainer = make_trainer()
+    assert trainer.args.logging_nan_inf_filter is False
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "train_sentiment_accuracy" in e]
+    assert [e["step"] for e in logged] == [4, 8]
+    for entry in logged:
+        for task in ("sentiment", "question"):
+            assert 0.0 <= entry[f"train_{task}_accuracy"] <= 1.0
+            assert math.isfinite(entry[f"train_{task}_loss"]) and entry[f"train_{task}_loss"] > 0
 
 
 def test_uncertainty_weights_train_and_are_logged(monkeypatch, tmp_path, tiny_encoder_dir, tiny_data_dir):

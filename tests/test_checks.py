@@ -1,7 +1,8 @@
-"""Bad input fails early with one clear ValueError (what was expected, what was found, where, how to fix).
+"""checks.py: bad input fails early with one clear ValueError (what was expected, what was found, where, how to fix).
 
 The table below pins each message; the end-to-end tests check that the checks run before the output folder
-is created or touched.
+is created or touched. Also the non-finite watch (a NaN or an exploding loss stops the run naming task and
+step), the advice to compiled runs without fixed shapes, and the thread settings of a lone CPU process.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import available_cores
 
 import checks
 import data as mtdata
 import freezing
+import question
 import train
 
 GOOD_TEXTS = ["a good film", "a bad film", "what a film", "is it good ?"]
@@ -444,3 +447,142 @@ def test_output_folder_of_another_run_is_refused_then_replaced_with_consent(tmp_
 
 def test_roberta_encoder_takes_its_full_512_tokens(ctx):
     _max_seq_length_over_roberta_positions(ctx, max_seq_length=512)  # the boundary of the case above: no error
+
+
+@pytest.mark.parametrize("every_step", [True, False], ids=["cpu-every-step", "accelerator-at-log"])
+def test_non_finite_loss_stops_training_naming_step_and_task(make_trainer, make_model, every_step):
+    model = make_model()
+    forward = model.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third training step: a sentiment batch under round robin
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = poisoned
+    trainer = make_trainer(model=model)
+    trainer._check_every_step = every_step
+    if every_step:  # on the CPU: stopped inside the bad step, before its update reaches the weights
+        with pytest.raises(FloatingPointError, match=r"at step 3 on task\(s\) \['sentiment'\] \(per-task: [^)]*\)\. Stopping"):
+            trainer.train()
+        assert trainer.state.global_step == 2
+    else:  # on an accelerator: no per-step host read; stopped at the first log after the bad step
+        with pytest.raises(FloatingPointError, match=r"at step 3 on task\(s\) \['sentiment'\].*noticed at step 4"):
+            trainer.train()
+        assert trainer.state.global_step == 4
+
+
+@pytest.mark.parametrize(
+    "flags, advice",
+    [
+        ([], None),
+        (["--torch_compile", "true"], "each new batch length is a new shape"),
+        (["--torch_compile", "true", "--torch_compile_mode", "reduce-overhead"], "records another CUDA graph"),
+        (["--torch_compile", "true", "--pad_to_buckets", "16", "32"], None),
+        (["--torch_compile", "true", "--pad_to_multiple_of", "8"], None),
+    ],
+)
+def test_compiled_runs_without_fixed_shapes_are_told_about_buckets(tmp_path, flags, advice):
+    import checks
+    import train
+
+    *_, mt_args, training_args = train.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", *flags])
+    note = checks.compile_shapes_advice(training_args, mt_args)
+    if advice is None:
+        assert note is None
+    else:
+        assert advice in note and "--pad_to_buckets 16 32 64 128" in note
+
+
+def _trainer(tmp_path, model, tiny_tokenizer, tiny_data_dir, **training):
+    data_args = train.DataArguments(
+        data_dir=str(tiny_data_dir), max_seq_length=32, max_train_samples=16, max_eval_samples=8, gold_eval=False
+    )
+    pool = question.QuestionPool(question.QuestionArguments(question_pool_per_source=30))
+    tasks = mtdata.get_tasks(["sentiment", "question"], pools={"question": pool})
+    mt = mtdata.build_data(tasks, tiny_tokenizer, data_args, seed=0)
+    args = train.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, report_to="none", save_strategy="no",
+        eval_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, **training,
+    )  # fmt: skip
+    return train.MultiTaskTrainer(
+        model=model,
+        args=args,
+        train_dataset=mt.train,
+        eval_dataset=mt.eval_sets,
+        data_collator=mtdata.MultiTaskCollator(tiny_tokenizer.pad_token_id),
+        task_sizes=mt.task_sizes,
+        eval_tasks=mt.eval_tasks,
+        mt_args=train.MultiTaskArguments(),
+    )
+
+
+def test_nan_in_one_head_stops_the_run_naming_task_and_step(tmp_path, make_model, tiny_tokenizer, tiny_data_dir):
+    model = make_model()
+    with torch.no_grad():
+        model.heads["question"].weight[0, 0] = float("nan")
+    trainer = _trainer(tmp_path, model, tiny_tokenizer, tiny_data_dir, max_steps=4)
+    # round_robin: step 1 is a sentiment batch (its loss must stay finite), step 2 the first question batch.
+    message = r"Non-finite training loss \(nan\) at step 2 on task\(s\) \['question'\]"
+    with pytest.raises(FloatingPointError, match=message):
+        trainer.train()
+    assert trainer.state.global_step == 1
+    assert torch.isfinite(model.heads["sentiment"].weight).all()
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
+
+
+def test_exploding_learning_rate_stops_the_run(tmp_path, make_model, tiny_tokenizer, tiny_data_dir):
+    trainer = _trainer(tmp_path, make_model(), tiny_tokenizer, tiny_data_dir, max_steps=20, learning_rate=1e30,
+                       max_grad_norm=0.0, warmup_steps=0)  # fmt: skip
+    with pytest.raises(
+        FloatingPointError,
+        match=r"Non-finite (training loss|gradient norm) \((nan|inf)\) at step \d+ on task\(s\) "
+        r"\['(sentiment|question)'\]",
+    ):
+        trainer.train()
+    assert trainer.state.global_step < 20
+
+
+def test_nan_gradient_with_finite_loss_stops_before_the_weights_change(
+    tmp_path, make_model, tiny_tokenizer, tiny_data_dir
+):
+    model = make_model()
+    embeddings = model.encoder.embeddings.word_embeddings.weight
+    embeddings.register_hook(lambda grad: grad * float("nan"))  # an overflow in backward, say
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _trainer(tmp_path, model, tiny_tokenizer, tiny_data_dir, max_steps=4)
+    message = r"Non-finite gradient norm \(nan\) at step 1 on task\(s\) \['sentiment'\]"
+    with pytest.raises(FloatingPointError, match=message):
+        trainer.train()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the optimizer never stepped
+
+
+@pytest.mark.parametrize(
+    "env, changed",
+    [
+        ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "1"}, True),  # accelerate launch, one process
+        ({"OMP_NUM_THREADS": "1"}, False),  # python train.py: the user's OMP_NUM_THREADS stands
+        ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"}, False),  # shared cores
+        ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "2"}, False),  # a count the user chose
+    ],
+    ids=["accelerate-one-process", "plain-python", "two-processes", "chosen-count"],
+)
+def test_lone_cpu_process_threads(monkeypatch, env, changed):
+    for key in ("ACCELERATE_DYNAMO_BACKEND", "OMP_NUM_THREADS", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        note = checks.use_every_core_in_a_lone_cpu_process()
+        if changed and available_cores() > 1:
+            assert torch.get_num_threads() == available_cores() and "OMP_NUM_THREADS=1" in note
+        else:
+            assert torch.get_num_threads() == 1 and note is None
+    finally:
+        torch.set_num_threads(before)
