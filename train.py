@@ -282,7 +282,8 @@ def setup_logging(training_args: TrainingArguments, threads_note: str | None = N
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     log_level = training_args.get_process_log_level()
-    for name in (__name__, "data", "cuda_graphs", "checks", "outputs"):
+    ours = (__name__, "data", "question", "sampler", "trainer", "freezing", "cuda_graphs", "checks", "outputs", "hub")
+    for name in ours:
         logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
