@@ -1,4 +1,4 @@
-"""Run `train.main()` in a subprocess with fault hooks; tests/test_faults.py drives it.
+"""Run `train.main()` in a subprocess with fault hooks; tests/test_e2e.py drives it.
 
     python tests/fault_runner.py CONFIG.yaml --flag value ...
 
