@@ -36,10 +36,6 @@ TINY_ENCODER = dict(
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "integration: uses the packaged MiniLM encoder and ../shared/data")
-
-
 def _vocab() -> list[str]:
     from collections import Counter
 

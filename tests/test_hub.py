@@ -551,7 +551,7 @@ def test_custom_task_card_has_its_description_dataset_and_metrics(tiny_encoder_d
     assert "someone/topic" in meta.split("datasets:", 1)[1]
     assert "| `topic` | `0` dull, `1` fine | Custom task from someone/topic (text -> label). | someone/topic train |" in body
     final = metrics["final"]["topic"]
-    assert f"| `topic` | topic | someone/topic validation | 12 |" in body
+    assert "| `topic` | topic | someone/topic validation | 12 |" in body
     assert f"**{final['accuracy']:.4f}**" in body and f"**{final['f1']:.4f}**" in body
     assert f"value: {final['accuracy']}" in meta  # the model-index carries metrics.json's number
 
