@@ -19,7 +19,13 @@ from transformers import AutoConfig, TrainingArguments
 
 import checkpoints
 from freezing import apply_freezing
-from modeling_multitask import MultiTaskConfig, MultiTaskModel, encoder_config_dict
+from modeling_multitask import (
+    MultiTaskConfig,
+    MultiTaskModel,
+    encoder_attn_implementation,
+    encoder_class,
+    encoder_config_dict,
+)
 
 if TYPE_CHECKING:  # train.py imports this module
     from train import DataArguments, ModelArguments, MultiTaskArguments
@@ -83,9 +89,11 @@ def check_model_setup(
     data_args: DataArguments,
     mt_args: MultiTaskArguments,
 ) -> MultiTaskConfig:
-    """Check the encoder config, max_seq_length and the freezing specs before any data is read or file written.
+    """Check the encoder config, its attention implementation, max_seq_length and the freezing specs before any
+    data is read or file written.
 
-    Returns the run's `MultiTaskConfig` (its own checks run here: pooling, dropout, task names, task weights);
+    The encoder must be a model type `AutoModel` builds; `--attn_implementation auto` picks sdpa where its class
+    supports it (else eager), an explicit choice it does not support is refused here. Returns the run's `MultiTaskConfig` (its own checks run here: pooling, dropout, task names, task weights);
     `MultiTaskModel.from_encoder(..., config=config)` builds the model on it. The freezing specs are tried on a
     model built on the meta device: the same code as the real run (so the same errors), with no weights read
     and no memory used.
@@ -98,6 +106,7 @@ def check_model_setup(
             f"Pass a local folder holding config.json and weights, or connect to the Hub (a Hub id needs network "
             f"unless it is cached; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r})."
         ) from err
+    attn_implementation = encoder_attn_implementation(encoder_class(encoder_config), model_args.attn_implementation)
     max_positions = getattr(encoder_config, "max_position_embeddings", None)
     usable = max_positions
     if max_positions and encoder_config.model_type in POSITIONS_AFTER_PADDING_IDX:
@@ -125,8 +134,20 @@ def check_model_setup(
         task_weights=weights,
         encoder_name_or_path=model_args.encoder,
     )
-    with torch.device("meta"):
-        skeleton = MultiTaskModel(config)
+    try:
+        with torch.device("meta"):
+            skeleton = MultiTaskModel(config, encoder_attn_implementation=attn_implementation)
+    except ImportError as err:  # e.g. flash_attention_2 without the flash-attn package
+        raise ValueError(
+            f"--attn_implementation {model_args.attn_implementation}: {err} Use --attn_implementation auto or eager."
+        ) from err
+    logger.info(
+        "Encoder %s: %s, attention %s, token_type_ids %s",
+        model_args.encoder,
+        type(skeleton.encoder).__name__,
+        attn_implementation,
+        "used" if skeleton.encoder_takes_token_type_ids else "not taken (dropped)",
+    )
     apply_freezing(skeleton, mt_args.freeze, mt_args.unfreeze)
     return config
 

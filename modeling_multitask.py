@@ -9,6 +9,7 @@ from the Hub or from a folder.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
@@ -31,6 +32,14 @@ ENCODER_SIZES = (
     "max_position_embeddings",
 )
 LOSS_WEIGHTINGS = ("static", "uncertainty")
+# Attention implementations an encoder may be built with, and the class flag that says it supports each one.
+ATTN_SUPPORT_FLAGS = {
+    "eager": None,
+    "sdpa": "_supports_sdpa",
+    "flash_attention_2": "_supports_flash_attn",
+    "flash_attention_3": "_supports_flash_attn",
+    "flex_attention": "_supports_flex_attn",
+}
 
 
 class MultiTaskConfig(PretrainedConfig):
@@ -130,6 +139,52 @@ def encoder_config_dict(encoder_config: PretrainedConfig) -> dict:
     return encoder
 
 
+def encoder_class(encoder_config: PretrainedConfig) -> type:
+    """The class `AutoModel` builds for this encoder config (e.g. `BertModel` for a `BertConfig`)."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    try:
+        return MODEL_MAPPING[type(encoder_config)]
+    except KeyError:
+        raise ValueError(
+            f"encoder model_type {encoder_config.model_type!r} has no AutoModel class in transformers; use an encoder "
+            f"whose config.json names a model type transformers knows (bert, roberta, distilbert, electra, "
+            f"deberta-v2, mpnet, modernbert, ...)."
+        ) from None
+
+
+def encoder_attn_implementation(cls: type, requested: str | None = None) -> str:
+    """The attention implementation to build encoder class `cls` with.
+
+    `None` or `"auto"`: `"sdpa"` where the class supports it, else `"eager"` (MPNet, DeBERTa-v2). An explicit
+    choice the class does not support is refused, naming the ones it does.
+    """
+    supported = [name for name, flag in ATTN_SUPPORT_FLAGS.items() if flag is None or getattr(cls, flag, False)]
+    if requested in (None, "auto"):
+        return "sdpa" if "sdpa" in supported else "eager"
+    if requested not in ATTN_SUPPORT_FLAGS:
+        raise ValueError(
+            f"attn_implementation={requested!r} is not one of {['auto', *ATTN_SUPPORT_FLAGS]}; use auto (sdpa "
+            f"where the encoder supports it, else eager)."
+        )
+    if requested not in supported:
+        raise ValueError(
+            f"{cls.__name__} does not support attn_implementation={requested!r}; it supports {supported}. Use "
+            f"--attn_implementation auto (picks {'sdpa' if 'sdpa' in supported else 'eager'} here) or one of those."
+        )
+    return requested
+
+
+def encoder_build_kwargs(cls: type, attn_implementation: str | None = None) -> dict:
+    """What `AutoModel.from_config`/`from_pretrained` get for encoder class `cls`: the attention implementation it
+    supports, and `add_pooling_layer=False` where its `__init__` takes it (BERT, RoBERTa, MPNet; the heads read a
+    pooled embedding of their own, so the pooler would be unused weights)."""
+    kwargs = {"attn_implementation": encoder_attn_implementation(cls, attn_implementation)}
+    if "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
+        kwargs["add_pooling_layer"] = False
+    return kwargs
+
+
 def _normalise_task(task: dict, index: int) -> dict:
     if not isinstance(task, dict) or "name" not in task:
         raise ValueError(f"MultiTaskConfig: task #{index} must be a dict with a 'name', got {task!r}.")
@@ -223,13 +278,24 @@ class MultiTaskPreTrainedModel(PreTrainedModel):
 
 
 class MultiTaskModel(MultiTaskPreTrainedModel):
-    """Shared encoder + pooling + one `nn.Linear` head per task; `forward` routes rows to heads by task id."""
+    """Shared encoder + pooling + one `nn.Linear` head per task; `forward` routes rows to heads by task id.
 
-    def __init__(self, config: MultiTaskConfig):
+    Any `AutoModel` encoder: it is built with only the arguments its class accepts (`encoder_build_kwargs`), and
+    gets `token_type_ids` only when its `forward` takes them (DistilBERT, MPNet and ModernBERT do not).
+    `encoder_attn_implementation`: `None`/`"auto"` (sdpa where the encoder supports it, else eager), or one the
+    encoder supports; e.g. `AutoModel.from_pretrained(folder, trust_remote_code=True,
+    encoder_attn_implementation="eager")`.
+    """
+
+    def __init__(self, config: MultiTaskConfig, encoder_attn_implementation: str | None = None):
         super().__init__(config)
         if not config.tasks:
             raise ValueError("MultiTaskModel needs at least one task in config.tasks.")
-        self.encoder = AutoModel.from_config(config.encoder_config(), add_pooling_layer=False)
+        encoder_config = config.encoder_config()
+        self.encoder = AutoModel.from_config(
+            encoder_config, **encoder_build_kwargs(encoder_class(encoder_config), encoder_attn_implementation)
+        )
+        self.encoder_takes_token_type_ids = "token_type_ids" in inspect.signature(self.encoder.forward).parameters
         hidden = self.encoder.config.hidden_size
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.heads = nn.ModuleDict({t["name"]: nn.Linear(hidden, t["num_labels"]) for t in config.tasks})
@@ -261,11 +327,14 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         weights, and a half-precision checkpoint would otherwise train in half precision.
         """
         encoder_kwargs.setdefault("dtype", torch.float32)
+        attn_implementation = encoder_kwargs.pop("attn_implementation", None)
+        encoder_config = config.encoder_config() if config is not None else AutoConfig.from_pretrained(encoder_name_or_path)
+        build_kwargs = encoder_build_kwargs(encoder_class(encoder_config), attn_implementation)
         report_logger = logging.getLogger("transformers.modeling_utils")
         quiet_pooler = _PoolerOnlyLoadReport()
         report_logger.addFilter(quiet_pooler)
         try:
-            encoder = AutoModel.from_pretrained(encoder_name_or_path, add_pooling_layer=False, **encoder_kwargs)
+            encoder = AutoModel.from_pretrained(encoder_name_or_path, **build_kwargs, **encoder_kwargs)
         finally:
             report_logger.removeFilter(quiet_pooler)
         if config is None:
@@ -278,7 +347,7 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
                 task_weights=task_weights,
                 encoder_name_or_path=str(encoder_name_or_path),
             )
-        model = cls(config)
+        model = cls(config, encoder_attn_implementation=build_kwargs["attn_implementation"])
         model.encoder.load_state_dict(encoder.state_dict())
         model.to(encoder.dtype)
         return model
@@ -297,9 +366,12 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
     ) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        token_states = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state  # (batch, seq, hidden)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and self.encoder_takes_token_type_ids:
+            # Encoders without segment embeddings (DistilBERT, MPNet, ModernBERT) take no token_type_ids; a BERT-style
+            # tokenizer still returns them (all zeros for one sentence), so they are dropped here.
+            inputs["token_type_ids"] = token_type_ids
+        token_states = self.encoder(**inputs).last_hidden_state  # (batch, seq, hidden)
         return pool(token_states, attention_mask, self.config.pooling)  # (batch, hidden)
 
     def forward(
@@ -456,4 +528,13 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         return total, task_losses, task_weights
 
 
-__all__ = ["MultiTaskConfig", "MultiTaskModel", "MultiTaskOutput", "MultiTaskPreTrainedModel", "pool"]
+__all__ = [
+    "MultiTaskConfig",
+    "MultiTaskModel",
+    "MultiTaskOutput",
+    "MultiTaskPreTrainedModel",
+    "encoder_attn_implementation",
+    "encoder_build_kwargs",
+    "encoder_class",
+    "pool",
+]

@@ -92,7 +92,13 @@ class ModelArguments:
     )
     pooling: Literal["mean", "cls", "max"] = field(default="mean", metadata={"help": "Sentence pooling."})
     classifier_dropout: float = field(default=0.1, metadata={"help": "Dropout on the embedding before each head."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "eager | sdpa | flash_attention_2."})
+    attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (sdpa where the encoder's class supports it, else eager) | eager | sdpa | "
+            "flash_attention_2 | flex_attention; checked against the encoder before any data is read."
+        },
+    )
     # pooling and classifier_dropout are checked by MultiTaskConfig (checks.check_model_setup builds it).
 
 
