@@ -90,10 +90,12 @@ def check_model_setup(
     mt_args: MultiTaskArguments,
 ) -> MultiTaskConfig:
     """Check the encoder config, its attention implementation, max_seq_length and the freezing specs before any
-    data is read or file written.
+    built-in task's data is read or any file written (custom tasks' own files are checked just before, by
+    `data.check_custom_tasks`: they give the label names the config needs).
 
     The encoder must be a model type `AutoModel` builds; `--attn_implementation auto` picks sdpa where its class
-    supports it (else eager), an explicit choice it does not support is refused here. Returns the run's `MultiTaskConfig` (its own checks run here: pooling, dropout, task names, task weights);
+    supports it (else eager), an explicit choice it does not support is refused here. Returns the run's
+    `MultiTaskConfig` (its own checks run here: pooling, dropout, task names, task weights);
     `MultiTaskModel.from_encoder(..., config=config)` builds the model on it. The freezing specs are tried on a
     model built on the meta device: the same code as the real run (so the same errors), with no weights read
     and no memory used.

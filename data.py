@@ -9,7 +9,10 @@ Built-in tasks:
 - `question`: weak supervision. A pool of SST-2 sentences (statements) and TREC questions (`CogComp/trec`),
   labelled by a rule of question.py through the task's pool hook; a held-out part of the pool is the task's
   validation split. DailyDialog's gold dialog acts (mirror only) are extra evaluation sets, never training data.
-Custom tasks come from the config's `task_definitions` (`parse_task_definitions`).
+Custom tasks come from the config's `task_definitions` (`parse_task_definitions`): a Hub dataset (or its mirror
+folder) or the task's own data files (`train_file`/`validation_file`/`data_files`, like run_glue.py). Their sources
+are read and checked by `check_custom_tasks` before any built-in task loads; string labels map to class ids
+through a `ClassLabel` of the task's label names (given, or taken from the data).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ DATA_EXTENSIONS = {"parquet": "parquet", "csv": "csv", "tsv": "csv", "jsonl": "j
 
 @dataclass(frozen=True)
 class Source:
-    """One split of one dataset. `dataset` is the Hub id; `mirror` the folder under `--data_dir`."""
+    """One split of one dataset. `dataset` is the Hub id; `mirror` the folder under `--data_dir`; `path` a data file
+    of the task's own (then `dataset` only names the data, and neither the Hub nor `--data_dir` is read)."""
 
     dataset: str
     mirror: str
@@ -50,8 +54,11 @@ class Source:
     text_column: str
     label_column: str | None = None  # None: labels come from the task's label_fn
     transform: Callable[[str], str] | None = None  # applied to the text before labelling/tokenizing
+    path: str | None = None
 
     def describe(self, data_dir: str | None) -> str:
+        if self.path is not None:
+            return self.path
         if data_dir is None:
             return f"{self.dataset} [{self.split}]"
         folder = Path(data_dir) / self.mirror
@@ -88,6 +95,8 @@ class TaskSpec:
         return None if self.pool is None else self.pool.label_fn
 
     def to_config(self) -> dict:
+        if not self.label_names:
+            raise ValueError(f"task {self.name!r}: label names not read yet; run data.check_custom_tasks first.")
         return {"name": self.name, "num_labels": self.num_labels, "id2label": dict(enumerate(self.label_names))}
 
 
@@ -161,16 +170,61 @@ def get_tasks(
 
 TASK_DEFINITION_KEYS = {
     "name": "task name (also the head name and the eval metric prefix)",
-    "dataset": "Hub dataset id, read when --data_dir is not set",
+    "dataset": "Hub dataset id, read when --data_dir is not set; with data files optional, it only names the data",
     "mirror": "folder under --data_dir (default: the last part of the dataset id)",
+    "train_file": "the task's own training file (.csv/.tsv/.json/.jsonl/.parquet); same as data_files: {train: ...}",
+    "validation_file": "the task's own evaluation file; same as data_files: {validation: ...}",
+    "data_files": "the task's own files as {split: path} (or one path: the train split)",
     "train_split": "split to train on (default: train)",
-    "eval_split": "split to evaluate on (default: none)",
+    "eval_split": "split to evaluate on (default: validation when a validation file is given, else none)",
     "text_column": "column holding the text",
-    "label_column": "column holding integer class ids 0..num_labels-1",
-    "label_names": "list of class names, in class-id order",
+    "label_column": "column holding the class: class names (strings) or integer class ids 0..num_labels-1",
+    "label_names": "list of class names, in class-id order (default: from the data)",
     "num_labels": "number of classes (optional; must equal len(label_names))",
 }
-_REQUIRED_DEFINITION_KEYS = ("name", "dataset", "text_column", "label_column")
+_REQUIRED_DEFINITION_KEYS = ("name", "text_column", "label_column")
+
+
+def _definition_files(item: dict, where: str) -> dict[str, str]:
+    """A definition's own data files, {split: path}: each must exist and have a known extension."""
+    data_files = item.get("data_files") or {}
+    if isinstance(data_files, str):
+        data_files = {"train": data_files}
+    if not isinstance(data_files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in data_files.items()
+    ):
+        raise ValueError(f"{where}: data_files must map split names to file paths, e.g. {{train: train.csv}}.")
+    files = dict(data_files)
+    for key, split in (("train_file", "train"), ("validation_file", "validation")):
+        path = item.get(key)
+        if path is None:
+            continue
+        if not (isinstance(path, str) and path.strip()):
+            raise ValueError(f"{where}: {key} must be a file path, got {path!r}.")
+        if split in files and files[split] != path:
+            raise ValueError(f"{where}: {key} {path!r} and data_files[{split!r}] {files[split]!r} name two files.")
+        files[split] = path
+    for split, path in files.items():
+        key = {"train": "train_file", "validation": "validation_file"}.get(split, f"data_files[{split!r}]")
+        ext = _file_extension(path)
+        if ext not in DATA_EXTENSIONS:
+            raise ValueError(
+                f"{where}: {key} {path!r} has extension {ext!r}; use one of {['.' + e for e in DATA_EXTENSIONS]}."
+            )
+        file = Path(path)
+        if not file.is_file():
+            folder = file.parent if file.parent.is_dir() else None
+            near = difflib.get_close_matches(file.name, [p.name for p in folder.iterdir()], n=1) if folder else []
+            hint = f" Did you mean {str(folder / near[0])!r}?" if near else ""
+            raise ValueError(
+                f"{where}: {key} {path!r} does not exist (relative paths start at the working directory "
+                f"{Path.cwd()}).{hint} Fix the path in the task definition."
+            )
+    return files
+
+
+def _file_extension(path: str) -> str:
+    return Path(path).suffix.lower().lstrip(".")
 
 
 def check_known_keys(values, known, where: str, fix: str) -> None:
@@ -227,37 +281,121 @@ def parse_task_definitions(value) -> dict[str, TaskSpec]:
         num_labels = item.get("num_labels")
         if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int)):
             raise ValueError(f"{where}: num_labels must be an integer, got {num_labels!r}.")
-        label_names = item.get("label_names")
-        if label_names is None:
-            if num_labels is None:
-                raise ValueError(f"{where}: give label_names (a list of class names) or num_labels.")
-            label_names = [f"LABEL_{i}" for i in range(num_labels)]
-        if not isinstance(label_names, list) or not all(isinstance(n, (str, int)) for n in label_names):
-            raise ValueError(f"{where}: label_names must be a list of class names, got {label_names!r}.")
-        label_names = tuple(str(n) for n in label_names)
-        if num_labels is not None and num_labels != len(label_names):
+        files = _definition_files(item, where)
+        if not files and not item.get("dataset"):
             raise ValueError(
-                f"{where}: num_labels={num_labels} but label_names has {len(label_names)} entries "
-                f"{list(label_names)}; list exactly one name per class (or drop num_labels)."
+                f"{where}: give the task's data: dataset (a Hub id, or a folder under --data_dir with mirror), or "
+                f"train_file (and validation_file), or data_files."
             )
-        if len(label_names) < 2:
-            raise ValueError(f"{where}: a classification task needs at least 2 classes, got {list(label_names)}.")
-        if len(set(label_names)) != len(label_names):
-            raise ValueError(f"{where}: label_names {list(label_names)} repeat a name; class names must differ.")
-        mirror = item.get("mirror") or item["dataset"].rstrip("/").split("/")[-1]
+        label_names = item.get("label_names")
+        if label_names is None and num_labels is not None:
+            label_names = [f"LABEL_{i}" for i in range(num_labels)]
+        if label_names is not None:
+            label_names = _check_label_names(label_names, num_labels, where)
+        train_split = item.get("train_split") or "train"
+        eval_split = item.get("eval_split") or ("validation" if "validation" in files else None)
+        for key, split in (("train_split", train_split), ("eval_split", eval_split)):
+            if files and split is not None and split not in files:
+                raise ValueError(
+                    f"{where}: {key} {split!r} has no file; the definition's files are {files}. Add it to "
+                    f"data_files (or train_file/validation_file), or fix {key}."
+                )
+        dataset = item.get("dataset") or Path(files[train_split]).name
+        mirror = item.get("mirror") or dataset.rstrip("/").split("/")[-1]
 
         def source(split: str) -> Source:
-            return Source(item["dataset"], mirror, split, item["text_column"], item["label_column"])
+            return Source(dataset, mirror, split, item["text_column"], item["label_column"], path=files.get(split))
 
-        eval_split = item.get("eval_split")
+        origin = files[train_split] if files else item["dataset"]
         specs[name] = TaskSpec(
             name=name,
-            label_names=label_names,
-            train=(source(item.get("train_split") or "train"),),
+            label_names=label_names or (),  # empty: read from the data by check_custom_tasks
+            train=(source(train_split),),
             eval=(EvalSource(name, source(eval_split)),) if eval_split else (),
-            description=f"Custom task from {item['dataset']} ({item['text_column']} -> {item['label_column']}).",
+            description=f"Custom task from {origin} ({item['text_column']} -> {item['label_column']}).",
         )
     return specs
+
+
+def _check_label_names(label_names, num_labels: int | None, where: str) -> tuple[str, ...]:
+    if not isinstance(label_names, list) or not all(isinstance(n, (str, int)) for n in label_names):
+        raise ValueError(f"{where}: label_names must be a list of class names, got {label_names!r}.")
+    label_names = tuple(str(n) for n in label_names)
+    if num_labels is not None and num_labels != len(label_names):
+        raise ValueError(
+            f"{where}: num_labels={num_labels} but label_names has {len(label_names)} entries "
+            f"{list(label_names)}; list exactly one name per class (or drop num_labels)."
+        )
+    if len(label_names) < 2:
+        raise ValueError(f"{where}: a classification task needs at least 2 classes, got {list(label_names)}.")
+    if len(set(label_names)) != len(label_names):
+        raise ValueError(f"{where}: label_names {list(label_names)} repeat a name; class names must differ.")
+    return label_names
+
+
+def check_custom_tasks(tasks: list[TaskSpec], data_dir: str | None) -> list[TaskSpec]:
+    """Read and check every split of every custom task (columns, texts, labels), before any built-in task loads,
+    so a bad file fails in seconds. A task without label_names gets them from its training split: a ClassLabel
+    column's names, else the sorted distinct class names (string labels) or "0".."n-1" (integer ids).
+    Returns the tasks, custom ones with their label names."""
+    checked = []
+    for task in tasks:
+        if task.name not in TASKS:
+            if not task.label_names:
+                task = replace(task, label_names=_label_names_from_data(task, data_dir))
+                logger.info("Task %r: label names from the data: %s", task.name, list(task.label_names))
+            for source in (*task.train, *(e.source for e in task.eval)):
+                _read_source(source, task, data_dir)
+        checked.append(task)
+    return checked
+
+
+def _label_names_from_data(task: TaskSpec, data_dir: str | None) -> tuple[str, ...]:
+    import datasets
+
+    source = task.train[0]
+    ds = load_source(source, data_dir)
+    where = source.describe(data_dir)
+    if len(ds) == 0:
+        raise ValueError(f"{where}: the split has zero rows; task {task.name!r} needs data there.")
+    check_columns(ds, source, data_dir)
+    feature = ds.features.get(source.label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        names = tuple(feature.names)
+    else:
+        values = ds[source.label_column]
+        if values and all(isinstance(v, str) for v in values):
+            names = tuple(sorted(set(values)))
+        else:
+            try:
+                count = max(int(v) for v in values) + 1
+            except (TypeError, ValueError):  # not integer ids: check_labels names the row
+                count = 2
+            check_labels(values, max(count, 2), where, source.label_column)
+            names = tuple(str(i) for i in range(count))
+    if len(names) < 2:
+        raise ValueError(
+            f"{where}: column {source.label_column!r} holds one class {list(names)}; task {task.name!r} needs at "
+            f"least 2 (or give label_names in its definition)."
+        )
+    return names
+
+
+def _class_ids(labels: Sequence, task: TaskSpec, where: str, column: str) -> list[int]:
+    """Class names -> ids through a `ClassLabel` of the task's label names; every row must name a known class."""
+    import datasets
+
+    names = set(task.label_names)
+    for row, label in enumerate(labels):
+        if not isinstance(label, str) or label not in names:
+            kind = "a class name" if isinstance(label, str) else "not a class name (the column mixes names and ids)"
+            close = difflib.get_close_matches(str(label), task.label_names, n=1) if isinstance(label, str) else []
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"{where}: column {column!r} row {row} is {label!r}, {kind} outside task {task.name!r}'s label_names "
+                f"{list(task.label_names)}.{hint} Fix the row, or list the class in label_names."
+            )
+    return datasets.ClassLabel(names=list(task.label_names)).str2int(list(labels))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,6 +407,9 @@ def load_source(source: Source, data_dir: str | None):
     """Load one split as a `datasets.Dataset`, from the mirror folder when `data_dir` is set, else the Hub."""
     import datasets
 
+    if source.path is not None:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+        return _load_file(Path(source.path), _file_extension(source.path), source.split)
     if data_dir is not None:
         folder = Path(data_dir) / source.mirror
         if not Path(data_dir).is_dir():
@@ -282,20 +423,10 @@ def load_source(source: Source, data_dir: str | None):
             )
         # A local file is no download: without this, datasets pings S3 to count one (network even with a mirror).
         datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
-        for ext, builder in DATA_EXTENSIONS.items():
+        for ext in DATA_EXTENSIONS:
             path = folder / f"{source.split}.{ext}"
             if path.is_file():
-                empty_columns = _columns_if_empty(path, ext)
-                if empty_columns is not None:
-                    # datasets fails on empty files with unrelated errors; the caller reports "zero rows".
-                    return datasets.Dataset.from_dict({c: [] for c in empty_columns})
-                kwargs = {"delimiter": "\t"} if ext == "tsv" else {}
-                try:
-                    return datasets.load_dataset(
-                        builder, data_files={source.split: str(path)}, split=source.split, **kwargs
-                    )
-                except Exception as err:  # datasets raises many types for unreadable files
-                    raise _unreadable(path, ext, err) from err
+                return _load_file(path, ext, source.split)
         found = sorted(p.name for p in folder.iterdir())
         raise ValueError(
             f"--data_dir {data_dir!r} has no file for dataset {source.dataset!r} split {source.split!r}: looked for "
@@ -315,6 +446,21 @@ def load_source(source: Source, data_dir: str | None):
             f"{str(err)[:300]}). Pass --data_dir with a local mirror holding {source.mirror}/{source.split}.parquet "
             f"(e.g. --data_dir ../shared/data), or connect to the Hub."
         ) from err
+
+
+def _load_file(path: Path, ext: str, split: str):
+    """One local data file as a `datasets.Dataset` (split name `split`), with a clear error if it is unreadable."""
+    import datasets
+
+    empty_columns = _columns_if_empty(path, ext)
+    if empty_columns is not None:
+        # datasets fails on empty files with unrelated errors; the caller reports "zero rows".
+        return datasets.Dataset.from_dict({c: [] for c in empty_columns})
+    kwargs = {"delimiter": "\t"} if ext == "tsv" else {}
+    try:
+        return datasets.load_dataset(DATA_EXTENSIONS[ext], data_files={split: str(path)}, split=split, **kwargs)
+    except Exception as err:  # datasets raises many types for unreadable files
+        raise _unreadable(path, ext, err) from err
 
 
 def _columns_if_empty(path: Path, ext: str) -> list[str] | None:
@@ -390,8 +536,7 @@ def check_labels(labels: Sequence, num_labels: int, where: str, column: str) -> 
     for row, label in enumerate(labels):
         if label is None or isinstance(label, bool) or not isinstance(label, (int, np.integer, float, np.floating)):
             raise ValueError(
-                f"{where}: column {column!r} row {row} is {label!r}, {expected}; fill or drop the row (text labels "
-                f"must be mapped to ids in label_names order)."
+                f"{where}: column {column!r} row {row} is {label!r}, {expected}; fill or drop the row."
             )
         if isinstance(label, (float, np.floating)) and (not math.isfinite(label) or not float(label).is_integer()):
             raise ValueError(f"{where}: column {column!r} row {row} is {label!r}, {expected}; fix or drop the row.")
@@ -432,6 +577,8 @@ def _read_source(source: Source, task: TaskSpec, data_dir: str | None) -> tuple[
     if source.label_column is not None:
         check_label_feature(ds, source, task, where)
         labels = ds[source.label_column]
+        if any(isinstance(x, str) for x in labels):
+            labels = _class_ids(labels, task, where, source.label_column)
         check_labels(labels, task.num_labels, where, source.label_column)
         labels = [int(x) for x in labels]
     elif task.label_fn is not None:
@@ -498,6 +645,8 @@ def build_data(tasks: list[TaskSpec], tokenizer, args, seed: int = 42) -> MultiT
     max_train_samples, max_eval_samples, gold_eval); a weakly labelled task brings its own options in its pool."""
     import datasets
 
+    # A custom task without label_names takes them from its data (train.py has done so in check_custom_tasks).
+    tasks = [t if t.label_names else replace(t, label_names=_label_names_from_data(t, args.data_dir)) for t in tasks]
     data = MultiTaskData(tasks=tasks, train=None, task_sizes=[])
     train_parts = []
     for task_id, task in enumerate(tasks):

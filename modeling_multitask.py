@@ -328,7 +328,10 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         """
         encoder_kwargs.setdefault("dtype", torch.float32)
         attn_implementation = encoder_kwargs.pop("attn_implementation", None)
-        encoder_config = config.encoder_config() if config is not None else AutoConfig.from_pretrained(encoder_name_or_path)
+        if config is not None:
+            encoder_config = config.encoder_config()
+        else:
+            encoder_config = AutoConfig.from_pretrained(encoder_name_or_path)
         build_kwargs = encoder_build_kwargs(encoder_class(encoder_config), attn_implementation)
         report_logger = logging.getLogger("transformers.modeling_utils")
         quiet_pooler = _PoolerOnlyLoadReport()

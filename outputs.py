@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 from pathlib import Path
 
@@ -51,20 +52,30 @@ def build_compute_metrics():
         logits, labels = torch.as_tensor(prediction.predictions).float(), torch.as_tensor(prediction.label_ids)
         loss = F.cross_entropy(logits, labels).item()
         predictions = prediction.predictions.argmax(-1)
-        return {"loss": loss, **metric.compute(predictions=predictions.tolist(), references=labels.tolist())}
+        scores = metric.compute(
+            predictions=predictions.tolist(), references=labels.tolist(), num_labels=int(logits.shape[-1])
+        )
+        return {"loss": loss, **scores}
 
     return compute_metrics
 
 
 EVAL_METRICS = ("loss", "accuracy", "f1", "precision", "recall", "f1_pos")
+# A multi-class task's macro and per-class metrics (metrics/classification): precision_macro, f1_3, ...
+PER_CLASS_METRIC = re.compile(r"(?:precision|recall|f1)_(?:macro|\d+)")
 
 
 def split_eval_metrics(metrics: dict, eval_names: list[str]) -> dict[str, dict]:
     """{"eval_question_gold_f1": x, ...} -> {"question_gold": {"f1": x}, ...} (names may prefix each other)."""
-    return {
-        name: {m: metrics[f"eval_{name}_{m}"] for m in EVAL_METRICS if f"eval_{name}_{m}" in metrics}
-        for name in eval_names
-    }
+    out = {}
+    for name in eval_names:
+        prefix = f"eval_{name}_"
+        values = {m: metrics[prefix + m] for m in EVAL_METRICS if prefix + m in metrics}
+        for key, value in metrics.items():
+            if key.startswith(prefix) and PER_CLASS_METRIC.fullmatch(key[len(prefix) :]):
+                values[key[len(prefix) :]] = value
+        out[name] = values
+    return out
 
 
 

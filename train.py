@@ -369,7 +369,8 @@ def preflight(
         training_args.ddp_find_unused_parameters = False
     encoder_path = resolve_encoder(model_args.encoder)
     logger.info("Encoder: %s (from %s)", model_args.encoder, encoder_path)
-    task_configs = [t.to_config() for t in tasks]
+    # A custom task whose label names come from its data counts as 2 classes here; main sets them once read.
+    task_configs = [t.to_config() if t.label_names else {"name": t.name, "num_labels": 2} for t in tasks]
     config = checks.check_model_setup(encoder_path, task_configs, mt_args.weights(), model_args, data_args, mt_args)
     return encoder_path, config, resume_from, hub_repo
 
@@ -386,6 +387,10 @@ def main(argv: list[str] | None = None) -> dict:
     custom, pools = mtdata.parse_task_definitions(data_args.task_definitions), {"question": question.QuestionPool(question_args)}
     tasks = mtdata.get_tasks(data_args.tasks, custom, pools)
     encoder_path, config, resume_from, hub_repo = preflight(tasks, model_args, data_args, mt_args, training_args)
+    # Then the custom tasks' own data is read and checked (giving the label names not declared), before any
+    # built-in task loads.
+    tasks = mtdata.check_custom_tasks(tasks, data_args.data_dir)
+    config.tasks = [t.to_config() for t in tasks]
 
     # Set seed before initializing model.
     set_seed(training_args.seed)

@@ -238,8 +238,9 @@ CASES = [
      r"column 'label' row 2 is nan, expected an integer"),
     ("label None", _data_case(rows(labels=pa.array([1, None, 1, 0], type=pa.int64()))),
      r"column 'label' row 1 is None, expected an integer class id 0\.\.1; fill or drop the row"),
-    ("label text", _data_case(rows(labels=["pos", "neg", "pos", "neg"])),
-     r"row 0 is 'pos', expected an integer class id"),
+    ("label text not a class", _data_case(rows(labels=["pos", "neutral", "pos", "neg"])),
+     r"train\.parquet: column 'label' row 1 is 'neutral', a class name outside task 'topic''s label_names "
+     r"\['neg', 'pos'\]\. Fix the row, or list the class in label_names"),
     ("empty text", _data_case(rows(texts=["a good film", "", "what a film", "is it ?"])),
      r"column 'text' row 1 is empty or whitespace only; remove the row or fill it"),
     ("whitespace-only text", _data_case(rows(texts=["a good film", "bad", " \t ", "is it ?"])),

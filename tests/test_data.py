@@ -184,3 +184,141 @@ def test_collator_pads_like_the_naive_loop(lengths, multiple):
     assert torch.equal(got["attention_mask"], mask) and got["attention_mask"].dtype == torch.long
     assert got["task_ids"].tolist() == [i % 2 for i in range(len(lengths))]
     assert got["labels"].tolist() == [i % 3 for i in range(len(lengths))]
+
+
+# ---- custom tasks from the task's own files ----
+
+TREC = "trec/train.parquet"
+
+
+def trec_file(shared_data_dir, path, rows: int, start: int = 0):
+    """TREC's coarse classes as a user's file: text and the class *name* (ABBR, DESC, ...), a slice of the mirror."""
+    import datasets
+
+    ds = datasets.Dataset.from_parquet(str(shared_data_dir / TREC))
+    names = ds.features["coarse_label"].names
+    part = ds.select(range(start, start + rows))
+    frame = pd.DataFrame({"question": part["text"], "coarse": [names[i] for i in part["coarse_label"]]})
+    if path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif path.suffix == ".tsv":
+        frame.to_csv(path, index=False, sep="\t")
+    elif path.suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        frame.to_json(path, orient="records", lines=path.suffix == ".jsonl")
+    return frame
+
+
+def topic(**overrides) -> dict:
+    return {"name": "topic", "text_column": "question", "label_column": "coarse", **overrides}
+
+
+@pytest.mark.parametrize("ext", ["csv", "tsv", "json", "jsonl", "parquet"])
+def test_custom_task_files_need_no_dataset_and_map_string_labels(shared_data_dir, tmp_path, ext):
+    train_path, eval_path = tmp_path / f"train.{ext}", tmp_path / f"dev.{ext}"
+    frame = trec_file(shared_data_dir, train_path, 60)
+    trec_file(shared_data_dir, eval_path, 20, start=60)
+    specs = mtdata.parse_task_definitions([topic(train_file=str(train_path), validation_file=str(eval_path))])
+    (task,) = mtdata.check_custom_tasks(mtdata.get_tasks(["topic"], specs), data_dir=None)
+    assert task.label_names == tuple(sorted(set(frame["coarse"])))  # names from the data, sorted
+    assert [e.name for e in task.eval] == ["topic"] and task.eval[0].source.split == "validation"
+    texts, labels = mtdata._read_source(task.train[0], task, None)
+    assert texts == list(frame["question"])
+    assert [task.label_names[i] for i in labels] == list(frame["coarse"])
+
+
+def test_given_label_names_fix_the_class_ids(shared_data_dir, tmp_path):
+    path = tmp_path / "train.csv"
+    frame = trec_file(shared_data_dir, path, 60)
+    names = ["NUM", "LOC", "HUM", "ENTY", "DESC", "ABBR"]  # not sorted: this order is the id order
+    specs = mtdata.parse_task_definitions([topic(data_files={"train": str(path)}, label_names=names)])
+    (task,) = mtdata.check_custom_tasks(mtdata.get_tasks(["topic"], specs), data_dir=None)
+    _, labels = mtdata._read_source(task.train[0], task, None)
+    assert labels == [names.index(c) for c in frame["coarse"]]
+
+
+def test_a_class_name_outside_label_names_names_the_row(shared_data_dir, tmp_path):
+    path = tmp_path / "train.csv"
+    frame = trec_file(shared_data_dir, path, 30)
+    frame.loc[7, "coarse"] = "NUMM"
+    frame.to_csv(path, index=False)
+    names = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    specs = mtdata.parse_task_definitions([topic(train_file=str(path), label_names=names)])
+    with pytest.raises(ValueError, match=r"train\.csv: column 'coarse' row 7 is 'NUMM', a class name outside task "
+                       r"'topic''s label_names .* Did you mean 'NUM'\?"):  # fmt: skip
+        mtdata.check_custom_tasks(mtdata.get_tasks(["topic"], specs), data_dir=None)
+
+
+@pytest.mark.parametrize(
+    "definition, message",
+    [
+        (topic(train_file="data/trian.csv"), r"train_file 'data/trian\.csv' does not exist .*Did you mean .*train\.csv"),
+        (topic(train_file="train.xlsx"), r"train_file 'train\.xlsx' has extension 'xlsx'; use one of \['\.parquet'"),
+        (topic(), r"give the task's data: dataset \(a Hub id.*or train_file"),
+        (topic(data_files={"train": "data/train.csv"}, eval_split="test"), r"eval_split 'test' has no file"),
+    ],
+)
+def test_custom_task_definitions_with_bad_files_are_refused(tmp_path, monkeypatch, definition, message):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.csv").write_text("question,coarse\nwhat is it ?,DESC\nwho ?,HUM\n")
+    monkeypatch.chdir(tmp_path)  # relative paths start at the working directory
+    with pytest.raises(ValueError, match=message):
+        mtdata.parse_task_definitions([definition])
+
+
+def test_custom_sources_fail_before_any_builtin_task_loads(
+    shared_data_dir, tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    """A typo'd file fails while parsing; a bad row of an existing file fails after reading only that file."""
+    import json
+
+    import train
+    from helpers import tiny_argv
+
+    loaded = []
+    real = mtdata.load_source
+    monkeypatch.setattr(mtdata, "load_source", lambda src, data_dir: loaded.append(src.dataset) or real(src, data_dir))
+    out = tmp_path / "out"
+    missing = json.dumps([topic(train_file=str(tmp_path / "trec_train.csv"))])
+    argv = tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--tasks", "sentiment", "topic", "--task_definitions", missing)
+    with pytest.raises(ValueError, match=r"train_file '.*trec_train\.csv' does not exist"):
+        train.main(argv)
+    assert loaded == [] and not out.exists()
+
+    path = tmp_path / "train.csv"
+    frame = trec_file(shared_data_dir, path, 30)
+    frame.loc[3, "coarse"] = "PLACE"
+    frame.to_csv(path, index=False)
+    names = json.dumps([topic(train_file=str(path), label_names=["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"])])
+    argv = tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--tasks", "sentiment", "topic", "--task_definitions", names)
+    with pytest.raises(ValueError, match=r"row 3 is 'PLACE'"):
+        train.main(argv)
+    assert loaded and set(loaded) == {"train.csv"}  # SST-2 (the built-in sentiment task) was never read
+    assert not out.exists()
+
+
+def test_custom_task_from_a_csv_records_its_label_names_in_the_model(
+    shared_data_dir, tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    import json
+
+    from helpers import run_main, tiny_argv
+
+    train_path, eval_path = tmp_path / "trec_train.csv", tmp_path / "trec_test.csv"
+    frame = trec_file(shared_data_dir, train_path, 200)
+    trec_file(shared_data_dir, eval_path, 40, start=200)
+    definition = json.dumps([topic(train_file=str(train_path), validation_file=str(eval_path))])
+    out = tmp_path / "out"
+    argv = tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--tasks", "topic", "--task_definitions", definition,
+                     "--max_steps", "2")  # fmt: skip
+    trainer, metrics = run_main(monkeypatch, argv)
+    names = sorted(set(frame["coarse"]))
+    saved = json.loads((out / "config.json").read_text())
+    id2label = {str(i): name for i, name in enumerate(names)}
+    assert saved["tasks"] == [{"name": "topic", "num_labels": len(names), "id2label": id2label}]
+    assert trainer.model.heads["topic"].out_features == len(names)
+    final = metrics["final"]["topic"]
+    assert {"accuracy", "f1", "precision_macro", "recall_macro"} <= set(final)
+    assert {f"f1_{i}" for i in range(len(names))} <= set(final)
+    assert "f1_pos" not in final  # class 1 alone says nothing about a multi-class task

@@ -174,7 +174,8 @@ def test_every_family_reloads_in_a_clean_process(trained, tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", CLEAN_RELOAD, json.dumps(folders), json.dumps(TEXTS)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")},
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+             "HF_MODULES_CACHE": str(tmp_path / "modules")},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     logits = json.loads(result.stdout.strip().splitlines()[-1])
