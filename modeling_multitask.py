@@ -1,6 +1,6 @@
 """A shared sentence encoder with one linear head per task.
 
-    text -> encoder (BERT family) -> token states -> pooling (mean) -> sentence embedding -> head[task] -> logits
+    text -> encoder (any AutoModel encoder) -> token states -> pooling (mean) -> sentence embedding -> head[task] -> logits
 
 This file is self-contained (torch, transformers and the standard library only): `save_pretrained`
 copies it next to the weights, and `AutoModel.from_pretrained(path, trust_remote_code=True)` runs it

@@ -8,6 +8,7 @@ preflight picks the attention implementation each class supports and refuses one
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -213,6 +214,16 @@ def test_preflight_refuses_an_unsupported_attention_before_data_loads(
     with pytest.raises(ValueError, match=message):
         train.main(argv)
     assert not out.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_preflight_refuses_flash_attention_without_its_package(encoder_dirs, tiny_data_dir, tmp_path, monkeypatch):
+    import data as mtdata
+
+    monkeypatch.setattr(mtdata, "build_data", lambda *a, **k: pytest.fail("data loaded before the check"))
+    argv = tiny_argv(encoder_dirs("bert"), tiny_data_dir, tmp_path / "out", "--attn_implementation", "flash_attention_2")
+    with pytest.raises(ValueError, match=r"--attn_implementation flash_attention_2: .*Use --attn_implementation auto"):
+        train.main(argv)
 
 
 def test_explicit_attention_choices_the_class_supports_pass():

@@ -558,3 +558,15 @@ def test_undamaged_saved_config_loads_with_both_loaders(make_model, tmp_path):
     for loaded in (load(tmp_path) for load in loaders):
         assert loaded.config.task_names == ["sentiment", "question"]
         assert all((a == b).all() for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_reload_takes_the_encoder_attention_implementation(make_model, tmp_path):
+    """`auto` gives BERT sdpa; `encoder_attn_implementation` picks another one at load time (not saved)."""
+    model = make_model()
+    assert model.encoder.config._attn_implementation == "sdpa"
+    model.save_pretrained(tmp_path)
+    assert "attn_implementation" not in (tmp_path / "config.json").read_text()
+    eager = AutoModel.from_pretrained(tmp_path, trust_remote_code=True, encoder_attn_implementation="eager")
+    assert eager.encoder.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match=r"BertModel does not support attn_implementation='nope'|is not one of"):
+        MultiTaskModel.from_pretrained(tmp_path, encoder_attn_implementation="nope")
