@@ -322,3 +322,16 @@ def test_custom_task_from_a_csv_records_its_label_names_in_the_model(
     assert {"accuracy", "f1", "precision_macro", "recall_macro"} <= set(final)
     assert {f"f1_{i}" for i in range(len(names))} <= set(final)
     assert "f1_pos" not in final  # class 1 alone says nothing about a multi-class task
+
+
+def test_label_names_from_a_classlabel_column_or_from_integer_ids(shared_data_dir, tmp_path):
+    hub_style = {"name": "topic", "dataset": "CogComp/trec", "mirror": "trec", "eval_split": "test",
+                 "text_column": "text", "label_column": "coarse_label"}  # fmt: skip
+    ids = tmp_path / "ids.jsonl"
+    pd.DataFrame({"text": ["what ?", "who ?", "a film", "bad"], "y": [2, 0, 1, 2]}).to_json(ids, orient="records", lines=True)
+    specs = mtdata.parse_task_definitions([hub_style, {"name": "ids", "train_file": str(ids), "text_column": "text",
+                                                       "label_column": "y"}])  # fmt: skip
+    tasks = mtdata.check_custom_tasks(mtdata.get_tasks(["topic", "ids"], specs), data_dir=str(shared_data_dir))
+    assert tasks[0].label_names == ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")  # the mirror's ClassLabel names
+    assert tasks[1].label_names == ("0", "1", "2")
+    assert mtdata._read_source(tasks[1].train[0], tasks[1], None)[1] == [2, 0, 1, 2]
