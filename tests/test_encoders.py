@@ -76,10 +76,10 @@ def encoder_dirs(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def trained(encoder_dirs, tiny_data_dir, tmp_path_factory):
-    """family -> the output folder of a 2-step `train.main` run on that family's encoder (run on first use)."""
+    """family -> (output folder, trainer) of a 2-step `train.main` run on that family's encoder (run on first use)."""
     runs = {}
 
-    def get(family: str) -> Path:
+    def get(family: str):
         if family not in runs:
             out = tmp_path_factory.mktemp(f"run-{family}") / "out"
             argv = tiny_argv(encoder_dirs(family), tiny_data_dir, out, "--max_steps", "2", "--logging_steps", "1")
@@ -93,7 +93,7 @@ def trained(encoder_dirs, tiny_data_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_encoder_class_gets_only_the_arguments_it_accepts(family, tiny_tokenizer):
-    attn, takes_token_types, has_pooler_arg = EXPECTED[family]
+    attn, _, has_pooler_arg = EXPECTED[family]
     cls = encoder_class(family_config(family, len(tiny_tokenizer)))
     kwargs = encoder_build_kwargs(cls, "auto")
     assert kwargs["attn_implementation"] == attn
