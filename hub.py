@@ -379,8 +379,10 @@ def uploadable_names(folder: str | Path, names: list[str] | None = None) -> list
     import checkpoints
 
     folder = Path(folder)
-    manifest = checkpoints.read_manifest(folder) if (folder / checkpoints.MANIFEST_NAME).is_file() else None
-    if manifest is None or (folder / checkpoints.MANIFEST_NAME).is_symlink():
+    if (folder / checkpoints.MANIFEST_NAME).is_symlink():
+        raise ValueError(f"push: refusing to upload {folder}: its {checkpoints.MANIFEST_NAME} is a symbolic link.")
+    manifest = checkpoints.read_manifest(folder)
+    if manifest is None:
         raise ValueError(
             f"push: {folder} has no {checkpoints.MANIFEST_NAME} listing the files the run wrote, so nothing is "
             f"uploaded (only listed files are). train.py and `hub.py export-st` write it; upload a folder made "

@@ -590,6 +590,12 @@ def test_export_option_writes_a_separate_folder(tiny_run, make_model, tiny_token
     assert "SentenceTransformer" not in (out / "README.md").read_text()
     got = SentenceTransformer(str(st_dir), device="cpu").encode(TEXTS, convert_to_tensor=True)
     assert got.sub(_pooled(model, tiny_tokenizer, TEXTS)).abs().max() <= 1e-5
+    # Each folder's manifest lists exactly its own files: what `hub.py push` would upload from it.
+    import checkpoints
+
+    for folder in (out, st_dir):
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
+        assert set(checkpoints.read_manifest(folder)) == files
     parsed = train.parse_args(["--output_dir", str(out), "--export_sentence_transformers", "none"])
     assert parsed[3].export_sentence_transformers == "none"
 
