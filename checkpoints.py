@@ -187,10 +187,14 @@ def latest_checkpoint(folder: str | os.PathLike, world_size: int = 1) -> str | N
             damaged.append((path, problems))
             continue
         for bad, problems in damaged:
-            logger.warning("Skipping damaged checkpoint %s (%s); resuming from %s instead.", bad, "; ".join(problems), path)
+            logger.warning(
+                "Skipping damaged checkpoint %s (%s); resuming from %s instead.", bad, "; ".join(problems), path
+            )
         return str(path)
     for bad, problems in damaged:
-        logger.warning("Skipping damaged checkpoint %s (%s); no earlier checkpoint is intact.", bad, "; ".join(problems))
+        logger.warning(
+            "Skipping damaged checkpoint %s (%s); no earlier checkpoint is intact.", bad, "; ".join(problems)
+        )
     return None
 
 

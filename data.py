@@ -431,7 +431,8 @@ def check_texts(texts: Sequence, where: str, column: str) -> None:
             raise ValueError(
                 f"{where}: column {column!r} row {row} is empty or whitespace only; remove the row or fill it."
             )
-        if not any(unicodedata.category(c)[0] in "LMNPS" for c in text):  # letters, marks, numbers, punctuation, symbols
+        # Visible: a letter, mark, number, punctuation or symbol (not only control, format or space characters).
+        if not any(unicodedata.category(c)[0] in "LMNPS" for c in text):
             codes = ", ".join(sorted({f"U+{ord(c):04X}" for c in text})[:8])
             raise ValueError(
                 f"{where}: column {column!r} row {row} has no visible character: it holds only {codes} (control, "

@@ -419,7 +419,7 @@ def _checked_file(folder: Path, rel: str) -> Path:
                 f"model) and push again. Nothing was uploaded."
             )
     if not path.is_file():
-        raise ValueError(f"{refuse}{rel}, listed in its manifest, is missing or not a regular file. Nothing was uploaded.")
+        raise ValueError(f"{refuse}{rel}, listed in its manifest, is missing or not a regular file; nothing was uploaded.")
     real, root = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
     if root not in real.parents:
         raise ValueError(f"{refuse}{rel} resolves to {real}, outside the folder. Nothing was uploaded.")
@@ -493,7 +493,7 @@ def push_folder(
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     logger.info("Uploading to https://huggingface.co/%s", repo_id)
-    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(_checked_file(folder, rel))) for rel in files]
+    operations = [CommitOperationAdd(rel, str(_checked_file(folder, rel))) for rel in files]
     api.create_commit(
         repo_id=repo_id,
         operations=operations,

@@ -239,7 +239,8 @@ def test_auto_resume_past_a_damaged_newest_checkpoint_ends_bit_identical(
     result = run(argv(config, tiny_encoder_dir, tiny_data_dir, out, "--resume_from_checkpoint", "auto"))
     log = result.stdout + result.stderr
     assert re.search(
-        rf"Skipping damaged checkpoint \S*checkpoint-8 \({re.escape(name)} [^\n]*\); resuming from \S*checkpoint-4 instead",
+        rf"Skipping damaged checkpoint \S*checkpoint-8 \({re.escape(name)} [^\n]*\); "
+        r"resuming from \S*checkpoint-4 instead",
         log,
     ), log[-3000:]
     assert json.loads((out / "metrics.json").read_text())["train"]["global_steps"] == MAX_STEPS

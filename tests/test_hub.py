@@ -511,10 +511,10 @@ def test_push_refuses_a_symlinked_subfolder_and_manifest_paths_outside(tiny_run,
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"]["../passwd"] = {"size": 1, "sha256": "0" * 64}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"its manifest lists '\.\./passwd', which is not a plain path inside the folder"):
+    with pytest.raises(ValueError, match=r"manifest lists '\.\./passwd', which is not a plain path inside the folder"):
         hub.push_folder(folder, "me/x", token="hf_x")
     (folder / "manifest.json").unlink()
-    with pytest.raises(ValueError, match=r"has no manifest\.json listing the files the run wrote, so nothing is uploaded"):
+    with pytest.raises(ValueError, match=r"has no manifest\.json listing the files the run wrote, so nothing is"):
         hub.push_folder(folder, "me/x", token="hf_x")
     assert fake.calls == []
 
