@@ -235,7 +235,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 class DuplicateKeyError(ValueError):
-    pass
+    """A YAML mapping repeats a key (raised by `UniqueKeyLoader`)."""
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

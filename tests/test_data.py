@@ -223,6 +223,9 @@ def test_tsv_field_with_a_line_break_is_refused_and_jsonl_keeps_it(tmp_path):
     (tmp_path / "topic" / "train.tsv").unlink()
     _write(tmp_path, "train.jsonl", b'{"text": "good", "label": 1}\n{"text": "two\\nlines", "label": 0}\n')
     assert _read(tmp_path) == (["good", "two\nlines"], [1, 0])  # JSON says where a text ends
+    (tmp_path / "topic" / "train.jsonl").unlink()
+    _write(tmp_path, "train.csv", b'text,label\r\ngood,1\r\n"quoted, with a comma",0\r\n')
+    assert _read(tmp_path) == (["good", "quoted, with a comma"], [1, 0])  # Windows line ends are no line breaks
 
 
 @pytest.mark.parametrize(
