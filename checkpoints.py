@@ -15,12 +15,20 @@ Each checkpoint is written into a hidden `.checkpoint-N.partial` folder and rena
 complete, so a run killed mid-write never leaves a `checkpoint-N` that resuming would pick up and fail on;
 `latest_checkpoint` also skips any `checkpoint-N` that lacks a required file (e.g. from another tool).
 
+Each checkpoint also holds `manifest.json`, written last: every file's size and sha256. Resuming verifies it
+(`damage`): `--resume_from_checkpoint auto` skips a damaged checkpoint (truncated or emptied weights, a garbled
+optimizer, invalid JSON) with a warning naming it and the one used instead; an explicit path to a damaged
+checkpoint is refused naming the file. Files of a checkpoint without a manifest are checked for structure only
+(a safetensors header that matches the file's size, JSON that parses). `outputs.save_outputs` writes the same
+manifest for the final folder; `hub.push_folder` uploads exactly the files it lists.
+
 DeepSpeed, FSDP, XLA and SageMaker keep the stock (pickle) optimizer format: those backends save through
 their own engines.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +52,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 SCHEDULER_FILE = "scheduler.safetensors"
 SCALER_FILE = "scaler.safetensors"
 TRAINING_ARGS_FILE = "training_args.json"
+MANIFEST_NAME = "manifest.json"
 # What a checkpoint needs to resume exactly (per-process RNG files are checked separately).
 REQUIRED_FILES = ("config.json", "model.safetensors", TRAINER_STATE_NAME, OPTIMIZER_FILE, SCHEDULER_FILE)
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -146,10 +155,20 @@ def check_checkpoint(checkpoint: str | os.PathLike, world_size: int = 1) -> None
             else " It is incomplete (the run was probably killed while writing it); resume from an earlier one."
         )
         raise ValueError(f"Checkpoint {folder} lacks {missing}.{hint}")
+    problems = damage(folder)
+    if problems:
+        raise ValueError(
+            f"Checkpoint {folder} is damaged: {'; '.join(problems)}. Resume from an earlier checkpoint, or pass "
+            f"--resume_from_checkpoint auto to use the newest intact one."
+        )
 
 
 def latest_checkpoint(folder: str | os.PathLike, world_size: int = 1) -> str | None:
-    """The `checkpoint-N` with the highest N that holds every file needed to resume; incomplete ones are skipped."""
+    """The `checkpoint-N` with the highest N that holds every file needed to resume, intact.
+
+    Incomplete ones are skipped with a warning; damaged ones (see `damage`) with a warning that names the
+    checkpoint, what is wrong and the checkpoint used instead.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return None
@@ -157,12 +176,147 @@ def latest_checkpoint(folder: str | os.PathLike, world_size: int = 1) -> str | N
         ((int(m[1]), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))),
         reverse=True,
     )
+    damaged = []
     for _, path in found:
         missing = missing_files(path, world_size)
-        if not missing:
-            return str(path)
-        logger.warning("Skipping incomplete checkpoint %s (missing %s).", path, missing)
+        if missing:
+            logger.warning("Skipping incomplete checkpoint %s (missing %s).", path, missing)
+            continue
+        problems = damage(path)
+        if problems:
+            damaged.append((path, problems))
+            continue
+        for bad, problems in damaged:
+            logger.warning(
+                "Skipping damaged checkpoint %s (%s); resuming from %s instead.", bad, "; ".join(problems), path
+            )
+        return str(path)
+    for bad, problems in damaged:
+        logger.warning(
+            "Skipping damaged checkpoint %s (%s); no earlier checkpoint is intact.", bad, "; ".join(problems)
+        )
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Manifests: every file's size and sha256, written when a folder is complete
+# ---------------------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_files(folder: str | os.PathLike, names: list[str] | None = None) -> list[str]:
+    """Relative (POSIX) paths of the regular files under the top-level entries `names` of `folder` (default:
+    all), sorted; symbolic links are neither listed nor followed, the manifest itself is left out."""
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.iterdir()) if names is None else names
+    files = []
+    for name in names:
+        top = folder / name
+        if top.is_symlink() or name == MANIFEST_NAME:
+            continue
+        if top.is_file():
+            files.append(name)
+        elif top.is_dir():
+            for root, dirs, filenames in os.walk(top):
+                dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(root, d)))
+                for filename in filenames:
+                    path = Path(root, filename)
+                    if path.is_file() and not path.is_symlink():
+                        files.append(path.relative_to(folder).as_posix())
+    return sorted(files)
+
+
+def write_manifest(folder: str | os.PathLike, names: list[str] | None = None) -> dict:
+    """Write `folder`/manifest.json: the size and sha256 of every file under `names` (default: all)."""
+    folder = Path(folder)
+    files = {}
+    for rel in folder_files(folder, names):
+        path = folder / rel
+        files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest = {"format": 1, "files": files}
+    tmp = folder / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST_NAME)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, dict] | None:
+    """{relative path: {"size", "sha256"}} from `folder`/manifest.json; None when there is none."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()
+        ):
+            raise ValueError("'files' must map paths to {size, sha256}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a valid manifest ({type(err).__name__}: {err}).") from err
+    return files
+
+
+def _structure_problem(path: Path) -> str | None:
+    """What is wrong with a .safetensors or .json file's structure, or None (other files are not checked)."""
+    size = path.stat().st_size
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            return f"{path.name} is not valid JSON ({err})"
+    elif path.suffix == ".safetensors":
+        if size < 8:
+            return f"{path.name} is {size} bytes, too short for a safetensors file"
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            if header_size > size - 8:
+                return f"{path.name} is {size} bytes, shorter than its own header says (truncated)"
+            try:
+                header = json.loads(f.read(header_size))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+                return f"{path.name} has no valid safetensors header ({type(err).__name__})"
+        if 8 + header_size + end != size:
+            return f"{path.name} is {size} bytes, its header describes {8 + header_size + end} (truncated)"
+    return None
+
+
+def damage(checkpoint: str | os.PathLike) -> list[str]:
+    """What is wrong with the files of a (complete) checkpoint, each naming the file; [] when it is intact.
+
+    Checked against manifest.json (sizes, then sha256) when the checkpoint has one, and for structure always.
+    """
+    folder = Path(checkpoint)
+    problems = []
+    try:
+        manifest = read_manifest(folder)
+    except ValueError as err:
+        manifest, problems = None, [f"{MANIFEST_NAME} is damaged ({err})"]
+    if manifest is None and not problems:
+        logger.warning("Checkpoint %s has no %s: its files are checked for structure only.", folder, MANIFEST_NAME)
+    for rel, entry in (manifest or {}).items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{rel} is missing (listed in {MANIFEST_NAME})")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{rel} is {path.stat().st_size} bytes, {MANIFEST_NAME} says {entry['size']}")
+        elif file_sha256(path) != entry["sha256"]:
+            problems.append(f"{rel} does not match its sha256 in {MANIFEST_NAME}")
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != MANIFEST_NAME and not any(p.startswith(path.name + " ") for p in problems):
+            problem = _structure_problem(path)
+            if problem:
+                problems.append(problem)
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -237,6 +391,7 @@ class SafeCheckpointMixin:
 
         self.accelerator.wait_for_everyone()  # every rank's RNG file is in the staging folder
         if self.args.should_save:
+            write_manifest(staging)  # last: a checkpoint with a manifest was written completely
             _publish(staging, final)
             if self.args.push_to_hub:
                 self._push_from_checkpoint(final)

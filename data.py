@@ -23,7 +23,9 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -248,7 +250,7 @@ def parse_task_definitions(value) -> dict[str, TaskSpec]:
         return {}
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = json.loads(value, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as err:
             raise ValueError(f"task_definitions: not a valid JSON list of mappings ({err}).") from err
     if not isinstance(value, list):
@@ -302,6 +304,8 @@ def parse_task_definitions(value) -> dict[str, TaskSpec]:
                 )
         dataset = item.get("dataset") or Path(files[train_split]).name
         mirror = item.get("mirror") or dataset.rstrip("/").split("/")[-1]
+        if not files:
+            check_data_paths(mirror, [train_split, eval_split], where)
 
         def source(split: str) -> Source:
             return Source(dataset, mirror, split, item["text_column"], item["label_column"], path=files.get(split))
@@ -398,6 +402,49 @@ def _class_ids(labels: Sequence, task: TaskSpec, where: str, column: str) -> lis
     return datasets.ClassLabel(names=list(task.label_names)).str2int(list(labels))
 
 
+def _unique_keys(pairs: list[tuple]) -> dict:
+    """json `object_pairs_hook`: refuse a mapping that repeats a key (json keeps the last value silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            name = dict(pairs).get("name")
+            within = f" of the definition {name!r}" if isinstance(name, str) else ""
+            raise ValueError(
+                f"task_definitions: key {key!r} appears twice in one mapping{within}; only the last value would "
+                f"count. Give each key once."
+            )
+        out[key] = value
+    return out
+
+
+def check_data_paths(mirror: str, splits: Sequence[str | None], where: str) -> None:
+    """A custom task's mirror folder and split names must name files inside --data_dir: a relative folder
+    (nested is fine: 'org/name') with no '..', and split names without any path separator."""
+    parts = mirror.replace("\\", "/").split("/")
+    if Path(mirror).is_absolute() or mirror.startswith(("/", "\\", "~")) or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(
+            f"{where}: mirror {mirror!r} must be a folder inside --data_dir: a relative path with no '..' or empty "
+            f"part (e.g. 'trec' or 'org/name'). Copy the data into --data_dir instead."
+        )
+    for split in splits:
+        if split is not None and (split in (".", "..") or any(c in split for c in "/\\\0")):
+            raise ValueError(
+                f"{where}: split {split!r} must be a file name (no '/', '\\' or '..'), e.g. 'train'; the file read is "
+                f"<--data_dir>/<mirror>/<split>.parquet."
+            )
+
+
+def check_inside_data_dir(data_dir: str, path: Path, source: Source) -> None:
+    """Refuse a mirror folder or data file whose real path (symbolic links followed) is outside --data_dir."""
+    root, real = os.path.realpath(data_dir), os.path.realpath(path)
+    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+        raise ValueError(
+            f"--data_dir {data_dir!r}: {path} (dataset {source.dataset!r} split {source.split!r}) resolves to {real}, "
+            f"outside --data_dir (through a symbolic link). Data is read only from inside --data_dir: copy the files "
+            f"in, or point --data_dir at the folder that holds them."
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loading and checking
 # ---------------------------------------------------------------------------------------------------------
@@ -414,6 +461,7 @@ def load_source(source: Source, data_dir: str | None):
         folder = Path(data_dir) / source.mirror
         if not Path(data_dir).is_dir():
             raise ValueError(f"--data_dir {data_dir!r} does not exist or is not a folder.")
+        check_inside_data_dir(data_dir, folder, source)
         looked_for = f"{folder / (source.split + '.parquet')} (or .csv/.tsv/.jsonl/.json)"
         if not folder.is_dir():
             raise ValueError(
@@ -426,6 +474,7 @@ def load_source(source: Source, data_dir: str | None):
         for ext in DATA_EXTENSIONS:
             path = folder / f"{source.split}.{ext}"
             if path.is_file():
+                check_inside_data_dir(data_dir, path, source)
                 return _load_file(path, ext, source.split)
         found = sorted(p.name for p in folder.iterdir())
         raise ValueError(
@@ -529,6 +578,27 @@ def check_texts(texts: Sequence, where: str, column: str) -> None:
             raise ValueError(
                 f"{where}: column {column!r} row {row} is empty or whitespace only; remove the row or fill it."
             )
+        # Visible: a letter, mark, number, punctuation or symbol (not only control, format or space characters).
+        if not any(unicodedata.category(c)[0] in "LMNPS" for c in text):
+            codes = ", ".join(sorted({f"U+{ord(c):04X}" for c in text})[:8])
+            raise ValueError(
+                f"{where}: column {column!r} row {row} has no visible character: it holds only {codes} (control, "
+                f"format or zero-width characters such as NUL U+0000 or zero-width space U+200B). Remove the row, or "
+                f"fix how the file was written."
+            )
+
+
+def check_no_line_breaks(texts: Sequence[str], where: str, column: str) -> None:
+    """A CSV/TSV text with a line break is refused: it is almost always an unterminated quote that joined the
+    lines after it (their rows and labels) into one field. Multi-line texts belong in .jsonl or .parquet."""
+    for row, text in enumerate(texts):
+        if "\n" in text or "\r" in text:
+            raise ValueError(
+                f"{where}: column {column!r} row {row} holds a line break ({text[:60]!r}...). In a CSV/TSV file that "
+                f"is usually an unterminated quote (\") joining the lines after it into one field, so their rows "
+                f"and labels are lost. Close the quote, or remove line breaks from the texts (a .jsonl or .parquet "
+                f"file can hold multi-line texts)."
+            )
 
 
 def check_labels(labels: Sequence, num_labels: int, where: str, column: str) -> None:
@@ -572,6 +642,8 @@ def _read_source(source: Source, task: TaskSpec, data_dir: str | None) -> tuple[
     check_columns(ds, source, data_dir)
     texts = ds[source.text_column]
     check_texts(texts, where, source.text_column)
+    if Path(where).suffix in (".csv", ".tsv"):
+        check_no_line_breaks(texts, where, source.text_column)
     if source.transform is not None:
         texts = [source.transform(t) for t in texts]
     if source.label_column is not None:

@@ -2,7 +2,7 @@
 
     metrics.json + config.json --(model_card.md, Jinja)--> README.md (YAML metadata with model-index + the page)
     model.encoder + tokenizer --> 0_Transformer/ + 1_Pooling/ + modules.json (SentenceTransformer(folder) works)
-    folder --(HfApi.create_repo + upload_folder)--> https://huggingface.co/<repo id>
+    files listed in manifest.json --(HfApi.create_repo + create_commit)--> https://huggingface.co/<repo id>
 
 What the card says about each task (description, training sources, label names) and each eval set (dataset,
 split) is read from metrics.json, which train.py writes from the task definitions: custom tasks get the same card.
@@ -10,7 +10,10 @@ split) is read from metrics.json, which train.py writes from the task definition
 
     python hub.py card runs/quick [--model_id me/multitask-minilm]    # re-render README.md from metrics.json
     python hub.py export-st runs/quick exported/                       # a standalone sentence-transformers folder
-    python hub.py push runs/quick --hub_model_id me/multitask-minilm   # create the repo, upload the folder
+    python hub.py push runs/quick --hub_model_id me/multitask-minilm   # create the repo, upload the run's files
+
+A push uploads exactly the files listed in the folder's manifest.json (what the run wrote), never other files
+in the folder, and refuses symbolic links and paths that resolve outside it (`uploadable_names`).
 """
 
 from __future__ import annotations
@@ -36,10 +39,6 @@ LICENSE = "apache-2.0"  # the packaged encoder's (all-MiniLM-L6-v2) licence
 ST_TRANSFORMER_DIR = "0_Transformer"
 ST_POOLING_DIR = "1_Pooling"
 ST_ROOT_FILES = ("modules.json", "config_sentence_transformers.json")
-# What a run folder holds besides the model and must not be uploaded: Trainer checkpoints, TensorBoard logs,
-# the staging folder of an unfinished save, hidden files.
-NOT_UPLOADED_PREFIXES = ("checkpoint-", ".")
-NOT_UPLOADED_NAMES = ("runs",)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -369,15 +368,86 @@ def _write_json(path: Path, value) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def uploadable_names(folder: str | Path) -> list[str]:
-    """The top-level files and folders of a run folder that belong on the Hub (not checkpoints or logs)."""
-    return sorted(
-        p.name
-        for p in Path(folder).iterdir()
-        if not p.name.startswith(NOT_UPLOADED_PREFIXES)
-        and p.name not in NOT_UPLOADED_NAMES
-        and not p.name.endswith((".partial", ".tmp"))
-    )
+def uploadable_names(folder: str | Path, names: list[str] | None = None) -> list[str]:
+    """The files of a run folder that go to the Hub: exactly those its manifest.json lists (the files train.py or
+    `hub.py export-st` wrote), as relative paths; `names` keeps only those under these top-level entries.
+
+    Anything else in the folder (checkpoints, logs, notes, files added later) is left out. A listed file that is
+    a symbolic link, sits under one, is not a regular file or resolves outside the folder is refused, and so is
+    the whole push: nothing is uploaded.
+    """
+    import checkpoints
+
+    folder = Path(folder)
+    if (folder / checkpoints.MANIFEST_NAME).is_symlink():
+        raise ValueError(f"push: refusing to upload {folder}: its {checkpoints.MANIFEST_NAME} is a symbolic link.")
+    manifest = checkpoints.read_manifest(folder)
+    if manifest is None:
+        raise ValueError(
+            f"push: {folder} has no {checkpoints.MANIFEST_NAME} listing the files the run wrote, so nothing is "
+            f"uploaded (only listed files are). train.py and `hub.py export-st` write it; upload a folder made "
+            f"otherwise with `hf upload`, choosing its files yourself."
+        )
+    files = sorted(manifest)
+    if names is not None:
+        unknown = [n for n in names if n != checkpoints.MANIFEST_NAME and not any(_top(f) == n for f in files)]
+        if unknown:
+            raise ValueError(f"push: {unknown} are not in {folder / checkpoints.MANIFEST_NAME}; nothing was uploaded.")
+        files = [f for f in files if _top(f) in names]
+    for rel in files:
+        _checked_file(folder, rel)
+    return files
+
+
+def _top(rel: str) -> str:
+    return rel.split("/", 1)[0]
+
+
+def _checked_file(folder: Path, rel: str) -> Path:
+    """`folder`/`rel` when it is a regular file inside `folder` reached through no symbolic link; else refuse."""
+    refuse = f"push: refusing to upload {folder}: "
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or "\\" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
+        raise ValueError(f"{refuse}its manifest lists {rel!r}, which is not a plain path inside the folder.")
+    path = folder
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise ValueError(
+                f"{refuse}{path.relative_to(folder).as_posix()} is a symbolic link (to {os.readlink(path)}); "
+                f"a run writes regular files only. Remove the link (copy the real file there if it belongs to the "
+                f"model) and push again. Nothing was uploaded."
+            )
+    if not path.is_file():
+        raise ValueError(f"{refuse}{rel}, listed in its manifest, is missing or not a regular file; nothing was uploaded.")
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if root not in real.parents:
+        raise ValueError(f"{refuse}{rel} resolves to {real}, outside the folder. Nothing was uploaded.")
+    return real
+
+
+def _left_out(folder: Path, files: list[str]) -> list[str]:
+    """What the folder holds besides `files` (and the manifest), folders that hold none of them as `name/`."""
+    import checkpoints
+
+    listed = set(files) | {checkpoints.MANIFEST_NAME}
+    tops = {_top(f) for f in files}
+    out = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name in listed:
+            continue
+        if entry.is_dir() and not entry.is_symlink() and entry.name not in tops:
+            out.append(entry.name + "/")
+        elif entry.is_dir() and not entry.is_symlink():
+            for root, dirs, names in os.walk(entry):
+                dirs[:] = sorted(dirs)
+                for name in sorted(names + [d for d in dirs if os.path.islink(os.path.join(root, d))]):
+                    rel = Path(root, name).relative_to(folder).as_posix()
+                    if rel not in listed:
+                        out.append(rel)
+        else:
+            out.append(entry.name)
+    return out
 
 
 def push_folder(
@@ -389,30 +459,44 @@ def push_folder(
     revision: str | None = None,
     commit_message: str = "Upload multi-task model (card, plots, code, weights, tokenizer)",
 ) -> str:
-    """Create `repo_id` if needed and upload `names` (default: `uploadable_names(folder)`) from `folder`.
+    """Create `repo_id` if needed and upload the files of `uploadable_names(folder, names)`, one commit.
 
-    The card is re-rendered first with the repo id the Hub returns (`me/x` for a bare `x`), so its usage snippet
-    loads the right repo. Returns that repo id.
+    Logs every file it will upload (and what it leaves out) before it contacts the Hub. The card is re-rendered
+    first with the repo id the Hub returns (`me/x` for a bare `x`), so its usage snippet loads the right repo.
+    Returns that repo id.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    import checkpoints
 
     folder = Path(folder)
-    names = list(names) if names is not None else uploadable_names(folder)
-    missing = [n for n in names if not (folder / n).exists()]
-    if missing:
-        raise ValueError(f"push_to_hub: {missing} are not in {folder}; nothing was uploaded.")
+    files = uploadable_names(folder, names)
+    sizes = {rel: (folder / rel).stat().st_size for rel in files}
+    logger.info(
+        "Will upload %d files (%.1f MB, listed in %s): %s",
+        len(files),
+        sum(sizes.values()) / 1e6,
+        folder / checkpoints.MANIFEST_NAME,
+        ", ".join(f"{rel} ({sizes[rel]:,} B)" for rel in files),
+    )
+    left_out = _left_out(folder, files)
+    if left_out:
+        logger.info("Not uploaded (not written by the run, or kept local): %s", ", ".join(left_out))
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
-    if (folder / "metrics.json").is_file() and (folder / "README.md").is_file():
+    if "README.md" in files and (folder / "metrics.json").is_file():
         render_card(folder, model_id=repo_id)
+        manifest = json.loads((folder / checkpoints.MANIFEST_NAME).read_text(encoding="utf-8"))
+        readme = folder / "README.md"
+        manifest["files"]["README.md"] = {"size": readme.stat().st_size, "sha256": checkpoints.file_sha256(readme)}
+        _write_json(folder / checkpoints.MANIFEST_NAME, manifest)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    allow = [f"{n}/**" if (folder / n).is_dir() else n for n in names]
-    logger.info("Uploading %s to https://huggingface.co/%s", ", ".join(names), repo_id)
-    api.upload_folder(
+    logger.info("Uploading to https://huggingface.co/%s", repo_id)
+    operations = [CommitOperationAdd(rel, str(_checked_file(folder, rel))) for rel in files]
+    api.create_commit(
         repo_id=repo_id,
-        folder_path=str(folder),
-        allow_patterns=allow,
+        operations=operations,
         commit_message=commit_message,
         revision=revision,
         repo_type="model",
@@ -462,8 +546,11 @@ def main(argv: list[str] | None = None) -> None:
 
         from modeling_multitask import MultiTaskModel
 
+        import checkpoints
+
         model = MultiTaskModel.from_pretrained(args.output_dir)
-        export_sentence_transformers(model, AutoTokenizer.from_pretrained(args.output_dir), args.destination)
+        names = export_sentence_transformers(model, AutoTokenizer.from_pretrained(args.output_dir), args.destination)
+        checkpoints.write_manifest(args.destination, names)  # what `hub.py push DESTINATION` uploads
         print(args.destination)
     else:
         check_push_credentials(args.hub_token)

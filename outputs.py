@@ -23,6 +23,7 @@ import transformers
 from torch.nn import functional as F
 from transformers import TrainingArguments
 
+import checkpoints
 import hub
 from modeling_multitask import MultiTaskModel
 
@@ -275,12 +276,14 @@ def save_outputs(
     if export_sentence_transformers == "inline":
         hub.export_sentence_transformers(model, tokenizer, staging)
     elif export_sentence_transformers != "none":
-        hub.export_sentence_transformers(model, tokenizer, export_sentence_transformers)
+        written = hub.export_sentence_transformers(model, tokenizer, export_sentence_transformers)
+        checkpoints.write_manifest(export_sentence_transformers, written)
         logger.info("Wrote a sentence-transformers folder to %s", export_sentence_transformers)
     # The card's usage snippet loads the Hub repo, or this folder where it will end up.
     hub.render_card(staging, model_id=model_id or str(out.resolve()))
     names = sorted(p.name for p in staging.iterdir() if p.name != "metrics.json") + ["metrics.json"]
-    for name in names:
+    checkpoints.write_manifest(staging, names)  # every file written here: what a push uploads, nothing else
+    for name in [checkpoints.MANIFEST_NAME, *names]:
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)

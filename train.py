@@ -240,12 +240,41 @@ def parse_args(argv: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+class DuplicateKeyError(ValueError):
+    """A YAML mapping repeats a key (raised by `UniqueKeyLoader`)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping with a repeated key (plain YAML silently keeps the last value).
+    Merge keys (`<<: *defaults`) still override as usual."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it itself
+                continue
+            if first is not None:
+                raise DuplicateKeyError(
+                    f"duplicate key {key!r} at line {line} (first at line {first}); YAML would keep only the last "
+                    f"value. Remove one of them."
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str) -> dict:
     """Read a YAML config and reject keys that no argument dataclass knows (with a close-match suggestion)."""
     if not Path(path).is_file():
         raise ValueError(f"Config file {path!r} does not exist.")
     try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        values = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
+    except DuplicateKeyError as err:
+        raise ValueError(f"{path}: {err}") from err
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({err}).") from err
     if not isinstance(values, dict):

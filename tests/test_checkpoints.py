@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -78,12 +81,16 @@ def test_objects_that_need_pickle_are_refused(tmp_path):
         checkpoints.save_state({"fn": lambda: 0}, tmp_path / "x.safetensors")
 
 
-def _complete(folder, world_size=1):
+def _complete(folder, world_size=1, manifest=True):
+    """A checkpoint folder whose files are well-formed (tiny safetensors and JSON), with its manifest."""
     folder.mkdir(parents=True)
-    for name in checkpoints.REQUIRED_FILES:
-        (folder / name).write_text("x")
-    for rank in range(world_size):
-        (folder / checkpoints.rng_file_name(rank, world_size)).write_text("x")
+    for name in checkpoints.REQUIRED_FILES + tuple(checkpoints.rng_file_name(r, world_size) for r in range(world_size)):
+        if name.endswith(".safetensors"):
+            checkpoints.save_state({"w": torch.arange(64, dtype=torch.float32), "step": 3}, folder / name)
+        else:
+            (folder / name).write_text(json.dumps({"global_step": 3}), encoding="utf-8")
+    if manifest:
+        checkpoints.write_manifest(folder)
     return folder
 
 
@@ -123,3 +130,121 @@ def test_stock_pickle_checkpoint_is_named_as_such(tmp_path):
     with pytest.raises(ValueError, match=r"holds pickle files \['optimizer\.pt', 'rng_state\.pth', 'scheduler\.pt', "
                        r"'training_args\.bin'\]: it was written by the stock Trainer"):  # fmt: skip
         checkpoints.check_checkpoint(folder)
+
+
+# Damage a checkpoint's files in the ways a full disk, a killed copy or an editor do.
+DAMAGE = {
+    "empty model": ("model.safetensors", lambda path: path.write_bytes(b"")),
+    "truncated optimizer": ("optimizer.safetensors", lambda path: path.write_bytes(path.read_bytes()[:-40])),
+    "invalid trainer_state JSON": ("trainer_state.json", lambda path: path.write_text("{not json", encoding="utf-8")),
+    "flipped byte, same size": (
+        "scheduler.safetensors",
+        lambda path: path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 1])),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_auto_skips_a_damaged_checkpoint_naming_it_and_the_one_used(tmp_path, caplog, kind):
+    name, corrupt = DAMAGE[kind]
+    _complete(tmp_path / "checkpoint-4")
+    newest = _complete(tmp_path / "checkpoint-8")
+    corrupt(newest / name)
+    with caplog.at_level(logging.WARNING, logger="checkpoints"):
+        assert checkpoints.latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert re.search(
+        rf"Skipping damaged checkpoint .*checkpoint-8 \({re.escape(name)} .*\); resuming from .*checkpoint-4 instead",
+        caplog.text,
+    ), caplog.text
+    with pytest.raises(ValueError, match=rf"Checkpoint .*checkpoint-8 is damaged: {re.escape(name)} .*Resume from an "
+                       r"earlier checkpoint, or pass --resume_from_checkpoint auto"):  # fmt: skip
+        checkpoints.check_checkpoint(newest)
+    checkpoints.check_checkpoint(tmp_path / "checkpoint-4")  # the intact one passes
+
+
+def test_damage_messages_say_what_is_wrong(tmp_path):
+    folder = _complete(tmp_path / "checkpoint-2")
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "optimizer.safetensors").write_bytes((folder / "optimizer.safetensors").read_bytes()[:100])
+    (folder / "trainer_state.json").write_text('{"global_step": 4}', encoding="utf-8")  # same size, other bytes
+    sizes = checkpoints.read_manifest(folder)
+    assert checkpoints.damage(folder) == [
+        f"model.safetensors is 0 bytes, manifest.json says {sizes['model.safetensors']['size']}",
+        f"optimizer.safetensors is 100 bytes, manifest.json says {sizes['optimizer.safetensors']['size']}",
+        "trainer_state.json does not match its sha256 in manifest.json",
+    ]
+
+
+def test_without_a_manifest_files_are_checked_for_structure(tmp_path, caplog):
+    folder = _complete(tmp_path / "checkpoint-2", manifest=False)
+    with caplog.at_level(logging.WARNING, logger="checkpoints"):
+        assert checkpoints.damage(folder) == []
+    assert "has no manifest.json: its files are checked for structure only" in caplog.text
+    (folder / "model.safetensors").write_bytes(b"")
+    optimizer = folder / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:-40])
+    (folder / "trainer_state.json").write_text("{not json", encoding="utf-8")
+    problems = checkpoints.damage(folder)
+    assert problems[0] == "model.safetensors is 0 bytes, too short for a safetensors file"
+    assert re.fullmatch(r"optimizer\.safetensors is \d+ bytes, its header describes \d+ \(truncated\)", problems[1])
+    assert problems[2].startswith("trainer_state.json is not valid JSON (")
+    (folder / "manifest.json").write_text("[]", encoding="utf-8")
+    assert checkpoints.damage(folder)[0].startswith("manifest.json is damaged (")
+
+
+def test_manifest_lists_regular_files_only(tmp_path):
+    folder = _complete(tmp_path / "checkpoint-2", manifest=False)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "a.txt").write_text("a")
+    (folder / "link.txt").symlink_to(folder / "sub" / "a.txt")
+    (folder / "linked_dir").symlink_to(folder / "sub", target_is_directory=True)
+    manifest = checkpoints.write_manifest(folder)
+    assert "sub/a.txt" in manifest["files"] and "manifest.json" not in manifest["files"]
+    assert not [rel for rel in manifest["files"] if rel.startswith(("link", "linked_dir"))]
+    assert checkpoints.read_manifest(folder) == manifest["files"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fault test: the newest checkpoint damaged, `--resume_from_checkpoint auto` falls back (runs in processes)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_encoder_dir, tiny_data_dir):
+    """test_e2e's 10-step run with checkpoints at steps 4 and 8, uninterrupted: (config, output folder)."""
+    from test_e2e import CONFIG, argv, run
+
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    config = folder / "faults.yaml"
+    config.write_text(CONFIG, encoding="utf-8")
+    run(argv(config, tiny_encoder_dir, tiny_data_dir, folder / "out"))
+    return config, folder / "out"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["empty model", "truncated optimizer", "invalid trainer_state JSON"])
+def test_auto_resume_past_a_damaged_newest_checkpoint_ends_bit_identical(
+    uninterrupted, tiny_encoder_dir, tiny_data_dir, tmp_path, kind
+):
+    from safetensors.torch import load_file
+    from test_e2e import MAX_STEPS, argv, run
+
+    config, reference = uninterrupted
+    out = tmp_path / "out"
+    for step in (4, 8):  # the folder as a run killed after checkpoint-8 leaves it
+        shutil.copytree(reference / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    name, corrupt = DAMAGE[kind]
+    corrupt(out / "checkpoint-8" / name)
+
+    result = run(argv(config, tiny_encoder_dir, tiny_data_dir, out, "--resume_from_checkpoint", "auto"))
+    log = result.stdout + result.stderr
+    assert re.search(
+        rf"Skipping damaged checkpoint \S*checkpoint-8 \({re.escape(name)} [^\n]*\); "
+        r"resuming from \S*checkpoint-4 instead",
+        log,
+    ), log[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["train"]["global_steps"] == MAX_STEPS
+    expected, got = load_file(str(reference / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert expected.keys() == got.keys()
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []  # bit-identical, every tensor
+    assert checkpoints.damage(out / "checkpoint-8") == []  # step 8 was written again, intact

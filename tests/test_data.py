@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
 import pandas as pd
@@ -335,3 +336,111 @@ def test_label_names_from_a_classlabel_column_or_from_integer_ids(shared_data_di
     assert tasks[0].label_names == ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")  # the mirror's ClassLabel names
     assert tasks[1].label_names == ("0", "1", "2")
     assert mtdata._read_source(tasks[1].train[0], tasks[1], None)[1] == [2, 0, 1, 2]
+
+
+# ---- inputs that used to load silently: refused, naming where ----
+
+
+def _topic(**overrides) -> dict:
+    """A custom task read from <data_dir>/topic/<split>.<ext>."""
+    return {"name": "topic", "dataset": "someone/topic", "mirror": "topic", "text_column": "text",
+            "label_column": "label", "label_names": ["neg", "pos"], **overrides}  # fmt: skip
+
+
+def _read(data_dir, definition=None):
+    spec = mtdata.parse_task_definitions([definition or _topic()])["topic"]
+    return mtdata._read_source(spec.train[0], spec, str(data_dir))
+
+
+def _write(data_dir, name: str, content: bytes):
+    (data_dir / "topic").mkdir(parents=True, exist_ok=True)
+    (data_dir / "topic" / name).write_bytes(content)
+
+
+def test_csv_unterminated_quote_is_refused_not_merged(tmp_path):
+    lines = ["text,label"] + [f"film {i},{i % 2}" for i in range(3000)]
+    lines[41] = '"an unterminated quote,1'  # joins the following lines into one field until the next quote
+    lines[45] = 'film "44 with a quote",0'
+    _write(tmp_path, "train.csv", ("\n".join(lines) + "\n").encode())
+    with pytest.raises(ValueError, match=r"topic/train\.csv: column 'text' row 40 holds a line break \('an unterminated "
+                       r"quote,1\\nfilm 41,1.*usually an unterminated quote .* Close the quote, or remove line breaks"):
+        _read(tmp_path)
+
+
+def test_tsv_field_with_a_line_break_is_refused_and_jsonl_keeps_it(tmp_path):
+    _write(tmp_path, "train.tsv", b'text\tlabel\ngood\t1\n"two\nlines"\t0\n')
+    with pytest.raises(ValueError, match=r"train\.tsv: column 'text' row 1 holds a line break \('two\\nlines'"):
+        _read(tmp_path)
+    (tmp_path / "topic" / "train.tsv").unlink()
+    _write(tmp_path, "train.jsonl", b'{"text": "good", "label": 1}\n{"text": "two\\nlines", "label": 0}\n')
+    assert _read(tmp_path) == (["good", "two\nlines"], [1, 0])  # JSON says where a text ends
+    (tmp_path / "topic" / "train.jsonl").unlink()
+    _write(tmp_path, "train.csv", b'text,label\r\ngood,1\r\n"quoted, with a comma",0\r\n')
+    assert _read(tmp_path) == (["good", "quoted, with a comma"], [1, 0])  # Windows line ends are no line breaks
+
+
+@pytest.mark.parametrize(
+    "text, codes",
+    [("\x00\x00\x00", r"U\+0000"), ("\u200b\u200b", r"U\+200B"), ("\x01 \x7f", r"U\+0001, U\+0020, U\+007F"),
+     ("\ufeff\u200d", r"U\+200D, U\+FEFF")],
+    ids=["NUL bytes", "zero-width spaces", "control characters", "BOM and zero-width joiner"],
+)  # fmt: skip
+def test_text_without_a_visible_character_is_refused(tmp_path, text, codes):
+    frame = pd.DataFrame({"text": ["a good film", "bad", text], "label": [1, 0, 1]})
+    (tmp_path / "topic").mkdir()
+    frame.to_parquet(tmp_path / "topic" / "train.parquet")
+    with pytest.raises(ValueError, match=rf"train\.parquet: column 'text' row 2 has no visible character: it holds "
+                       rf"only {codes} \(control, format or zero-width characters"):  # fmt: skip
+        _read(tmp_path)
+
+
+def test_texts_of_symbols_or_any_script_are_visible():
+    mtdata.check_texts(["?", "🙂", "日本語", "١٢٣", "a\x00b", "\u200bok"], "f", "text")
+
+
+def test_duplicate_key_in_a_task_definition_json_is_refused():
+    with pytest.raises(ValueError, match=r"task_definitions: key 'label_column' appears twice in one mapping of the "
+                       r"definition 'topic'; only the last value would count"):  # fmt: skip
+        mtdata.parse_task_definitions(
+            '[{"name": "topic", "dataset": "d/topic", "text_column": "text", "label_column": "label", '
+            '"label_column": "other", "label_names": ["a", "b"]}]'
+        )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"mirror": "/etc"}, r"mirror '/etc' must be a folder inside --data_dir: a relative path with no '\.\.'"),
+     ({"mirror": "../outside"}, r"mirror '\.\./outside' must be a folder inside --data_dir"),
+     ({"mirror": "topic/../../x"}, r"mirror 'topic/\.\./\.\./x' must be a folder inside --data_dir"),
+     ({"mirror": None, "dataset": "someone/.."}, r"mirror '\.\.' must be a folder inside --data_dir"),
+     ({"train_split": "../../etc/passwd"}, r"split '\.\./\.\./etc/passwd' must be a file name \(no '/'"),
+     ({"eval_split": ".."}, r"split '\.\.' must be a file name")],
+    ids=["absolute mirror", "mirror with ..", "mirror escaping through ..", "dataset id ending in ..",
+         "train split with a path", "eval split .."],
+)  # fmt: skip
+def test_custom_task_paths_must_stay_inside_data_dir(overrides, message):
+    with pytest.raises(ValueError, match=r"task_definitions\[0\] \('topic'\): " + message):
+        mtdata.parse_task_definitions([_topic(**overrides)])
+
+
+def test_symlinks_out_of_data_dir_are_refused(tmp_path):
+    data_dir, outside = tmp_path / "data", tmp_path / "outside"
+    (outside / "topic").mkdir(parents=True)
+    pd.DataFrame({"text": ["a good film", "bad"], "label": [1, 0]}).to_parquet(outside / "topic" / "train.parquet")
+    data_dir.mkdir()
+    (data_dir / "topic").symlink_to(outside / "topic", target_is_directory=True)
+    with pytest.raises(ValueError, match=rf"--data_dir '{data_dir}': {data_dir}/topic \(dataset 'someone/topic' split "
+                       rf"'train'\) resolves to {outside}/topic, outside --data_dir \(through a symbolic link\)"):
+        _read(data_dir)
+    (data_dir / "topic").unlink()
+    (data_dir / "topic").mkdir()
+    (data_dir / "topic" / "train.parquet").symlink_to(outside / "topic" / "train.parquet")
+    with pytest.raises(ValueError, match=r"topic/train\.parquet \(dataset 'someone/topic' split 'train'\) resolves to "
+                       rf"{outside}/topic/train\.parquet, outside --data_dir"):  # fmt: skip
+        _read(data_dir)
+    # A link that stays inside --data_dir is fine.
+    (data_dir / "topic" / "train.parquet").unlink()
+    (data_dir / "real").mkdir()
+    shutil.copy(outside / "topic" / "train.parquet", data_dir / "real" / "train.parquet")
+    (data_dir / "topic" / "train.parquet").symlink_to(data_dir / "real" / "train.parquet")
+    assert _read(data_dir) == (["a good film", "bad"], [1, 0])

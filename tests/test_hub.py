@@ -12,6 +12,7 @@ Regenerate docs/sample_model_card.md (a few steps of the packaged MiniLM on the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -77,10 +78,17 @@ class FakeHubApi:
         for rel in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore):
             self.sent[rel] = (folder / rel).read_bytes()
 
+    def create_commit(self, api, *, repo_id, operations, **kwargs):
+        self._record("create_commit", {"repo_id": repo_id, **kwargs})
+        # Each operation's bytes as they would be sent (read from the path the operation holds).
+        for op in operations:
+            source = op.path_or_fileobj
+            self.sent[op.path_in_repo] = source if isinstance(source, bytes) else Path(source).read_bytes()
+
     def install(self, monkeypatch) -> None:
         from huggingface_hub import HfApi
 
-        for name in ("create_repo", "create_branch", "upload_folder"):
+        for name in ("create_repo", "create_branch", "upload_folder", "create_commit"):
             fake = getattr(self, name)
             monkeypatch.setattr(HfApi, name, lambda api, *a, _fake=fake, **k: _fake(api, *a, **k))
 
@@ -381,13 +389,12 @@ def _write_sample_card(data_dir: Path, tmp_path: Path) -> None:
 
 def test_push_to_hub_uploads_the_final_folder_once(tiny_run):
     calls = [name for name, _ in tiny_run.hub.calls]
-    assert calls == ["create_repo", "upload_folder"]
+    assert calls == ["create_repo", "create_commit"]
     create, upload = (kwargs for _, kwargs in tiny_run.hub.calls)
     # The Trainer never reached the Hub during training: the first call came after the folder was complete.
     assert create["_run_finished"] and upload["_run_finished"]
     assert create["repo_id"] == "tiny-multitask" and create["token"] == "hf_test_token"
     assert upload["repo_id"] == "someone/tiny-multitask"
-    assert Path(upload["folder_path"]) == tiny_run.out
 
     sent = set(tiny_run.hub.sent)
     expected = {
@@ -435,9 +442,91 @@ def test_push_cli_uploads_existing_run(tiny_run, tmp_path, monkeypatch):
     fake.install(monkeypatch)
     monkeypatch.setenv("HF_TOKEN", "hf_cli_token")
     hub.main(["push", str(folder), "--hub_model_id", "me/cli-model"])
-    assert [name for name, _ in fake.calls] == ["create_repo", "upload_folder"]
+    assert [name for name, _ in fake.calls] == ["create_repo", "create_commit"]
     assert set(fake.sent) == set(tiny_run.hub.sent)  # same files; checkpoints and the staging folder stay local
     assert 'from_pretrained("me/cli-model"' in fake.sent["README.md"].decode()
+
+
+def _planted_copy(tiny_run, tmp_path) -> tuple[Path, Path]:
+    """A copy of the run folder plus what a hostile or careless user leaves in it; returns (folder, secret)."""
+    folder = tmp_path / "run"
+    shutil.copytree(tiny_run.out, folder, symlinks=True)
+    secret = tmp_path / "passwd"  # stands for /etc/passwd: a file outside the folder
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n", encoding="utf-8")
+    (folder / "passwd").symlink_to(secret)
+    (folder / "0_Transformer" / "vocab_extra.txt").symlink_to(secret)
+    (folder / "notes.txt").write_text("token hf_secret_in_notes\n", encoding="utf-8")
+    (folder / "wandb").mkdir()
+    (folder / "wandb" / "run.log").write_text("wandb log\n", encoding="utf-8")
+    return folder, secret
+
+
+def test_push_uploads_only_the_files_the_run_wrote(tiny_run, tmp_path, monkeypatch, caplog):
+    import hub
+
+    folder, secret = _planted_copy(tiny_run, tmp_path)
+    fake = FakeHubApi(folder, namespace="me")
+    fake.install(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", "hf_cli_token")
+    with caplog.at_level(logging.INFO, logger="hub"):
+        hub.main(["push", str(folder), "--hub_model_id", "me/cli-model"])
+    assert set(fake.sent) == set(tiny_run.hub.sent)  # the run's own files, nothing planted
+    assert not [rel for rel, data in fake.sent.items() if b"root:x:0:0" in data or b"hf_secret" in data]
+    # It says what it uploads and what it leaves out, before any call to the Hub.
+    will = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Will upload"))
+    assert f"Will upload {len(fake.sent)} files" in will and "0_Transformer/model.safetensors (" in will
+    left = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Not uploaded"))
+    for planted in ("passwd", "0_Transformer/vocab_extra.txt", "notes.txt", "wandb/", "checkpoint-4/"):
+        assert planted in left
+
+
+def test_push_refuses_a_listed_file_replaced_by_a_symlink(tiny_run, tmp_path, monkeypatch):
+    import hub
+
+    folder, secret = _planted_copy(tiny_run, tmp_path)
+    (folder / "0_Transformer" / "tokenizer.json").unlink()
+    (folder / "0_Transformer" / "tokenizer.json").symlink_to(secret)
+    fake = FakeHubApi(folder)
+    fake.install(monkeypatch)
+    with pytest.raises(ValueError, match=r"refusing to upload .*: 0_Transformer/tokenizer\.json is a symbolic link "
+                       rf"\(to {re.escape(str(secret))}\); a run writes regular files only.*Nothing was uploaded"):
+        hub.push_folder(folder, "me/x", token="hf_x")
+    assert fake.calls == [] and fake.sent == {}
+
+
+def test_push_refuses_a_symlinked_subfolder_and_manifest_paths_outside(tiny_run, tmp_path, monkeypatch):
+    import hub
+
+    folder, _ = _planted_copy(tiny_run, tmp_path)
+    fake = FakeHubApi(folder)
+    fake.install(monkeypatch)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(folder / "1_Pooling", elsewhere)
+    (folder / "1_Pooling").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"1_Pooling is a symbolic link"):
+        hub.push_folder(folder, "me/x", token="hf_x")
+    (folder / "1_Pooling").unlink()
+    shutil.move(elsewhere, folder / "1_Pooling")
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["../passwd"] = {"size": 1, "sha256": "0" * 64}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest lists '\.\./passwd', which is not a plain path inside the folder"):
+        hub.push_folder(folder, "me/x", token="hf_x")
+    (folder / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"has no manifest\.json listing the files the run wrote, so nothing is"):
+        hub.push_folder(folder, "me/x", token="hf_x")
+    assert fake.calls == []
+
+
+def test_run_folder_manifest_lists_every_final_file_with_its_checksum(tiny_run):
+    import checkpoints
+
+    manifest = checkpoints.read_manifest(tiny_run.out)
+    assert set(manifest) == set(tiny_run.hub.sent)
+    for rel, entry in manifest.items():  # README.md was re-rendered by the push and its entry refreshed
+        assert entry == {"size": (tiny_run.out / rel).stat().st_size,
+                         "sha256": checkpoints.file_sha256(tiny_run.out / rel)}, rel  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -501,6 +590,12 @@ def test_export_option_writes_a_separate_folder(tiny_run, make_model, tiny_token
     assert "SentenceTransformer" not in (out / "README.md").read_text()
     got = SentenceTransformer(str(st_dir), device="cpu").encode(TEXTS, convert_to_tensor=True)
     assert got.sub(_pooled(model, tiny_tokenizer, TEXTS)).abs().max() <= 1e-5
+    # Each folder's manifest lists exactly its own files: what `hub.py push` would upload from it.
+    import checkpoints
+
+    for folder in (out, st_dir):
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
+        assert set(checkpoints.read_manifest(folder)) == files
     parsed = train.parse_args(["--output_dir", str(out), "--export_sentence_transformers", "none"])
     assert parsed[3].export_sentence_transformers == "none"
 

@@ -127,3 +127,36 @@ def test_pad_to_buckets_reaches_every_batch(tiny_encoder_dir, tiny_data_dir, tmp
     train.main([*args, "--num_train_epochs", "1", "--gold_eval", "false"])
     # max_seq_length is 32, so every batch, training and evaluation, has one of the three bucket lengths.
     assert len(widths) > 10 and set(widths) <= {8, 16, 32}
+
+
+def test_duplicate_yaml_keys_are_refused_naming_key_and_line(tmp_path):
+    config = tmp_path / "dup.yaml"
+    config.write_text("learning_rate: 1.0e-4\nmax_seq_length: 40\nlearning_rate: 3.0e-4\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"dup\.yaml: duplicate key 'learning_rate' at line 3 \(first at line 1\); "
+                       r"YAML would keep only the last value\. Remove one of them"):  # fmt: skip
+        train.parse_args([str(config)])
+    config.write_text(
+        "tasks: [topic]\n"
+        "task_definitions:\n"
+        "  - name: topic\n"
+        "    dataset: someone/topic\n"
+        "    text_column: text\n"
+        "    label_column: label\n"
+        "    label_names: [a, b]\n"
+        "    text_column: sentence\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ValueError, match=r"dup\.yaml: duplicate key 'text_column' at line 8 \(first at line 5\)"):
+        train.parse_args([str(config)])
+
+
+def test_yaml_merge_keys_still_override(tmp_path):
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        "x_defaults: &defaults {learning_rate: 1.0e-4, max_seq_length: 40}\n"
+        "<<: *defaults\n"
+        "learning_rate: 3.0e-4\n",
+        encoding="utf-8",
+    )
+    values = yaml.load(config.read_text(), Loader=train.UniqueKeyLoader)
+    assert values["learning_rate"] == 3.0e-4 and values["max_seq_length"] == 40
