@@ -106,9 +106,11 @@ def test_gold_sets_are_capped_by_a_stratified_seeded_sample(one_epoch_run, tiny_
     labels = trainer.eval_dataset["question_gold"]["labels"]
     assert round(sum(labels)) == round(40 * gold["is_question"].mean())  # the class shares are kept
     # both variants hold the same rows: the no-'?' set is the gold set's text with its '?' removed
-    from data import DAILYDIALOG  # noqa: F401  (the source both read)
-
     assert trainer.eval_dataset["question_gold_noqm"]["labels"] == labels
+    card = (one_epoch_run.out / "README.md").read_text()
+    row = f"| `question_gold` | question | DailyDialog validation | 40 of {len(gold)} (capped: max_gold_eval_samples, seeded stratified) | gold |"
+    assert row in card
+    assert f"on `question_gold` (DailyDialog validation, 40 of {len(gold)} rows)" in card
 
 
 def test_stratified_subsample_keeps_shares_order_and_seed():
