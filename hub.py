@@ -114,7 +114,8 @@ def eval_results(metrics: dict) -> list:
         wanted = list(CARD_METRICS)
         headline = headline_metric(task)
         if headline not in {key for key, _, _ in CARD_METRICS}:
-            wanted.append((headline, metric_display(headline, task).replace("`", ""), {"average": "binary", "pos_label": 1}))
+            display = metric_display(headline, task).replace("`", "")
+            wanted.append((headline, display, {"average": "binary", "pos_label": 1}))
         for key, display, args in wanted:
             if key not in values:
                 continue

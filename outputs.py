@@ -1,9 +1,10 @@
 """What a run leaves behind: its metrics, metrics.json, the plots and the output folder.
 
-`build_compute_metrics` gives the Trainer its per-eval-set metrics; `split_eval_metrics` and `epoch_table` turn
-the Trainer's flat logs into metrics.json's layout, and `run_metrics` assembles the whole file, including what
-the model card says about each task (`task_card_info`, `eval_set_card_info`: read from the TaskSpecs at training
-time, so hub.py needs no task registry). `save_outputs` writes the final folder atomically; `clear_output_dir`
+`build_compute_metrics` gives the Trainer its per-eval-set metrics; `split_eval_metrics`, `epoch_table` and
+`step_table` turn the Trainer's flat logs into metrics.json's layout, and `run_metrics` assembles the whole file,
+including what the model card says about each task (`task_card_info`, `eval_set_card_info`: read from the
+TaskSpecs and their pools at training time, so hub.py needs no task registry). `plot_curves` draws the plots,
+`result_files` the Trainer-style *_results.json. `save_outputs` writes the final folder atomically; `clear_output_dir`
 and `take_over_push_to_hub` handle the folder and the upload settings before training.
 """
 
@@ -307,7 +308,8 @@ def save_outputs(
 ) -> list[str]:
     """Write the model, tokenizer, plots, metrics.json (plus the Trainer-style *_results.json and
     trainer_state.json), the model card (README.md) and the sentence-transformers files into a staging folder,
-    then move them into place, metrics.json last: a killed run never leaves a folder that looks finished. Returns the top-level names written (what push_to_hub uploads)."""
+    then move them into place, metrics.json last: a killed run never leaves a folder that looks finished. Returns
+    the top-level names written (what push_to_hub uploads)."""
     out = Path(training_args.output_dir)
     staging = out / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -347,7 +349,8 @@ def plot_curves(metrics: dict, output_dir: Path) -> list[str]:
 
     Training loss and accuracy are drawn at every logging step (the mean over that interval's batches of the
     task), so a one-epoch run shows its whole curve; each eval set of the task is a marker per evaluation
-    (before training and after each epoch or eval step), its last value written beside it. Training F1 is not computed.
+    (before training and after each epoch or eval step), its last value written beside it. Training F1 is not
+    computed.
     """
     import matplotlib
 
@@ -366,8 +369,11 @@ def plot_curves(metrics: dict, output_dir: Path) -> list[str]:
             for name, entry in metrics["eval_sets"].items():
                 if entry["task"] != task:
                     continue
-                points = [(0.0, metrics["before"][name][metric])] if metric in metrics.get("before", {}).get(name, {}) else []
-                points += [(r["epoch"], r["eval"][name][metric]) for r in metrics["epochs"] if metric in r["eval"].get(name, {})]
+                before = metrics.get("before", {}).get(name, {})
+                points = [(0.0, before[metric])] if metric in before else []
+                points += [
+                    (r["epoch"], r["eval"][name][metric]) for r in metrics["epochs"] if metric in r["eval"].get(name, {})
+                ]
                 if not points:
                     continue
                 xs, ys = zip(*points)

@@ -1,9 +1,10 @@
 """`MultiTaskTrainer`: the `Trainer` of a multi-task run (train.py builds it; bench/ builds it directly).
 
 It adds a task-interleaving batch sampler, per-task training statistics, metrics per eval set (each a head),
-a separate learning rate for the uncertainty loss weights, the `--cuda_graphs` training step (cuda_graphs.py)
-and a stop at the first non-finite loss or gradient norm (checks.NonFiniteWatch). Checkpoints hold no pickle
-and appear atomically (checkpoints.py).
+evaluation in length-sorted batches with named progress bars, a separate learning rate for the uncertainty loss
+weights, the `--cuda_graphs` training step (cuda_graphs.py), the precision and distribution that accelerate
+really uses (`precision_and_distribution`) and a stop at the first non-finite loss or gradient norm
+(checks.NonFiniteWatch). Checkpoints hold no pickle and appear atomically (checkpoints.py).
 """
 
 from __future__ import annotations
