@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import common
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = train.MultiTaskTrainer(
         model=model,
         args=TrainingArguments(
-            output_dir="/tmp/eval_order", per_device_eval_batch_size=args.batch_size, report_to="none",
+            output_dir=tempfile.mkdtemp(prefix="eval_order-"), per_device_eval_batch_size=args.batch_size, report_to="none",
             disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False,
         ),  # fmt: skip
         train_dataset=mt.train,
