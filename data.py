@@ -87,6 +87,8 @@ class TaskSpec:
     pool: WeakLabelPool | None = None
     holdout_name: str | None = None
     description: str = ""
+    # The metric the card and the README lead with: "accuracy", "f1" (macro) or "f1_pos" (F1 of class 1).
+    headline_metric: str = "accuracy"
 
     @property
     def num_labels(self) -> int:
@@ -141,7 +143,8 @@ TASKS: dict[str, TaskSpec] = {
         ),
         pool=question.QuestionPool(),
         holdout_name="question",
-        description="Is the sentence a question? Trained on heuristic labels of SST-2 and TREC text; "
+        headline_metric="f1_pos",
+        description="Is the sentence a question? Trained on rule-made (weak) labels of SST-2 and TREC text; "
         "measured against gold dialog acts of DailyDialog.",
     ),
 }
@@ -678,12 +681,32 @@ class MultiTaskData:
     eval_texts: dict[str, list[str]] = field(default_factory=dict)  # for baselines and error analysis
     samples: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # a few (text, label) per task
     truncated: dict[str, int] = field(default_factory=dict)  # "task/split" -> texts cut to max_seq_length
+    eval_capped: dict[str, dict] = field(default_factory=dict)  # eval set name -> {"of": rows before, "how": ...}
 
 
 def _subsample(texts: list[str], labels: list[int], limit: int | None, seed: int) -> tuple[list[str], list[int]]:
     if limit is None or limit >= len(texts):
         return texts, labels
     keep = np.sort(np.random.default_rng(seed).permutation(len(texts))[:limit])
+    return [texts[i] for i in keep], [labels[i] for i in keep]
+
+
+def _stratified_subsample(
+    texts: list[str], labels: list[int], limit: int | None, seed: int
+) -> tuple[list[str], list[int]]:
+    """A seeded sample of `limit` rows that keeps each class's share (largest remainders), in the original order."""
+    if limit is None or limit >= len(texts):
+        return texts, labels
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    classes = sorted(by_class)
+    exact = {c: limit * len(by_class[c]) / len(texts) for c in classes}
+    quota = {c: int(exact[c]) for c in classes}
+    for c in sorted(classes, key=lambda c: exact[c] - quota[c], reverse=True)[: limit - sum(quota.values())]:
+        quota[c] += 1
+    rng = np.random.default_rng(seed)
+    keep = np.sort(np.concatenate([rng.permutation(by_class[c])[: quota[c]] for c in classes]))
     return [texts[i] for i in keep], [labels[i] for i in keep]
 
 
@@ -707,6 +730,8 @@ def _train_rows(data: MultiTaskData, task: TaskSpec, task_id: int, tokenizer, ar
     eval_idx, train_idx = np.sort(order[:n_eval]), np.sort(order[n_eval:])
     held_texts, held_labels = [texts[i] for i in eval_idx], [labels[i] for i in eval_idx]
     texts, labels = [texts[i] for i in train_idx], [labels[i] for i in train_idx]
+    if args.max_eval_samples is not None and args.max_eval_samples < len(held_texts):
+        data.eval_capped[task.holdout_name] = {"of": len(held_texts), "how": "max_eval_samples, seeded random"}
     held_texts, held_labels = _subsample(held_texts, held_labels, args.max_eval_samples, seed)
     _add_eval(data, task.holdout_name, task, task_id, held_texts, held_labels, tokenizer, args)
     return task.pool.training_rows(texts, labels, source_texts, pool_texts, seed)
@@ -714,7 +739,8 @@ def _train_rows(data: MultiTaskData, task: TaskSpec, task_id: int, tokenizer, ar
 
 def build_data(tasks: list[TaskSpec], tokenizer, args, seed: int = 42) -> MultiTaskData:
     """Load, label, check and tokenize every task. `args` is train.DataArguments (data_dir, max_seq_length,
-    max_train_samples, max_eval_samples, gold_eval); a weakly labelled task brings its own options in its pool."""
+    max_train_samples, max_eval_samples, max_gold_eval_samples, gold_eval); a weakly labelled task brings its own
+    options in its pool."""
     import datasets
 
     # A custom task without label_names takes them from its data (train.py has done so in check_custom_tasks).
@@ -744,8 +770,15 @@ def build_data(tasks: list[TaskSpec], tokenizer, args, seed: int = 42) -> MultiT
                     )
                 continue
             t, y = _read_source(eval_source.source, task, args.data_dir)
-            if not eval_source.mirror_only:
-                t, y = _subsample(t, y, args.max_eval_samples, seed)
+            # Gold sets have their own cap, a stratified sample (the same rows for every variant of a source).
+            cap, how = args.max_eval_samples, "max_eval_samples, seeded random"
+            subsample = _subsample
+            if eval_source.mirror_only:
+                cap, how = getattr(args, "max_gold_eval_samples", None), "max_gold_eval_samples, seeded stratified"
+                subsample = _stratified_subsample
+            if cap is not None and cap < len(t):
+                data.eval_capped[eval_source.name] = {"of": len(t), "how": how}
+            t, y = subsample(t, y, cap, seed)
             _add_eval(data, eval_source.name, task, task_id, t, y, tokenizer, args)
     data.train = datasets.concatenate_datasets(train_parts)
     if sum(data.truncated.values()):

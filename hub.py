@@ -28,9 +28,11 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
 CARD_TEMPLATE = ROOT / "model_card.md"
-PLOTS = ("loss_curves.png", "accuracy_curves.png")
-# The metrics of the model-index, as (metrics.json key, display name, metric args).
+PLOTS = ("loss_curves.png", "accuracy_curves.png", "f1_curves.png")
+# The metrics of the model-index, as (metrics.json key, display name, metric args); plus each task's headline
+# metric where it is none of these (question: F1 of the question class, the README's figure).
 CARD_METRICS = (("accuracy", "Accuracy", None), ("f1", "Macro F1", {"average": "macro"}))
+METRIC_NAMES = {"accuracy": "accuracy", "f1": "macro F1", "f1_pos": "F1 of class {label}"}
 LICENSE = "apache-2.0"  # the packaged encoder's (all-MiniLM-L6-v2) licence
 
 # sentence-transformers layout: the encoder (a plain transformers model) in a subfolder, then mean pooling.
@@ -60,7 +62,8 @@ def hub_id_or_none(name: str | None) -> str | None:
 
 
 def eval_set_info(name: str, entry: dict) -> dict:
-    """Where an eval set's rows come from: the Hub dataset id, a readable name and the split.
+    """Where an eval set's rows come from: the dataset id (a Hub id, or a custom one such as
+    `question-pool-heldout` for a set labelled by a rule), a readable name, the split and the text transform.
 
     train.py writes them into metrics.json's `eval_sets` entry (outputs.eval_set_card_info); a metrics.json
     from before that names only the set.
@@ -69,47 +72,70 @@ def eval_set_info(name: str, entry: dict) -> dict:
         "type": entry.get("dataset", name),
         "name": entry.get("dataset_name", name),
         "split": entry.get("split", "validation"),
+        "transform": entry.get("transform"),
     }
 
 
 def training_datasets(metrics: dict) -> list[str]:
-    """Hub ids of every dataset the run trained or was evaluated on."""
+    """Hub ids of the datasets the run trained on (the Hub reads `datasets:` as training data): evaluation-only
+    sets such as DailyDialog are not listed."""
     ids = [source["dataset"] for task in metrics["tasks"] for source in task.get("sources", [])]
-    ids += [eval_set_info(n, e)["type"] for n, e in metrics["eval_sets"].items()]
     return list(dict.fromkeys(ids))
 
 
-def eval_results(metrics: dict) -> list:
-    """One `EvalResult` per eval set and metric (accuracy, macro F1), with exactly the numbers of metrics.json.
+def headline_metric(task: dict) -> str:
+    return task.get("headline_metric", "accuracy")
 
-    The eval set's name is the result's `dataset_config`: the model-index groups results by task type, dataset,
-    config and split, and two sets can share a dataset and split (DailyDialog with and without '?'). It also
-    lets `model_index_to_eval_results` map every result back to its metrics.json entry.
+
+def metric_display(key: str, task: dict) -> str:
+    """'accuracy', 'macro F1', 'F1 of class `question`' (class 1 of the task)."""
+    labels = task.get("id2label", {})
+    label = labels.get("1", labels.get(1, "1"))
+    return METRIC_NAMES.get(key, key).format(label=f"`{label}`")
+
+
+def eval_results(metrics: dict) -> list:
+    """One `EvalResult` per eval set and metric (accuracy, macro F1, the task's headline metric), with exactly
+    the numbers of metrics.json.
+
+    The dataset fields are the set's real ones: Hub id (or a custom id for rule-labelled sets), split. The
+    model-index groups results by task type, dataset, config and split, so a set that is another set's text
+    transformed (DailyDialog with its '?' removed) joins that set's entry: its metrics carry the transform in
+    their name and in `args.input_transform`.
     """
     from huggingface_hub import EvalResult
 
+    tasks = {t["name"]: t for t in metrics["tasks"]}
     results = []
     for name, values in metrics["final"].items():
-        task = metrics["eval_sets"][name]["task"]
+        task = tasks.get(metrics["eval_sets"][name]["task"], {"name": metrics["eval_sets"][name]["task"]})
         info = eval_set_info(name, metrics["eval_sets"][name])
-        for key, display, args in CARD_METRICS:
+        wanted = list(CARD_METRICS)
+        headline = headline_metric(task)
+        if headline not in {key for key, _, _ in CARD_METRICS}:
+            display = metric_display(headline, task).replace("`", "")
+            wanted.append((headline, display, {"average": "binary", "pos_label": 1}))
+        for key, display, args in wanted:
             if key not in values:
                 continue
+            if info["transform"]:
+                args = {**(args or {}), "input_transform": info["transform"]}
+                display = f"{display} ({info['transform'].replace('_', ' ')})"
             results.append(
                 EvalResult(
                     task_type="text-classification",
-                    task_name=task,
+                    task_name=task["name"],
                     dataset_type=info["type"],
                     dataset_name=info["name"],
-                    dataset_config=name,
                     dataset_split=info["split"],
-                    metric_type=key,
+                    metric_type="f1" if key == "f1_pos" else key,
                     metric_name=display,
                     metric_args=args,
                     metric_value=values[key],
                 )
             )
-    return results
+    # Untransformed sets first: a model-index entry takes its dataset name from its first result.
+    return sorted(results, key=lambda r: bool((r.metric_args or {}).get("input_transform")))
 
 
 def card_data(metrics: dict, model_name: str, sentence_transformers: bool):
@@ -174,6 +200,24 @@ def _recipe_rows(metrics: dict, config: dict) -> list[tuple[str, str]]:
     if sampling == "temperature":
         sampling += f" (T={recipe['task_sampling_temperature']})"
     weights = ", ".join(f"{k} {v:.3g}" for k, v in train.get("loss_weights", {}).items())
+    weak = [
+        f"`{t['name']}`: teacher `{t.get('teacher')}`; "
+        + ", ".join(f"{k} {v}" for k, v in t.get("pool_options", {}).items() if k != "question_teacher")
+        for t in metrics["tasks"]
+        if "pool_options" in t
+    ]
+    precision = recipe.get("mixed_precision")
+    if precision == "no":
+        precision = "no (fp32)"
+    elif precision is not None:
+        precision = f"{precision} autocast (set by the {recipe.get('mixed_precision_from', 'launch')})"
+    distributed = None
+    if recipe.get("distributed_type") is not None:
+        distributed = f"{recipe['distributed_type']}, {recipe.get('num_processes', 1)} process(es)"
+        if recipe.get("fsdp_fallback"):
+            distributed += f"; {recipe['fsdp_fallback']}"
+    caps = [f"{k} {recipe[k]:,}" for k in ("max_train_samples", "max_eval_samples", "max_gold_eval_samples")
+            if recipe.get(k) is not None]  # fmt: skip
     rows = [
         ("Encoder", f"`{recipe['encoder']}`"),
         ("Pooling", f"{config.get('pooling', 'mean')} over tokens, {config.get('encoder', {}).get('hidden_size')}-d"),
@@ -181,11 +225,15 @@ def _recipe_rows(metrics: dict, config: dict) -> list[tuple[str, str]]:
         ("Parameters", f"{train['trainable_parameters']:,} trainable of {train['total_parameters']:,}"),
         ("Task sampling", f"{sampling}, one task per batch"),
         ("Loss weighting", f"{recipe['loss_weighting']} ({weights})" if weights else recipe["loss_weighting"]),
+        *[("Weak labels", line) for line in weak],
         ("Training rows", ", ".join(f"{k} {v:,}" for k, v in train["rows_per_task"].items())),
+        *([("Row caps", ", ".join(caps))] if caps else []),
         ("Length", length),
         ("Batch size", f"{recipe['per_device_train_batch_size']} per device x {recipe['num_processes']} process(es)"),
         ("Learning rate", f"{recipe['learning_rate']:g}"),
         ("Seed", str(recipe["seed"])),
+        *([("Mixed precision", precision)] if precision is not None else []),
+        *([("Distributed", distributed)] if distributed is not None else []),
         ("Hardware", recipe["hardware"]),
         ("Training time", f"{_duration(train.get('wall_seconds'))} (train loss {_fmt(train.get('train_loss'))})"),
         ("Software", ", ".join(f"{k} {v}" for k, v in recipe.get("versions", {}).items())),
@@ -217,6 +265,53 @@ def _epoch_table(metrics: dict, task: str, eval_names: list[str]) -> dict:
     return {"task": task, "header": header, "rows": rows}
 
 
+def _rows(entry: dict, how: bool = True) -> str:
+    """'8,069', or for a capped set '500 of 8,069 (capped: max_gold_eval_samples, seeded stratified)'."""
+    capped = entry.get("capped")
+    if not capped:
+        return f"{entry['rows']:,}"
+    return f"{entry['rows']:,} of {capped['of']:,}" + (f" (capped: {capped['how']})" if how else "")
+
+
+def _labels(name: str, entry: dict, metrics: dict) -> str:
+    if entry.get("labels") != "teacher":
+        return "gold"
+    task = next((t for t in metrics["tasks"] if t["name"] == entry["task"]), {})
+    return f"teacher `{task['teacher']}`" if task.get("teacher") else "rule"
+
+
+def _headlines(metrics: dict, tasks: list[dict]) -> list[str]:
+    """Per task: its headline metric after training on its gold-labelled sets, and how its teacher rule scores
+    on the same sets (whether the model trails or beats it)."""
+    lines = []
+    eval_sets = metrics["eval_sets"]
+    for task in metrics["tasks"]:
+        key = headline_metric(task)
+        names = [n for n, e in eval_sets.items() if e["task"] == task["name"] and n in metrics["final"]]
+        gold = [n for n in names if eval_sets[n].get("labels", "gold") == "gold"] or names
+        gold = [n for n in gold if key in metrics["final"][n]]
+        if not gold:
+            continue
+        shown = ", ".join(
+            f"**{_fmt(metrics['final'][n][key])}** on `{n}` ({eval_set_info(n, eval_sets[n])['name']}, "
+            f"{_rows(eval_sets[n], how=False)} rows)"
+            for n in gold
+        )
+        line = f"`{task['name']}`, {metric_display(key, task)}: {shown}."
+        teacher = task.get("teacher")
+        rules = metrics.get("heuristics", {})
+        compared = [n for n in gold if teacher and key in rules.get(n, {}).get(teacher, {})]
+        if compared:
+            parts = []
+            for n in compared:
+                model, rule = metrics["final"][n][key], rules[n][teacher][key]
+                verdict = "trails" if model < rule else "beats" if model > rule else "ties"
+                parts.append(f"on `{n}` {_fmt(rule)}: the model {verdict} its teacher by {abs(model - rule):.4f}")
+            line += f" Its teacher, the `{teacher}` rule: " + "; ".join(parts) + "."
+        lines.append(line)
+    return lines
+
+
 def card_context(metrics: dict, config: dict, model_id: str, folder: Path, image_prefix: str = "") -> dict:
     """Everything the template shows, formatted; the template only lays it out."""
     eval_sets = metrics["eval_sets"]
@@ -225,12 +320,16 @@ def card_context(metrics: dict, config: dict, model_id: str, folder: Path, image
         labels = [task["id2label"][k] for k in sorted(task["id2label"], key=int)]
         sources = task.get("sources", [])
         names = [n for n, e in eval_sets.items() if e["task"] == task["name"]]
+        trained_on = " + ".join(s["display"] for s in sources) if sources else "–"
+        if task.get("teacher"):
+            trained_on += f", labelled by the `{task['teacher']}` teacher rule"
         tasks.append(
             {
                 "name": task["name"],
                 "labels": labels,
                 "description": task.get("description", ""),
-                "trained_on": " + ".join(s["display"] for s in sources) if sources else "–",
+                "trained_on": trained_on,
+                "teacher": task.get("teacher"),
                 "eval_sets": names,
                 "epoch_table": _epoch_table(metrics, task["name"], names),
             }
@@ -242,7 +341,8 @@ def card_context(metrics: dict, config: dict, model_id: str, folder: Path, image
             {
                 "name": name,
                 "task": entry["task"],
-                "rows": f"{entry['rows']:,}",
+                "rows": _rows(entry),
+                "labels": _labels(name, entry, metrics),
                 "dataset": eval_set_info(name, entry)["name"],
                 "acc_before": _fmt(before.get("accuracy")),
                 "acc_after": _fmt(after.get("accuracy")),
@@ -251,15 +351,20 @@ def card_context(metrics: dict, config: dict, model_id: str, folder: Path, image
             }
         )
     heuristics = []
+    by_name = {t["name"]: t for t in metrics["tasks"]}
+    heuristic_task = by_name.get(next((eval_sets[n]["task"] for n in metrics.get("heuristics", {})), ""), {})
+    heuristic_key = headline_metric(heuristic_task)
     for name, rules in metrics.get("heuristics", {}).items():
         after = metrics["final"].get(name, {})
         heuristics.append(
             {
                 "name": name,
-                "model": (_fmt(after.get("accuracy")), _fmt(after.get("f1"))),
-                "rules": [(rule, _fmt(v.get("accuracy")), _fmt(v.get("f1"))) for rule, v in rules.items()],
+                "labels": _labels(name, eval_sets[name], metrics),
+                "model": (_fmt(after.get("accuracy")), _fmt(after.get(heuristic_key))),
+                "rules": [(rule, _fmt(v.get("accuracy")), _fmt(v.get(heuristic_key))) for rule, v in rules.items()],
             }
         )
+    teachers = sorted({t["teacher"] for t in metrics["tasks"] if t.get("teacher")})
     return {
         "model_id": model_id,
         "model_name": model_id.rstrip("/").split("/")[-1],
@@ -269,8 +374,11 @@ def card_context(metrics: dict, config: dict, model_id: str, folder: Path, image
         "hidden_size": config.get("encoder", {}).get("hidden_size"),
         "tasks": tasks,
         "task_names": [t["name"] for t in tasks],
+        "headlines": _headlines(metrics, metrics["tasks"]),
         "results": results,
         "heuristics": heuristics,
+        "heuristic_metric": metric_display(heuristic_key, heuristic_task) if heuristics else "",
+        "teacher": teachers[0] if len(teachers) == 1 else (", ".join(teachers) or "heuristic"),
         "recipe": _recipe_rows(metrics, config),
         "plots": [image_prefix + p for p in PLOTS if (folder / p).is_file()],
         "sentence_transformers": (folder / "modules.json").is_file(),

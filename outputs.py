@@ -1,14 +1,16 @@
 """What a run leaves behind: its metrics, metrics.json, the plots and the output folder.
 
-`build_compute_metrics` gives the Trainer its per-eval-set metrics; `split_eval_metrics` and `epoch_table` turn
-the Trainer's flat logs into metrics.json's layout, and `run_metrics` assembles the whole file, including what
-the model card says about each task (`task_card_info`, `eval_set_card_info`: read from the TaskSpecs at training
-time, so hub.py needs no task registry). `save_outputs` writes the final folder atomically; `clear_output_dir`
+`build_compute_metrics` gives the Trainer its per-eval-set metrics; `split_eval_metrics`, `epoch_table` and
+`step_table` turn the Trainer's flat logs into metrics.json's layout, and `run_metrics` assembles the whole file,
+including what the model card says about each task (`task_card_info`, `eval_set_card_info`: read from the
+TaskSpecs and their pools at training time, so hub.py needs no task registry). `plot_curves` draws the plots,
+`result_files` the Trainer-style *_results.json. `save_outputs` writes the final folder atomically; `clear_output_dir`
 and `take_over_push_to_hub` handle the folder and the upload settings before training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -101,6 +103,34 @@ def epoch_table(log_history: list[dict], eval_names: list[str], task_names: list
     return [rows[k] for k in sorted(rows) if rows[k]["train"] or rows[k]["eval"]]
 
 
+def step_table(log_history: list[dict], task_names: list[str]) -> list[dict]:
+    """One row per training log (every `logging_steps`): the joint loss and each task's loss and accuracy over
+    the batches of that interval (tasks without a batch in it are absent)."""
+    rows = []
+    for entry in log_history:
+        if "loss" not in entry or "step" not in entry:
+            continue
+        tasks = {}
+        for task in task_names:
+            values = {m: entry[f"train_{task}_{m}"] for m in ("loss", "accuracy") if f"train_{task}_{m}" in entry}
+            if values:
+                tasks[task] = values
+        rows.append({"step": entry["step"], "epoch": round(entry.get("epoch", 0.0), 4), "loss": entry["loss"],
+                     "tasks": tasks})  # fmt: skip
+    return rows
+
+
+def pool_teacher(spec) -> str | None:
+    """The rule that labelled a weakly labelled task's pool (question: --question_teacher), if it names one."""
+    return getattr(getattr(spec.pool, "args", None), "question_teacher", None)
+
+
+def pool_options(spec) -> dict:
+    """The options of a weakly labelled task's pool as this run set them (question: the QuestionArguments)."""
+    args = getattr(spec.pool, "args", None)
+    return dataclasses.asdict(args) if dataclasses.is_dataclass(args) else {}
+
+
 def source_display(source) -> str:
     """'SST-2 validation', 'DailyDialog validation, strip question marks': a `data.Source` for readers."""
     name = DATASET_NAMES.get(source.dataset, source.dataset)
@@ -109,28 +139,45 @@ def source_display(source) -> str:
 
 
 def task_card_info(spec) -> dict:
-    """What the model card says about a task (a `data.TaskSpec`): its description and training sources."""
-    return {
+    """What the model card says about a task (a `data.TaskSpec`): its description, training sources, headline
+    metric and, for a weakly labelled task, the teacher rule and the pool options of this run."""
+    info = {
         "description": spec.description,
         "sources": [{"dataset": s.dataset, "split": s.split, "display": source_display(s)} for s in spec.train],
+        "headline_metric": getattr(spec, "headline_metric", "accuracy"),
     }
+    if spec.pool is not None:
+        info["teacher"] = pool_teacher(spec)
+        info["pool_options"] = pool_options(spec)
+    return info
 
 
 def eval_set_card_info(name: str, spec) -> dict:
-    """Where eval set `name` of task `spec` comes from: the Hub dataset id, a readable name and the split."""
+    """Where eval set `name` of task `spec` comes from: the dataset id, a readable name, the split, the text
+    transform if any, and whether its labels are gold or the teacher's. A held-out part of a weakly labelled pool
+    is no split of any Hub dataset: its `dataset` is a custom id, `<task>-pool-heldout`."""
     for ev in spec.eval:
         if ev.name == name:
-            return {"dataset": ev.source.dataset, "dataset_name": source_display(ev.source), "split": ev.source.split}
+            transform = ev.source.transform.__name__ if ev.source.transform is not None else None
+            return {
+                "dataset": ev.source.dataset,
+                "dataset_name": source_display(ev.source),
+                "split": ev.source.split,
+                "transform": transform,
+                "labels": "gold",
+            }
     if spec.holdout_name == name and spec.train:
-        pool = " + ".join(DATASET_NAMES.get(s.dataset, s.dataset) for s in spec.train)
-        kind = "heuristic labels" if spec.label_fn is not None else "gold labels"
-        first = spec.train[0]
+        pool = " + ".join(f"{DATASET_NAMES.get(s.dataset, s.dataset)} {s.split}" for s in spec.train)
+        teacher = pool_teacher(spec)
+        by = f"labelled by the `{teacher}` teacher rule" if teacher else "labelled by the task's rule"
         return {
-            "dataset": first.dataset,
-            "dataset_name": f"held-out part of the {spec.name} training pool ({pool} {first.split}, {kind})",
-            "split": f"{first.split} (held out)",
+            "dataset": f"{spec.name}-pool-heldout",
+            "dataset_name": f"held-out part of the {spec.name} training pool ({pool}), {by}",
+            "split": "heldout",
+            "transform": None,
+            "labels": "teacher",
         }
-    return {"dataset": name, "dataset_name": name, "split": "validation"}
+    return {"dataset": name, "dataset_name": name, "split": "validation", "transform": None, "labels": "gold"}
 
 
 def run_metrics(
@@ -150,12 +197,14 @@ def run_metrics(
             n: {
                 "task": mt.eval_tasks[n],
                 "rows": len(mt.eval_sets[n]),
+                **({"capped": mt.eval_capped[n]} if n in getattr(mt, "eval_capped", {}) else {}),
                 **eval_set_card_info(n, specs[mt.eval_tasks[n]]),
             }
             for n in eval_names
         },
         "before": evals["before"],
         "epochs": epoch_table(trainer.state.log_history, eval_names, task_names),
+        "steps": step_table(trainer.state.log_history, task_names),
         "final": evals["final"],
         "heuristics": heuristics,
         "train": {
@@ -169,6 +218,7 @@ def run_metrics(
             "trainable_parameters": counts["trainable_parameters"],
             "total_parameters": counts["total_parameters"],
             "loss_weights": trainer.task_loss_weights(),
+            "trainer_metrics": dict(train_result.metrics),  # train_results.json, as Trainer.save_metrics writes it
         },
         "recipe": {
             "encoder": model_args.encoder,
@@ -181,6 +231,11 @@ def run_metrics(
             "per_device_train_batch_size": training_args.per_device_train_batch_size,
             "learning_rate": training_args.learning_rate,
             "num_processes": training_args.world_size,
+            **trainer.precision_and_distribution(),
+            "max_train_samples": data_args.max_train_samples,
+            "max_eval_samples": data_args.max_eval_samples,
+            "max_gold_eval_samples": getattr(data_args, "max_gold_eval_samples", None),
+            "report_to": list(training_args.report_to or []),
             "seed": training_args.seed,
             "hardware": hardware_summary(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
@@ -239,6 +294,7 @@ def save_and_push(trainer, tokenizer, metrics: dict, export_sentence_transformer
             state_dict=state_dict,
             export_sentence_transformers=export_sentence_transformers,
             model_id=hub_repo,
+            trainer_state=trainer.state,
         )
         if hub_repo is not None:
             hub.push_folder(
@@ -260,10 +316,12 @@ def save_outputs(
     state_dict: dict | None = None,
     export_sentence_transformers: str = "inline",
     model_id: str | None = None,
+    trainer_state=None,
 ) -> list[str]:
-    """Write the model, tokenizer, plots, metrics.json, the model card (README.md) and the sentence-transformers
-    files into a staging folder, then move them into place, metrics.json last: a killed run never leaves a folder
-    that looks finished. Returns the top-level names written (what push_to_hub uploads)."""
+    """Write the model, tokenizer, plots, metrics.json (plus the Trainer-style *_results.json and
+    trainer_state.json), the model card (README.md) and the sentence-transformers files into a staging folder,
+    then move them into place, metrics.json last: a killed run never leaves a folder that looks finished. Returns
+    the top-level names written (what push_to_hub uploads)."""
     out = Path(training_args.output_dir)
     staging = out / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -273,6 +331,10 @@ def save_outputs(
     plot_curves(metrics, staging)
     (staging / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    for name, values in result_files(metrics).items():
+        (staging / name).write_text(json.dumps(values, indent=2, sort_keys=True), encoding="utf-8")
+    if trainer_state is not None:
+        trainer_state.save_to_json(str(staging / "trainer_state.json"))  # the final state (Trainer.save_state)
     if export_sentence_transformers == "inline":
         hub.export_sentence_transformers(model, tokenizer, staging)
     elif export_sentence_transformers != "none":
@@ -293,34 +355,64 @@ def save_outputs(
     return names
 
 
+PLOT_FILES = {"loss": "loss_curves.png", "accuracy": "accuracy_curves.png", "f1": "f1_curves.png"}
+
+
 def plot_curves(metrics: dict, output_dir: Path) -> list[str]:
-    """loss_curves.png and accuracy_curves.png: per task, training and eval values vs epoch (0 = before)."""
+    """loss_curves.png, accuracy_curves.png, f1_curves.png: one panel per task, x = epoch (0 = before training).
+
+    Training loss and accuracy are drawn at every logging step (the mean over that interval's batches of the
+    task), so a one-epoch run shows its whole curve; each eval set of the task is a marker per evaluation
+    (before training and after each epoch or eval step), its last value written beside it. Training F1 is not
+    computed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    tasks = [t["name"] for t in metrics["tasks"]]
     written = []
-    for metric, filename in (("loss", "loss_curves.png"), ("accuracy", "accuracy_curves.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for task in metrics["tasks"]:
-            name = task["name"]
-            xs = [row["epoch"] for row in metrics["epochs"] if name in row["train"]]
-            ys = [row["train"][name][metric] for row in metrics["epochs"] if name in row["train"]]
-            if xs:
-                ax.plot(xs, ys, marker="o", label=f"{name} train")
-        for eval_name in metrics["eval_sets"]:
-            points = [(0.0, metrics["before"][eval_name][metric])] if eval_name in metrics.get("before", {}) else []
-            points += [(r["epoch"], r["eval"][eval_name][metric]) for r in metrics["epochs"] if eval_name in r["eval"]]
-            if points:
-                ax.plot(*zip(*points), marker="s", linestyle="--", label=f"{eval_name} eval")
-        ax.set_xlabel("epoch (0 = before training)")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} per task")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    for metric, filename in PLOT_FILES.items():
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            steps = [row for row in metrics.get("steps", []) if metric in row["tasks"].get(task, {})]
+            if steps:
+                ax.plot([r["epoch"] for r in steps], [r["tasks"][task][metric] for r in steps], linewidth=1.2,
+                        label=f"train ({len(steps)} logging steps)")  # fmt: skip
+            for name, entry in metrics["eval_sets"].items():
+                if entry["task"] != task:
+                    continue
+                before = metrics.get("before", {}).get(name, {})
+                points = [(0.0, before[metric])] if metric in before else []
+                points += [
+                    (r["epoch"], r["eval"][name][metric]) for r in metrics["epochs"] if metric in r["eval"].get(name, {})
+                ]
+                if not points:
+                    continue
+                xs, ys = zip(*points)
+                line = ax.plot(xs, ys, marker="o", markersize=6, linestyle=":", linewidth=1, label=f"eval {name}")[0]
+                ax.annotate(f"{ys[-1]:.3f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=line.get_color())  # fmt: skip
+            ax.set_title(f"{task}: {metric}")
+            ax.set_xlabel("epoch (0 = before training)")
+            ax.grid(alpha=0.3)
+            if ax.has_data():
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(output_dir / filename, dpi=110)
         plt.close(fig)
         written.append(filename)
     return written
+
+
+def result_files(metrics: dict) -> dict[str, dict]:
+    """train_results.json, eval_results.json and all_results.json as `Trainer.save_metrics` writes them: the
+    Trainer's train metrics, and the final eval metrics flat (`eval_<set>_<metric>`)."""
+    train = dict(metrics["train"].get("trainer_metrics", {}))
+    train["train_samples"] = sum(metrics["train"]["rows_per_task"].values())
+    final = {f"eval_{name}_{k}": v for name, values in metrics["final"].items() for k, v in values.items()}
+    final.update({f"eval_{name}_samples": metrics["eval_sets"][name]["rows"] for name in metrics["final"]})
+    if "epoch" in train:
+        final["epoch"] = train["epoch"]
+    return {"train_results.json": train, "eval_results.json": final, "all_results.json": {**train, **final}}

@@ -114,7 +114,14 @@ class DataArguments:
     max_seq_length: int = field(default=128, metadata={"help": "Longer texts are truncated (with one warning)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training rows per task."})
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Cap on rows of each evaluation set (gold sets are never capped)."}
+        default=None, metadata={"help": "Cap on rows of each evaluation set except the gold sets (seeded sample)."}
+    )
+    max_gold_eval_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Cap on rows of each gold set (DailyDialog): a seeded sample that keeps the class shares; the "
+            "card and metrics.json give its size. Unset: the whole set."
+        },
     )
     gold_eval: bool = field(
         default=True, metadata={"help": "Evaluate the question head on DailyDialog gold acts (from --data_dir)."}
@@ -130,7 +137,7 @@ class DataArguments:
     def __post_init__(self):
         if self.max_seq_length < 8:
             raise ValueError(f"max_seq_length must be at least 8, got {self.max_seq_length}.")
-        for name in ("max_train_samples", "max_eval_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "max_gold_eval_samples"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive number of rows or null, got {value}.")
@@ -323,11 +330,12 @@ def setup_logging(training_args: TrainingArguments, threads_note: str | None = N
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.warning(
-        "Process rank %s, device %s, n_gpu %s, distributed %s, bf16 %s, fp16 %s",
+        "Process rank %s, device %s, n_gpu %s, distributed %s, mixed precision %s (TrainingArguments bf16 %s, fp16 %s)",
         training_args.process_index,
         training_args.device,
         training_args.n_gpu,
         training_args.parallel_mode.value == "distributed",
+        training_args.mixed_precision,  # accelerate's setting (launch config) unless --bf16/--fp16 override it
         training_args.bf16,
         training_args.fp16,
     )
@@ -460,12 +468,25 @@ def main(argv: list[str] | None = None) -> dict:
         mt_args=mt_args,
     )
 
+    setup = trainer.precision_and_distribution()
+    logger.info(
+        "Mixed precision %s (%s), distributed type %s, %d process(es)",
+        setup["mixed_precision"],
+        setup["mixed_precision_from"],
+        setup["distributed_type"],
+        setup["num_processes"],
+    )
+    if "fsdp_fallback" in setup:
+        logger.warning(setup["fsdp_fallback"])
+
     # Evaluation before training
     eval_names = list(mt.eval_sets)
     before = {}
     if mt_args.eval_before_training and resume_from is None:
         logger.info("*** Evaluate before training ***")
         before = split_eval_metrics(trainer.evaluate(), eval_names)
+        for name, values in before.items():
+            logger.info("before training %s: %s", name, {k: round(v, 4) for k, v in values.items()})
 
     # Training
     started = time.time()

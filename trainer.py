@@ -1,20 +1,26 @@
 """`MultiTaskTrainer`: the `Trainer` of a multi-task run (train.py builds it; bench/ builds it directly).
 
 It adds a task-interleaving batch sampler, per-task training statistics, metrics per eval set (each a head),
-a separate learning rate for the uncertainty loss weights, the `--cuda_graphs` training step (cuda_graphs.py)
-and a stop at the first non-finite loss or gradient norm (checks.NonFiniteWatch). Checkpoints hold no pickle
-and appear atomically (checkpoints.py).
+evaluation in length-sorted batches with named progress bars, a separate learning rate for the uncertainty loss
+weights, the `--cuda_graphs` training step (cuda_graphs.py), the precision and distribution that accelerate
+really uses (`precision_and_distribution`) and a stop at the first non-finite loss or gradient norm
+(checks.NonFiniteWatch). Checkpoints hold no pickle and appear atomically (checkpoints.py).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING
 
 import torch
+from accelerate.utils import DistributedType
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import has_length
 
 import checkpoints
 import checks
@@ -42,6 +48,43 @@ class _TaskStatsCallback(TrainerCallback):
         self.trainer.log(self.trainer.pop_task_stats("epoch", "train_epoch"))
 
 
+class _NamedProgressCallback(ProgressCallback):
+    """The stock progress bars with a name: "train", and "eval <set>" for each eval set's pass."""
+
+    def __init__(self, trainer: "MultiTaskTrainer"):
+        super().__init__()
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, desc="train")
+        self.current_step = 0
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if state.is_world_process_zero and has_length(eval_dataloader) and self.prediction_bar is None:
+            self.prediction_bar = tqdm(
+                total=len(eval_dataloader),
+                leave=self.training_bar is None,
+                dynamic_ncols=True,
+                desc=f"eval {self.trainer._eval_name or 'set'}",
+            )
+        super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
+
+class LengthSortedSampler(Sampler):
+    """Indices from the longest row to the shortest (ties in row order): each eval batch pads only to its own
+    longest row, as `MultiTaskModel.predict` does. Metrics over a whole set do not depend on the order."""
+
+    def __init__(self, lengths):
+        self.order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        return iter(self.order)
+
+
 class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
     """`Trainer` with a task-interleaving batch sampler, the model's joint loss and metrics per task.
 
@@ -52,6 +95,10 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
     """
 
     def __init__(self, *args, task_sizes, eval_tasks, mt_args: MultiTaskArguments, **kwargs):
+        model, tokenizer = kwargs.get("model"), kwargs.get("processing_class")
+        if model is not None and getattr(tokenizer, "pad_token_id", None) is not None:
+            # The Trainer copies the tokenizer's pad id into the config, with a warning, when they differ.
+            model.config.pad_token_id = tokenizer.pad_token_id
         super().__init__(*args, **kwargs)
         self.task_sizes = list(task_sizes)
         self.eval_tasks = dict(eval_tasks)
@@ -59,6 +106,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         self.task_names = self.model.config.task_names
         self.batch_sampler: MultiTaskBatchSampler | None = None
         self._eval_task: str | None = None
+        self._eval_name: str | None = None
         # Per task: [sum of loss * rows, rows, correct rows], over the logging interval and over the epoch.
         # Kept on the training device and read only at log time: a per-step .cpu() makes the CPU wait for the GPU.
         device = self.args.device
@@ -74,11 +122,37 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
             # on the host every step; _check_finite stops the run instead.
             self.args.logging_nan_inf_filter = False
         self.add_callback(_TaskStatsCallback(self))
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(_NamedProgressCallback(self))
         checks.check_cuda_graphs(self.args, mt_args, device.type == "cuda" or self.emulate_cuda_graphs)
         self.step_graphs: cuda_graphs.TrainStepGraphs | None = None  # built at the first step (--cuda_graphs)
 
     # Tests on machines without CUDA set this: --cuda_graphs then runs its bookkeeping with eager "replays".
     emulate_cuda_graphs = False
+    # evaluate() reads each set longest row first (LengthSortedSampler); predict() keeps the dataset's order.
+    sort_eval_by_length = True
+
+    def precision_and_distribution(self) -> dict:
+        """What the run really uses: accelerate's mixed precision (a launch config's `mixed_precision: bf16`
+        autocasts even when TrainingArguments say bf16 False), its distributed type and process count, and a
+        note when FSDP was asked for but accelerate fell back to plain data parallelism (no GPU)."""
+        accelerator = self.accelerator
+        info = {
+            "mixed_precision": str(accelerator.mixed_precision),
+            "mixed_precision_from": "TrainingArguments"
+            if self.args.bf16 or self.args.fp16
+            else "accelerate config" if accelerator.mixed_precision != "no" else "default",
+            "distributed_type": str(accelerator.distributed_type.value),
+            "num_processes": accelerator.num_processes,
+        }
+        fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(self.args.fsdp)
+        if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
+            info["fsdp_fallback"] = (
+                f"FSDP was requested but accelerate runs {info['distributed_type']} (no GPU on this machine): plain "
+                f"data parallelism over {accelerator.num_processes} process(es), every process holds the whole model "
+                "and its optimizer state."
+            )
+        return info
 
     # ---- checkpoints: the per-task running statistics resume with the run ----
     def checkpoint_extra_state(self) -> dict:
@@ -244,8 +318,19 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         name = metric_key_prefix.removeprefix("eval_")
         if name in self.eval_tasks:
-            self._eval_task = self.eval_tasks[name]
-        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            self._eval_task, self._eval_name = self.eval_tasks[name], name
+        self._evaluating = True
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._evaluating = False
+
+    def _get_eval_sampler(self, eval_dataset):
+        columns = getattr(eval_dataset, "column_names", None) or []
+        if not (self.sort_eval_by_length and getattr(self, "_evaluating", False) and "input_ids" in columns):
+            return super()._get_eval_sampler(eval_dataset)
+        lengths = eval_dataset["length"] if "length" in columns else [len(x) for x in eval_dataset["input_ids"]]
+        return LengthSortedSampler(lengths)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if self._eval_task is None:

@@ -372,6 +372,25 @@ def test_multi_gpu_flag_runs_two_cpu_processes(tmp_path, tiny_encoder_dir, tiny_
     assert metrics["recipe"]["num_processes"] == 2 and metrics["train"]["global_steps"] == 3
 
 
+def test_fsdp_config_without_gpus_says_it_runs_plain_data_parallelism(tmp_path, tiny_encoder_dir, tiny_data_dir):
+    # configs/accelerate/fsdp.yaml on a CPU machine: accelerate falls back to MULTI_CPU (DDP over gloo), and
+    # its mixed_precision bf16 autocasts while TrainingArguments say bf16 False; the log and the card say both.
+    if torch.cuda.is_available():
+        pytest.skip("the fallback happens only on a machine without GPUs")
+    out = tmp_path / "run"
+    log = launch(
+        ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--main_process_port", str(free_port())],
+        tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--max_steps", "2"),
+        tmp_path / "run.log",
+    )
+    assert "FSDP was requested but accelerate runs MULTI_CPU (no GPU on this machine)" in log
+    assert "Mixed precision bf16 (accelerate config), distributed type MULTI_CPU, 2 process(es)" in log
+    metrics = assert_one_finished_model(out)
+    assert metrics["recipe"]["distributed_type"] == "MULTI_CPU" and "fsdp_fallback" in metrics["recipe"]
+    card = (out / "README.md").read_text()
+    assert "| Distributed | MULTI_CPU, 2 process(es); FSDP was requested" in card
+
+
 def test_nan_on_one_rank_stops_every_rank_with_the_same_error(tmp_path, tiny_encoder_dir, tiny_data_dir):
     # Round robin over two ranks: rank 0 gets the sentiment batches, rank 1 the question batches. A NaN question
     # head in process 1 alone used to stop that process only; process 0, inside DDP's gradient all-reduce, then

@@ -245,34 +245,51 @@ def test_card_metadata(tiny_run):
     assert meta["pipeline_tag"] == "text-classification"
     assert meta["license"] == "apache-2.0"
     assert meta["language"] == "en"
-    assert {"stanfordnlp/sst2", "CogComp/trec", "li2017dailydialog/daily_dialog"} <= set(meta["datasets"])
+    # `datasets:` is what the model was trained on: DailyDialog (evaluation only, CC BY-NC-SA) is not listed.
+    assert meta["datasets"] == ["stanfordnlp/sst2", "CogComp/trec"]
     assert {"multi-task", "sentence-transformers", "sentiment", "question"} <= set(meta["tags"])
     # The tiny encoder is a local folder: a path is not a Hub id, so no base_model (the Hub would reject it).
     assert "base_model" not in meta
 
 
 def test_card_model_index_round_trips_to_metrics_json(tiny_run):
+    """Every model-index entry names the set's real dataset and split (a custom id for the teacher-labelled
+    hold-out), never an eval set's name as the config; every value is metrics.json's, exactly."""
     from huggingface_hub import metadata_load
     from huggingface_hub.repocard_data import model_index_to_eval_results
 
-    final = _saved_metrics(tiny_run.out)["final"]
-    name, results = model_index_to_eval_results(metadata_load(tiny_run.out / "README.md")["model-index"])
+    metrics = _saved_metrics(tiny_run.out)
+    final, eval_sets = metrics["final"], metrics["eval_sets"]
+    model_index = metadata_load(tiny_run.out / "README.md")["model-index"]
+    name, results = model_index_to_eval_results(model_index)
     assert name == "tiny-multitask"
-    got = {(r.dataset_config, r.metric_type): r.metric_value for r in results}
+    datasets = [r["dataset"] for r in model_index[0]["results"]]
+    assert datasets == [
+        {"name": "SST-2 validation", "type": "stanfordnlp/sst2", "split": "validation"},
+        {"name": "held-out part of the question training pool (SST-2 train + TREC train), labelled by the "
+                 "`heuristic` teacher rule", "type": "question-pool-heldout", "split": "heldout"},
+        {"name": "DailyDialog validation", "type": "li2017dailydialog/daily_dialog", "split": "validation"},
+    ]  # fmt: skip
+    # Back from (dataset, split, transform) to the eval set; the no-'?' set is DailyDialog's text transformed.
+    by_source = {(e["dataset"], e["split"], e["transform"]): n for n, e in eval_sets.items()}
+    got = {}
+    for r in results:
+        args = dict(r.metric_args or {})
+        eval_set = by_source[(r.dataset_type, r.dataset_split, args.pop("input_transform", None))]
+        key = {"accuracy": "accuracy", "macro": "f1", "binary": "f1_pos"}[args.get("average", r.metric_type)]
+        assert r.task_name == eval_sets[eval_set]["task"]
+        got[(eval_set, key)] = r.metric_value
     want = {(s, m): final[s][m] for s in final for m in ("accuracy", "f1")}
-    assert set(want) == {(s, m) for s in ("sentiment", "question", "question_gold", "question_gold_noqm")
-                         for m in ("accuracy", "f1")}  # fmt: skip
+    want |= {(s, "f1_pos"): final[s]["f1_pos"] for s in final if eval_sets[s]["task"] == "question"}
     assert got == want  # exact floats: the card carries metrics.json's numbers, not rounded copies
-    tasks = {r.dataset_config: r.task_name for r in results}
-    assert tasks == {"sentiment": "sentiment", "question": "question", "question_gold": "question",
-                     "question_gold_noqm": "question"}  # fmt: skip
+    assert all(r.dataset_config is None for r in results)
 
 
 def test_card_body(tiny_run):
     text = (tiny_run.out / "README.md").read_text()
     metrics = _saved_metrics(tiny_run.out)
     images = IMAGE.findall(text)
-    assert set(images) == {"loss_curves.png", "accuracy_curves.png"}
+    assert set(images) == {"loss_curves.png", "accuracy_curves.png", "f1_curves.png"}
     for image in images:
         assert (tiny_run.out / image).is_file(), image
     # tasks with label names
@@ -296,6 +313,38 @@ def test_card_body(tiny_run):
     assert metrics["recipe"]["hardware"] in text
     # limitations
     assert "heuristic" in text.split("## Limitations")[1] and "movie" in text.split("## Limitations")[1]
+
+
+def test_card_headline_is_the_task_metric_beside_its_teacher(tiny_run, tmp_path):
+    """The card leads with each task's headline metric (question: F1 of the question class, as the README) on its
+    gold sets, beside the run's own teacher rule, and says whether the model trails or beats it."""
+    import hub
+
+    text = (tiny_run.out / "README.md").read_text()
+    metrics = _saved_metrics(tiny_run.out)
+    final, rules = metrics["final"], metrics["heuristics"]
+    headline = next(line for line in text.splitlines() if line.startswith("- `question`, F1 of class `question`:"))
+    for name in ("question_gold", "question_gold_noqm"):
+        assert f"**{final[name]['f1_pos']:.4f}** on `{name}`" in headline
+        assert f"on `{name}` {rules[name]['heuristic']['f1_pos']:.4f}: the model " in headline
+    assert "on `question` " not in headline.split("Its teacher")[0]  # the teacher-labelled hold-out is no headline
+    assert f"- `sentiment`, accuracy: **{final['sentiment']['accuracy']:.4f}** on `sentiment`" in text
+    recipe = text.split("## Training recipe")[1]
+    assert "| Weak labels | `question`: teacher `heuristic`; question_pool_per_source 60, " in recipe
+
+    # The same folder as if the dialog teacher had labelled the pool, once behind it and once ahead of it.
+    folder = tmp_path / "dialog"
+    shutil.copytree(tiny_run.out, folder, ignore=shutil.ignore_patterns("checkpoint-*", "0_Transformer"))
+    question = next(t for t in metrics["tasks"] if t["name"] == "question")
+    question["teacher"] = question["pool_options"]["question_teacher"] = "dialog"
+    for offset, verdict in ((-0.05, "trails"), (0.05, "beats")):
+        metrics["final"]["question_gold"]["f1_pos"] = rules["question_gold"]["dialog"]["f1_pos"] + offset
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        card = hub.render_card(folder, model_id="someone/dialog").content
+        assert f"on `question_gold` {rules['question_gold']['dialog']['f1_pos']:.4f}: the model {verdict} its teacher by 0.0500" in card
+        assert "the `dialog` rule" in card and "labelled by the `dialog` teacher rule" in card
+        assert "from a rule (the `dialog` teacher" in card.split("## Limitations")[1]
+        assert "teacher `heuristic`" not in card
 
 
 def test_card_usage_snippets_run_when_copied(tiny_run, tmp_path):
@@ -399,7 +448,8 @@ def test_push_to_hub_uploads_the_final_folder_once(tiny_run):
     sent = set(tiny_run.hub.sent)
     expected = {
         "README.md", "config.json", "model.safetensors", "modeling_multitask.py", "tokenizer.json",
-        "tokenizer_config.json", "loss_curves.png", "accuracy_curves.png", "metrics.json", "training_args.json",
+        "tokenizer_config.json", "loss_curves.png", "accuracy_curves.png", "f1_curves.png", "metrics.json",
+        "training_args.json", "all_results.json", "eval_results.json", "train_results.json", "trainer_state.json",
         "modules.json", "config_sentence_transformers.json", "1_Pooling/config.json", "0_Transformer/config.json",
         "0_Transformer/model.safetensors", "0_Transformer/sentence_bert_config.json", "0_Transformer/tokenizer.json",
         "0_Transformer/tokenizer_config.json",
@@ -639,7 +689,7 @@ def test_custom_task_card_has_its_description_dataset_and_metrics(tiny_encoder_d
     assert saved["tasks"][0]["sources"] == [{"dataset": "someone/topic", "split": "train", "display": "someone/topic train"}]
     assert saved["eval_sets"]["topic"] == {
         "task": "topic", "rows": 12, "dataset": "someone/topic", "dataset_name": "someone/topic validation",
-        "split": "validation",
+        "split": "validation", "transform": None, "labels": "gold",
     }  # fmt: skip
     card = (out / "README.md").read_text()
     meta, body = card.split("\n---\n", 1)

@@ -127,3 +127,35 @@ def test_bad_weight_settings_raise(tmp_path, tiny_encoder_dir, tiny_data_dir, fl
     with pytest.raises(ValueError, match=message):
         train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, tmp_path / "run", *flags))
     assert not (tmp_path / "run").exists()  # refused before touching the output folder
+
+
+def test_length_sorted_evaluation_equals_unsorted_and_pads_less(make_trainer):
+    """evaluate() reads each set longest row first (as MultiTaskModel.predict does): the same metrics as the
+    dataset's order up to float noise, in batches that pad less."""
+    from trainer import LengthSortedSampler
+
+    trainer = make_trainer(per_device_eval_batch_size=4)
+    padded = {}
+
+    def count_padding(model, inputs, *args, **kwargs):
+        padded[trainer.sort_eval_by_length] = padded.get(trainer.sort_eval_by_length, 0) + inputs["input_ids"].numel()
+        return original(model, inputs, *args, **kwargs)
+
+    original = trainer.prediction_step
+    trainer.prediction_step = count_padding
+    trainer.sort_eval_by_length = False
+    unsorted = trainer.evaluate()
+    trainer.sort_eval_by_length = True
+    sorted_ = trainer.evaluate()
+    assert set(sorted_) == set(unsorted)
+    for key, value in unsorted.items():
+        if key.endswith(("runtime", "per_second")):
+            continue
+        assert sorted_[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert padded[True] < padded[False]  # the point of sorting
+
+    lengths = [3, 9, 1, 9, 4]
+    assert list(LengthSortedSampler(lengths)) == [1, 3, 4, 0, 2]  # longest first, ties in row order
+    # predict() keeps the dataset's order
+    dataset = trainer.eval_dataset["sentiment"]
+    assert not isinstance(trainer.get_test_dataloader(dataset).sampler, LengthSortedSampler)
