@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from transformers import TrainingArguments
 
 import hub
+import pipeline_multitask
 from modeling_multitask import MultiTaskModel
 
 logger = logging.getLogger(__name__)
@@ -256,8 +257,7 @@ def save_outputs(
     staging = out / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(staging)
+    save_model_files(model, tokenizer, staging, state_dict=state_dict)
     plot_curves(metrics, staging)
     (staging / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
@@ -277,6 +277,15 @@ def save_outputs(
     staging.rmdir()
     logger.info("Saved model, tokenizer, plots, model card and metrics.json to %s", out)
     return names
+
+
+def save_model_files(model: MultiTaskModel, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    """The loadable part of the folder: weights, config.json (with `auto_map` and `custom_pipelines`), the remote
+    code (modeling_multitask.py, copied by save_pretrained; pipeline_multitask.py) and the tokenizer."""
+    model.config.custom_pipelines = pipeline_multitask.CUSTOM_PIPELINES
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    shutil.copy(Path(pipeline_multitask.__file__), Path(folder) / "pipeline_multitask.py")
+    tokenizer.save_pretrained(folder)
 
 
 def plot_curves(metrics: dict, output_dir: Path) -> list[str]:
