@@ -391,9 +391,9 @@ def test_push_to_hub_uploads_the_final_folder_once(tiny_run):
 
     sent = set(tiny_run.hub.sent)
     expected = {
-        "README.md", "config.json", "model.safetensors", "modeling_multitask.py", "tokenizer.json",
-        "tokenizer_config.json", "loss_curves.png", "accuracy_curves.png", "metrics.json", "training_args.json",
-        "modules.json", "config_sentence_transformers.json", "1_Pooling/config.json", "0_Transformer/config.json",
+        "README.md", "config.json", "model.safetensors", "modeling_multitask.py", "pipeline_multitask.py",
+        "tokenizer.json", "tokenizer_config.json", "loss_curves.png", "accuracy_curves.png", "metrics.json",
+        "training_args.json", "modules.json", "config_sentence_transformers.json", "1_Pooling/config.json", "0_Transformer/config.json",
         "0_Transformer/model.safetensors", "0_Transformer/sentence_bert_config.json", "0_Transformer/tokenizer.json",
         "0_Transformer/tokenizer_config.json",
     }  # fmt: skip

@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import ROOT
 
 LONG_TEXT = "what a good film " * 60  # longer than the tiny encoder's 128 positions: needs truncation
 TEXTS = ["is this any good ?", "a bad film .", LONG_TEXT, "what is this"]
@@ -188,3 +189,19 @@ def test_pipeline_refuses_without_trust_and_bad_arguments(saved, tmp_path):
     assert "Unknown task_name 'nope'" in bad[0] and "['sentiment', 'topic']" in bad[0]
     assert "top_k must be a positive integer" in bad[1]
     assert "drop task_name" in bad[2]
+
+
+def test_pipeline_file_imports_only_torch_transformers_stdlib_and_does_no_io():
+    import ast
+
+    from test_modeling import ALLOWED_THIRD_PARTY, violations
+
+    source = (ROOT / "pipeline_multitask.py").read_text(encoding="utf-8")
+    assert violations(source) == []
+    imported = {
+        (a.name if isinstance(n, ast.Import) else n.module).split(".")[0]
+        for n in ast.walk(ast.parse(source))
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in (n.names if isinstance(n, ast.Import) else [None])
+    }
+    assert imported - set(sys.stdlib_module_names) <= ALLOWED_THIRD_PARTY
