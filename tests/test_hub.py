@@ -297,7 +297,8 @@ def test_card_usage_snippets_run_when_copied(tiny_run, tmp_path):
     card = tmp_path / "card.md"
     hub.render_card(tiny_run.out, model_id=str(tiny_run.out), output=card)
     blocks = _code_blocks(card.read_text())
-    assert len(blocks) == 2 and "trust_remote_code=True" in blocks[0] and "SentenceTransformer" in blocks[1]
+    assert len(blocks) == 3 and "trust_remote_code=True" in blocks[0] and "SentenceTransformer" in blocks[2]
+    assert "pipeline(model=" in blocks[1] and 'task_name="sentiment"' in blocks[1]
     script = tmp_path / "snippet.py"
     script.write_text("\n".join(blocks))
     done = subprocess.run(
@@ -306,6 +307,7 @@ def test_card_usage_snippets_run_when_copied(tiny_run, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "'sentiment': {'label':" in done.stdout and "torch.Size([2, 32])" in done.stdout
+    assert "[{'label': 'negative', 'score'" in done.stdout or "[{'label': 'positive', 'score'" in done.stdout
 
 
 def test_card_renders_without_sentence_transformers_or_before_eval(tiny_run, tmp_path):
