@@ -16,7 +16,7 @@ PYTEST_ARGS ?= -q
 
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-TORCH_SOURCE := $(if $(strip $(TORCH_INDEX)),--extra-index-url $(TORCH_INDEX))
+TORCH_SOURCE := $(if $(strip $(TORCH_INDEX)),--index-url $(TORCH_INDEX))
 
 .PHONY: train test venv lock
 
@@ -28,12 +28,11 @@ test: $(VENV)/.installed
 
 venv: $(VENV)/.installed
 
-# torch first, then the rest, both under the lock. TORCH_INDEX is an extra index: torch's own dependencies still
-# come from the ordinary index at the locked versions, and a build label ranks above a plain version
-# (2.13.0+cpu > 2.13.0), so TORCH_INDEX's build wins over the ordinary index's torch 2.13.0.
+# torch alone first, from TORCH_INDEX only (--index-url: the ordinary index's build is never considered), without its
+# dependencies; then the requirements, which bring torch's dependencies from the ordinary index, all under the lock.
 $(VENV)/.installed: requirements.txt requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH_SOURCE) torch -c requirements.lock
+	$(BIN)/python -m pip install -q --no-deps $(TORCH_SOURCE) torch -c requirements.lock
 	$(BIN)/python -m pip install -q -r requirements.txt -c requirements.lock
 	$(BIN)/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|datasets|evaluate|accelerate|huggingface.hub|sentence.transformers) '
 	touch $@

@@ -39,7 +39,9 @@ def test_make_test_creates_the_venv_then_runs_the_suite_offline(tmp_path):
     lines = make_dry_run("test", f"VENV={venv}")
     assert lines[0] == f"test -x {venv}/bin/python || python3 -m venv {venv}"
     # torch's CPU build from PyTorch's index, under the lock; then the requirements under the lock.
-    assert lines[1] == f"{venv}/bin/python -m pip install -q --extra-index-url {CPU_INDEX} torch -c requirements.lock"
+    assert lines[1] == (
+        f"{venv}/bin/python -m pip install -q --no-deps --index-url {CPU_INDEX} torch -c requirements.lock"
+    )
     assert lines[2] == f"{venv}/bin/python -m pip install -q -r requirements.txt -c requirements.lock"
     assert lines[-2] == f"touch {venv}/.installed"
     assert lines[-1] == (
@@ -66,9 +68,9 @@ def test_an_installed_venv_is_reused_and_torch_index_picks_the_build(tmp_path):
     ]
     cuda = "https://download.pytorch.org/whl/cu128"
     other = tmp_path / "other"
-    assert f"--extra-index-url {cuda} torch" in make_dry_run("test", f"VENV={other}", f"TORCH_INDEX={cuda}")[1]
+    assert f"--index-url {cuda} torch" in make_dry_run("test", f"VENV={other}", f"TORCH_INDEX={cuda}")[1]
     assert make_dry_run("test", f"VENV={other}", "TORCH_INDEX=")[1] == (
-        f"{other}/bin/python -m pip install -q torch -c requirements.lock"
+        f"{other}/bin/python -m pip install -q --no-deps torch -c requirements.lock"
     )
 
 
