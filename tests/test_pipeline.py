@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT
 
 LONG_TEXT = "what a good film " * 60  # longer than the tiny encoder's 128 positions: needs truncation
+FIXTURE_V2 = ROOT / "tests" / "fixtures" / "tiny_model_v2"
 TEXTS = ["is this any good ?", "a bad film .", LONG_TEXT, "what is this"]
 
 
@@ -62,9 +63,9 @@ def run_clean(code: str, tmp_path, stdin=subprocess.DEVNULL, timeout: int = 120)
     )
 
 
-@pytest.mark.parametrize("stdin", ["pipe", "closed"])
-def test_autotokenizer_loads_silently(saved, tmp_path, stdin):
-    folder, _ = saved
+@pytest.mark.parametrize("stdin, which", [("pipe", "saved"), ("closed", "saved"), ("pipe", "fixture v2")])
+def test_autotokenizer_loads_silently(saved, tmp_path, stdin, which):
+    folder = saved[0] if which == "saved" else FIXTURE_V2
     code = f"""
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})
@@ -205,3 +206,39 @@ def test_pipeline_file_imports_only_torch_transformers_stdlib_and_does_no_io():
         for a in (n.names if isinstance(n, ast.Import) else [None])
     }
     assert imported - set(sys.stdlib_module_names) <= ALLOWED_THIRD_PARTY
+
+
+def test_checkpoint_v2_loads_with_same_outputs_and_its_pipeline(tmp_path):
+    """tests/fixtures/tiny_model_v2 (make_tiny_model_v2.py: config.json with the encoder's model type and
+    custom_pipelines): today's classes, the stored remote code and the stored pipeline reproduce its outputs."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer, pipeline
+
+    from modeling_multitask import MultiTaskModel
+
+    expected = json.loads((FIXTURE_V2 / "expected_outputs.json").read_text())
+    assert sum(p.stat().st_size for p in FIXTURE_V2.iterdir()) < 200_000
+    folder = tmp_path / "v2"
+    shutil.copytree(FIXTURE_V2, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(expected["texts"], padding=True, return_tensors="pt")
+    current, info = MultiTaskModel.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert current.config.model_type == "multitask_sentence_encoder"
+    remote = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    for model in (current.eval(), remote.eval()):
+        with torch.no_grad():
+            output = model(**batch)
+        for task, logits in expected["logits"].items():
+            assert output.logits[task].sub(torch.tensor(logits)).abs().max() <= 1e-5, (type(model).__module__, task)
+        assert output.embeddings.sub(torch.tensor(expected["embeddings"])).abs().max() <= 1e-5
+
+    pipe = pipeline(model=str(folder), trust_remote_code=True)
+    assert type(pipe).__module__.startswith("transformers_modules.")  # the stored copy, not the repo's file
+    answers = pipe(expected["texts"], top_k=None, batch_size=2)
+    for i, answer in enumerate(answers):
+        for task, logits in expected["logits"].items():
+            probabilities = torch.tensor(logits[i]).softmax(-1)
+            labels = current.config.tasks[current.config.task_names.index(task)]["id2label"]
+            got = {r["label"]: r["score"] for r in answer[task]}
+            assert got == pytest.approx({labels[j]: float(p) for j, p in enumerate(probabilities)}, abs=1e-5)
