@@ -13,12 +13,15 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# make's own variables, and the Makefile's (make exports command-line variables to its recipes).
+MAKE_ENV = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}
+MAKE_ENV |= {"PYTHON", "VENV", "TORCH_INDEX", "DATA_DIR", "CONFIG", "PYTEST_ARGS"}
 TRAIN_COMMAND = "accelerate launch train.py configs/quick.yaml --data_dir ../shared/data"
 
 
 def make_dry_run(*args: str) -> list[str]:
-    # The suite itself runs under `make test`: the parent make's variables and level must not leak into this one.
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    # The suite itself runs under `make test`, whose settings must not leak into this make.
+    env = {k: v for k, v in os.environ.items() if k not in MAKE_ENV}
     done = subprocess.run(
         ["make", "-n", "--no-print-directory", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
