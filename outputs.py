@@ -9,6 +9,7 @@ and `take_over_push_to_hub` handle the folder and the upload settings before tra
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -282,7 +283,7 @@ def save_outputs(
 def save_model_files(model: MultiTaskModel, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
     """The loadable part of the folder: weights, config.json (with `auto_map` and `custom_pipelines`), the remote
     code (modeling_multitask.py, copied by save_pretrained; pipeline_multitask.py) and the tokenizer."""
-    model.config.custom_pipelines = pipeline_multitask.CUSTOM_PIPELINES
+    model.config.custom_pipelines = copy.deepcopy(pipeline_multitask.CUSTOM_PIPELINES)
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     shutil.copy(Path(pipeline_multitask.__file__), Path(folder) / "pipeline_multitask.py")
     tokenizer.save_pretrained(folder)
