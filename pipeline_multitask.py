@@ -74,7 +74,7 @@ class MultiTaskClassificationPipeline(Pipeline):
 
     def preprocess(self, inputs, truncation=True, max_length=None):
         if not isinstance(inputs, str):
-            raise ValueError(f"MultiTaskClassificationPipeline takes a string or a list of strings, got {type(inputs)}.")
+            raise ValueError(f"MultiTaskClassificationPipeline takes a string or a list of strings, got {inputs!r}.")
         return self.tokenizer(
             inputs, return_tensors="pt", truncation=truncation, max_length=max_length or self._max_length()
         )

@@ -588,7 +588,7 @@ def test_lone_cpu_process_threads(monkeypatch, env, changed):
         torch.set_num_threads(before)
 
 
-def test_a_saved_multitask_model_as_encoder_is_refused_before_anything_is_written(tmp_path, make_model, tiny_tokenizer):
+def test_a_saved_multitask_model_as_encoder_is_refused(tmp_path, make_model, tiny_tokenizer):
     from outputs import save_model_files
 
     saved = tmp_path / "run"

@@ -100,7 +100,7 @@ def test_lock_pins_every_requirement_at_the_installed_version():
         requirement = Requirement(line)
         name = canonical(requirement.name)
         assert name in pins, f"requirements.lock has no pin for {requirement.name}: run `make lock`"
-        assert requirement.specifier.contains(pins[name]), f"requirements.lock pins {name}=={pins[name]}, outside {line}"
+        assert requirement.specifier.contains(pins[name]), f"requirements.lock: {name}=={pins[name]} is outside {line}"
         # The suite runs in the environment the lock built: what is installed is what the lock says.
         installed = Version(metadata.version(requirement.name))
         assert installed.public == pins[name], f"{name} {installed} is installed, requirements.lock says {pins[name]}"
