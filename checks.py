@@ -108,6 +108,15 @@ def check_model_setup(
             f"Pass a local folder holding config.json and weights, or connect to the Hub (a Hub id needs network "
             f"unless it is cached; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r})."
         ) from err
+    if isinstance(getattr(encoder_config, "encoder", None), dict) and getattr(encoder_config, "tasks", None):
+        # A saved multi-task model: its config.json names the encoder's model type, so AutoConfig reads it as a
+        # plain encoder config that the model's weights (under encoder.*) would not fill.
+        raise ValueError(
+            f"--encoder {model_args.encoder!r} is a saved multi-task model (its config.json has tasks and an encoder "
+            f"config), not an encoder. Pass its plain encoder copy, {model_args.encoder}/0_Transformer (written by "
+            f"--export_sentence_transformers inline), or the encoder it was trained from "
+            f"({getattr(encoder_config, 'encoder_name_or_path', None)!r})."
+        )
     attn_implementation = encoder_attn_implementation(encoder_class(encoder_config), model_args.attn_implementation)
     max_positions = getattr(encoder_config, "max_position_embeddings", None)
     usable = max_positions

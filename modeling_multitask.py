@@ -120,6 +120,24 @@ class MultiTaskConfig(PretrainedConfig):
                         f"config.json is damaged or was edited by hand."
                     )
 
+    def to_dict(self) -> dict:
+        # config.json names the encoder's built-in model type (e.g. "bert"), not this class's: AutoTokenizer reads
+        # config.json through AutoConfig before tokenizer_config.json, and a model type unknown to transformers
+        # there means remote code (an interactive "run the custom code?" prompt) just to load a tokenizer. auto_map
+        # still sends AutoConfig/AutoModel with trust_remote_code=True to this file; get_config_dict maps it back.
+        output = super().to_dict()
+        if self.encoder is not None:
+            output["model_type"] = self.encoder["model_type"]
+        return output
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        encoder = config_dict.get("encoder")
+        if isinstance(encoder, dict) and config_dict.get("model_type") == encoder.get("model_type"):
+            config_dict["model_type"] = cls.model_type
+        return config_dict, kwargs
+
     @property
     def task_names(self) -> list[str]:
         return [t["name"] for t in self.tasks]

@@ -11,6 +11,7 @@ and `take_over_push_to_hub` handle the folder and the upload settings before tra
 from __future__ import annotations
 
 import dataclasses
+import copy
 import functools
 import json
 import logging
@@ -27,6 +28,7 @@ from transformers import TrainingArguments
 
 import checkpoints
 import hub
+import pipeline_multitask
 from modeling_multitask import MultiTaskModel
 
 logger = logging.getLogger(__name__)
@@ -326,8 +328,7 @@ def save_outputs(
     staging = out / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(staging)
+    save_model_files(model, tokenizer, staging, state_dict=state_dict)
     plot_curves(metrics, staging)
     (staging / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
@@ -356,6 +357,15 @@ def save_outputs(
 
 
 PLOT_FILES = {"loss": "loss_curves.png", "accuracy": "accuracy_curves.png", "f1": "f1_curves.png"}
+
+
+def save_model_files(model: MultiTaskModel, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    """The loadable part of the folder: weights, config.json (with `auto_map` and `custom_pipelines`), the remote
+    code (modeling_multitask.py, copied by save_pretrained; pipeline_multitask.py) and the tokenizer."""
+    model.config.custom_pipelines = copy.deepcopy(pipeline_multitask.CUSTOM_PIPELINES)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    shutil.copy(Path(pipeline_multitask.__file__), Path(folder) / "pipeline_multitask.py")
+    tokenizer.save_pretrained(folder)
 
 
 def plot_curves(metrics: dict, output_dir: Path) -> list[str]:

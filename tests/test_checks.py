@@ -587,3 +587,15 @@ def test_lone_cpu_process_threads(monkeypatch, env, changed):
             assert torch.get_num_threads() == 1 and note is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_saved_multitask_model_as_encoder_is_refused(tmp_path, make_model, tiny_tokenizer):
+    from outputs import save_model_files
+
+    saved = tmp_path / "run"
+    save_model_files(make_model(), tiny_tokenizer, saved)
+    out = tmp_path / "out"
+    argv = _argv(tmp_path, saved, tmp_path / "no-such-mirror", out)
+    with pytest.raises(ValueError, match=r"is a saved multi-task model .*run/0_Transformer .*tiny-encoder"):
+        train.main(argv)
+    assert not out.exists()

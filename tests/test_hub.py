@@ -354,7 +354,8 @@ def test_card_usage_snippets_run_when_copied(tiny_run, tmp_path):
     card = tmp_path / "card.md"
     hub.render_card(tiny_run.out, model_id=str(tiny_run.out), output=card)
     blocks = _code_blocks(card.read_text())
-    assert len(blocks) == 2 and "trust_remote_code=True" in blocks[0] and "SentenceTransformer" in blocks[1]
+    assert len(blocks) == 3 and "trust_remote_code=True" in blocks[0] and "SentenceTransformer" in blocks[2]
+    assert "pipeline(model=" in blocks[1] and 'task_name="sentiment"' in blocks[1]
     script = tmp_path / "snippet.py"
     script.write_text("\n".join(blocks))
     done = subprocess.run(
@@ -363,6 +364,7 @@ def test_card_usage_snippets_run_when_copied(tiny_run, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "'sentiment': {'label':" in done.stdout and "torch.Size([2, 32])" in done.stdout
+    assert "[{'label': 'negative', 'score'" in done.stdout or "[{'label': 'positive', 'score'" in done.stdout
 
 
 def test_card_renders_without_sentence_transformers_or_before_eval(tiny_run, tmp_path):
@@ -447,10 +449,11 @@ def test_push_to_hub_uploads_the_final_folder_once(tiny_run):
 
     sent = set(tiny_run.hub.sent)
     expected = {
-        "README.md", "config.json", "model.safetensors", "modeling_multitask.py", "tokenizer.json",
-        "tokenizer_config.json", "loss_curves.png", "accuracy_curves.png", "f1_curves.png", "metrics.json",
-        "training_args.json", "all_results.json", "eval_results.json", "train_results.json", "trainer_state.json",
-        "modules.json", "config_sentence_transformers.json", "1_Pooling/config.json", "0_Transformer/config.json",
+        "README.md", "config.json", "model.safetensors", "modeling_multitask.py", "pipeline_multitask.py",
+        "tokenizer.json", "tokenizer_config.json", "loss_curves.png", "accuracy_curves.png", "f1_curves.png",
+        "metrics.json", "training_args.json", "all_results.json", "eval_results.json", "train_results.json",
+        "trainer_state.json", "modules.json", "config_sentence_transformers.json", "1_Pooling/config.json",
+        "0_Transformer/config.json",
         "0_Transformer/model.safetensors", "0_Transformer/sentence_bert_config.json", "0_Transformer/tokenizer.json",
         "0_Transformer/tokenizer_config.json",
     }  # fmt: skip
