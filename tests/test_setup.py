@@ -16,7 +16,7 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # make's own variables, and the Makefile's (make exports command-line variables to its recipes).
 MAKE_ENV = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}
 MAKE_ENV |= {"PYTHON", "VENV", "TORCH_INDEX", "DATA_DIR", "CONFIG", "PYTEST_ARGS"}
-TRAIN_COMMAND = "accelerate launch train.py configs/quick.yaml --data_dir ../shared/data"
+TRAIN_COMMAND = "accelerate launch --config_file configs/accelerate/one_process.yaml train.py configs/quick.yaml --data_dir ../shared/data"
 
 
 def make_dry_run(*args: str) -> list[str]:
