@@ -38,6 +38,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,18 +50,19 @@ import datasets
 import torch
 import transformers
 import yaml
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 
 import checks
 import data as mtdata
 import question
+import run_folder
 from freezing import apply_freezing
 from modeling_multitask import MultiTaskConfig, MultiTaskModel
 from sampler import check_temperature
 from outputs import (
     build_compute_metrics,
     classification_metric,
-    clear_output_dir,
     run_metrics,
     save_and_push,
     split_eval_metrics,
@@ -348,6 +351,7 @@ def preflight(
     local path, the run's `MultiTaskConfig`, the checkpoint to resume from and the Hub repo to push to."""
     # --cuda_graphs here, before any output is written; MultiTaskTrainer checks again for callers that build it
     # directly (bench/).
+    checks.check_training_args(training_args, mt_args)
     on_cuda = torch.cuda.is_available() and not training_args.use_cpu
     checks.check_cuda_graphs(training_args, mt_args, on_cuda or MultiTaskTrainer.emulate_cuda_graphs)
     shapes_note = checks.compile_shapes_advice(training_args, mt_args)
@@ -389,10 +393,6 @@ def main(argv: list[str] | None = None) -> dict:
     with training_args.main_process_first(desc="loading and tokenizing the data"):
         mt = mtdata.build_data(tasks, tokenizer, data_args, seed=training_args.data_seed or training_args.seed)
     log_data(tasks, mt, tokenizer)
-    if resume_from is None and mt_args.overwrite_output_dir:
-        with training_args.main_process_first(local=False, desc="clearing the output folder"):
-            if training_args.process_index == 0:
-                clear_output_dir(training_args)
 
     # Model
     model = MultiTaskModel.from_encoder(encoder_path, config=config, attn_implementation=model_args.attn_implementation)
@@ -404,51 +404,99 @@ def main(argv: list[str] | None = None) -> dict:
         f"freeze={mt_args.freeze} unfreeze={mt_args.unfreeze}"
     )
 
-    # Trainer
-    trainer = MultiTaskTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=mt.train,
-        eval_dataset=mt.eval_sets,
-        processing_class=tokenizer,
-        data_collator=mtdata.MultiTaskCollator(
-            tokenizer.pad_token_id, mt_args.pad_to_multiple_of, mt_args.pad_to_buckets or None
-        ),
-        compute_metrics=build_compute_metrics(),
-        task_sizes=mt.task_sizes,
-        eval_tasks=mt.eval_tasks,
-        mt_args=mt_args,
-    )
+    # The last checks, then the first write: the lock, and the run --overwrite_output_dir replaces set aside
+    if training_args.process_index == 0:
+        needed = run_folder.estimate_save_bytes(
+            model, training_args.save_strategy != "no", mt_args.export_sentence_transformers == "inline"
+        )
+        run_folder.check_free_space(training_args.output_dir, needed)
+    replace = resume_from is None and mt_args.overwrite_output_dir
+    with run_folder.claim_output_dir(training_args, replace=replace) as previous:
+        # Trainer
+        trainer = MultiTaskTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=mt.train,
+            eval_dataset=mt.eval_sets,
+            processing_class=tokenizer,
+            data_collator=mtdata.MultiTaskCollator(
+                tokenizer.pad_token_id, mt_args.pad_to_multiple_of, mt_args.pad_to_buckets or None
+            ),
+            compute_metrics=build_compute_metrics(),
+            task_sizes=mt.task_sizes,
+            eval_tasks=mt.eval_tasks,
+            mt_args=mt_args,
+        )
 
-    # Evaluation before training
-    eval_names = list(mt.eval_sets)
-    before = {}
-    if mt_args.eval_before_training and resume_from is None:
-        logger.info("*** Evaluate before training ***")
-        before = split_eval_metrics(trainer.evaluate(), eval_names)
+        # Evaluation before training
+        eval_names = list(mt.eval_sets)
+        before = {}
+        if mt_args.eval_before_training and resume_from is None:
+            logger.info("*** Evaluate before training ***")
+            before = split_eval_metrics(trainer.evaluate(), eval_names)
 
-    # Training
-    started = time.time()
-    train_result = train(trainer, resume_from, mt_args)
-    counts = {"wall_seconds": time.time() - started, "trainable_parameters": trainable, "total_parameters": total}
-    if trainer.step_graphs is not None:
-        logger.info("--cuda_graphs: %s", trainer.step_graphs.summary())
+        # Training
+        started = time.time()
+        train_result = train(trainer, resume_from, mt_args)
+        checks.check_took_steps(trainer.state, training_args)
+        counts = {"wall_seconds": time.time() - started, "trainable_parameters": trainable, "total_parameters": total}
+        if trainer.step_graphs is not None:
+            logger.info("--cuda_graphs: %s", trainer.step_graphs.summary())
 
-    # Evaluation
-    final = final_evaluation(trainer, eval_names)
-    labels_by_set = {n: mt.eval_sets[n]["labels"] for n in eval_names if mt.eval_tasks[n] == "question"}
-    texts_by_set = {n: mt.eval_texts[n] for n in labels_by_set}
-    heuristics = question.rule_metrics(classification_metric(), texts_by_set, labels_by_set)
-    args = (model_args, data_args, mt_args, training_args)
-    evals = {"before": before, "final": final}
-    metrics = run_metrics(tasks, mt, trainer, train_result, evals, heuristics, counts, args)
+        # Evaluation
+        final = final_evaluation(trainer, eval_names)
+        labels_by_set = {n: mt.eval_sets[n]["labels"] for n in eval_names if mt.eval_tasks[n] == "question"}
+        texts_by_set = {n: mt.eval_texts[n] for n in labels_by_set}
+        heuristics = question.rule_metrics(classification_metric(), texts_by_set, labels_by_set)
+        args = (model_args, data_args, mt_args, training_args)
+        evals = {"before": before, "final": final}
+        metrics = run_metrics(tasks, mt, trainer, train_result, evals, heuristics, counts, args)
 
-    # Save: model, tokenizer, metrics.json, plots and the model card (README.md); then the upload
-    save_and_push(trainer, tokenizer, metrics, mt_args.export_sentence_transformers, hub_repo)
-    for name, values in final.items():
-        logger.info("final %s: %s", name, {k: round(v, 4) for k, v in values.items()})
-    return metrics
+        # Save: model, tokenizer, metrics.json, plots and the model card (README.md); then the upload
+        save_and_push(
+            trainer, tokenizer, metrics, mt_args.export_sentence_transformers, hub_repo, on_saved=previous.discard
+        )
+        for name, values in final.items():
+            logger.info("final %s: %s", name, {k: round(v, 4) for k, v in values.items()})
+        return metrics
+
+
+def _stop_on_signal(signum, frame):
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, or None for a bug (which keeps its traceback)."""
+    if isinstance(err, OSError):
+        return run_folder.os_error_message(err)
+    full_disk = run_folder.no_space_message(err, "the output folder's disk")
+    if full_disk:
+        return full_disk
+    if isinstance(err, torch.OutOfMemoryError):
+        return f"out of device memory ({str(err).splitlines()[0][:200]}); lower --per_device_train_batch_size"
+    if isinstance(err, (ValueError, FloatingPointError, KeyboardInterrupt)):
+        return str(err) or type(err).__name__
+    return None
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`python train.py ...`: `main`, with a refusal or an OS error printed as `error: <message>` on stderr (exit
+    1, no traceback; MULTITASK_DEBUG=1 shows it) and SIGTERM handled like Ctrl-C, so that the previous run is
+    put back and the lock released (exit 130)."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _stop_on_signal)
+    try:
+        main(argv)
+    except (Exception, KeyboardInterrupt) as err:
+        message = user_error_message(err)
+        if message is None or os.environ.get("MULTITASK_DEBUG", "0") not in ("", "0"):
+            raise
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()  # ends an interrupted progress bar's line, so that the message starts a line of its own
+        print(f"error: {message}", file=sys.stderr)
+        return 130 if isinstance(err, KeyboardInterrupt) else 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
