@@ -409,9 +409,9 @@ def test_nan_on_one_rank_stops_every_rank_with_the_same_error(tmp_path, tiny_enc
     (tmp_path / "run.log").write_text(output, encoding="utf-8")
     assert process.returncode != 0, output[-4000:]
     error = (
-        r"FloatingPointError: Non-finite training loss \(nan\) at step 1 on task\(s\) \['question'\] "
+        r"^error: Non-finite training loss \(nan\) at step 1 on task\(s\) \['question'\] "
         r"\(per-task: \{'question': nan\}\) in process 1 of 2\."
     )
-    tracebacks = re.findall(r"\[rank(\d)\]: " + error, output)
-    assert sorted(tracebacks) == ["0", "1"], output[-4000:]
+    assert len(re.findall(error, output, flags=re.MULTILINE)) == 2, output[-4000:]  # one line from each process
+    assert "FloatingPointError" not in output  # no traceback of ours (torchrun prints its own ChildFailedError)
     assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()

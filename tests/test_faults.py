@@ -219,6 +219,20 @@ def test_output_path_that_is_a_file_is_refused_naming_it(argv, tmp_path, capsys)
     )
 
 
+def test_output_folder_without_write_permission_is_refused_naming_it(argv, tmp_path, monkeypatch):
+    # The tests run as root, for whom every path is writable: os.access is made to answer as for another user.
+    out = tmp_path / "run"
+    before = make_previous_run(out)
+    access = run_folder.os.access
+    monkeypatch.setattr(run_folder.os, "access", lambda path, mode: Path(path) != out and access(path, mode))
+    with pytest.raises(ValueError, match=rf"--output_dir {out}: no permission to write in {out}; fix its permissions"):
+        train.main(argv())
+    monkeypatch.setattr(run_folder.os, "access", lambda path, mode: Path(path) != tmp_path and access(path, mode))
+    with pytest.raises(ValueError, match=rf"no permission to write in its parent {tmp_path} \(the lock and"):
+        train.main(argv())
+    assert snapshot(out) == before
+
+
 def test_os_errors_become_one_line_naming_the_path(argv, tmp_path, monkeypatch, capsys):
     data_file = tmp_path / "mirror" / "sst2" / "train.parquet"
 
