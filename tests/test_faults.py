@@ -432,3 +432,31 @@ def test_sigterm_during_an_overwrite_puts_the_previous_run_back(argv, tmp_path):
     assert log.read_text().rstrip().endswith("error: stopped by SIGTERM")
     assert snapshot(out) == before
     assert_nothing_beside(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# docs/failure_modes.md: its tables name real tests, cover the test tables, and state their count
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_failure_modes_tables_name_real_tests_and_state_their_count():
+    import test_checks
+    import test_modeling
+
+    text = (ROOT / "docs" / "failure_modes.md").read_text(encoding="utf-8")
+    tables = text[text.index("\n## Refused inputs") :]
+    rows = [line for line in tables.splitlines() if line.startswith("| ") and not line.startswith("| refused input")]
+    stated = re.search(r"\*\*(\d+) refused inputs, each covered by a test\*\*", text)
+    assert stated and int(stated.group(1)) == len(rows), f"the page says {stated and stated.group(1)}, lists {len(rows)}"
+    names = {line.split(" | ")[0][2:] for line in rows}
+    for table in (test_checks.CASES, NUMBERS, test_modeling.DOCTORED):
+        missing = [case[0] for case in table if case[0] not in names]
+        assert not missing, f"docs/failure_modes.md lacks rows for the test cases {missing}"
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        if len(cells) < 3:
+            continue
+        where = re.fullmatch(r"`(test_\w+\.py)::(test_\w+)`", cells[-1])
+        assert where, line
+        source = (ROOT / "tests" / where.group(1)).read_text(encoding="utf-8")
+        assert f"def {where.group(2)}(" in source, f"{where.group(1)} has no {where.group(2)}"
