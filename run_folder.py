@@ -31,6 +31,24 @@ class RunFolderError(ValueError):
     """A refusal about the output folder (a user error: train.py prints it without a traceback)."""
 
 
+SECRET_FLAGS = ("--hub_token",)
+
+
+def redacted_command(argv: list[str]) -> str:
+    """The command line for the lock file, with the values of token flags (and anything shaped like a Hugging
+    Face token) replaced by ***."""
+    words, hide_next = [], False
+    for word in argv:
+        flag, eq, _ = word.partition("=")
+        if hide_next or word.startswith("hf_"):
+            word = "***"
+        elif eq and flag in SECRET_FLAGS:
+            word = f"{flag}=***"
+        hide_next = word in SECRET_FLAGS
+        words.append(word)
+    return " ".join(words)
+
+
 def lock_path(output_dir: str | os.PathLike) -> Path:
     out = Path(output_dir).absolute()
     return out.parent / f".{out.name}.lock"
@@ -103,7 +121,7 @@ class OutputLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "command": " ".join(sys.argv)[:500],
+            "command": redacted_command(sys.argv)[:500],
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -159,9 +177,10 @@ class PreviousRun:
         out = self.output_dir
         if not (out.is_dir() and any(out.iterdir())):
             return
-        aside = previous_path(out)
-        if aside.exists():
-            shutil.rmtree(aside)
+        aside, n = previous_path(out), 1
+        while aside.exists():  # a folder some killed launch with this pid left: never ours to delete
+            n += 1
+            aside = aside.with_name(f"{previous_path(out).name}-{n}")
         os.rename(out, aside)
         self.aside = aside
         logger.warning(
@@ -275,16 +294,18 @@ def _broadcast_verdict(problem: str | None, world_size: int) -> str | None:
 
 
 @contextlib.contextmanager
-def claim_output_dir(training_args, replace: bool):
-    """Hold the output folder for the run: the lock (main process), and with `replace` the previous run set
-    aside. Yields the `PreviousRun`; call its `discard` once the new run has saved. Leaving by an exception
-    (or a signal that train.py turns into one) moves the previous run back, and the lock is always released."""
+def claim_output_dir(training_args, replace: bool, needed_bytes: int = 0):
+    """Hold the output folder for the run: on the main process, check that `needed_bytes` fit on its disk, take
+    the lock, and with `replace` set the previous run aside; every process gets the main process's verdict.
+    Yields the `PreviousRun`; call its `discard` once the new run has saved. Leaving by an exception (or a
+    signal that train.py turns into one) moves the previous run back, and the lock is always released."""
     out = Path(training_args.output_dir)
     main_process = training_args.process_index == 0
     lock, previous = OutputLock(out), PreviousRun(out)
     problem = None
     if main_process:
         try:
+            check_free_space(out, needed_bytes)
             lock.acquire()
             if replace:
                 previous.set_aside()

@@ -404,14 +404,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"freeze={mt_args.freeze} unfreeze={mt_args.unfreeze}"
     )
 
-    # The last checks, then the first write: the lock, and the run --overwrite_output_dir replaces set aside
-    if training_args.process_index == 0:
-        needed = run_folder.estimate_save_bytes(
-            model, training_args.save_strategy != "no", mt_args.export_sentence_transformers == "inline"
-        )
-        run_folder.check_free_space(training_args.output_dir, needed)
+    # The last check (free space for the first save), then the first write: the lock, and the run that
+    # --overwrite_output_dir replaces set aside
+    needed = run_folder.estimate_save_bytes(
+        model, training_args.save_strategy != "no", mt_args.export_sentence_transformers == "inline"
+    )
     replace = resume_from is None and mt_args.overwrite_output_dir
-    with run_folder.claim_output_dir(training_args, replace=replace) as previous:
+    with run_folder.claim_output_dir(training_args, replace=replace, needed_bytes=needed) as previous:
         # Trainer
         trainer = MultiTaskTrainer(
             model=model,
@@ -465,6 +464,9 @@ def _stop_on_signal(signum, frame):
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def user_error_message(err: BaseException) -> str | None:
     """The one-line message of an error the user can fix, or None for a bug (which keeps its traceback)."""
     if isinstance(err, OSError):
@@ -474,17 +476,21 @@ def user_error_message(err: BaseException) -> str | None:
         return full_disk
     if isinstance(err, torch.OutOfMemoryError):
         return f"out of device memory ({str(err).splitlines()[0][:200]}); lower --per_device_train_batch_size"
-    if isinstance(err, (ValueError, FloatingPointError, KeyboardInterrupt)):
+    if isinstance(err, KeyboardInterrupt):
+        return str(err) or "interrupted (Ctrl-C)"
+    if isinstance(err, (ValueError, FloatingPointError)):
         return str(err) or type(err).__name__
     return None
 
 
 def cli(argv: list[str] | None = None) -> int:
     """`python train.py ...`: `main`, with a refusal or an OS error printed as `error: <message>` on stderr (exit
-    1, no traceback; MULTITASK_DEBUG=1 shows it) and SIGTERM handled like Ctrl-C, so that the previous run is
-    put back and the lock released (exit 130)."""
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _stop_on_signal)
+    1, no traceback; MULTITASK_DEBUG=1 shows it) and SIGTERM or SIGHUP handled like Ctrl-C, so that the previous
+    run is put back and the lock released (exit 130)."""
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum, handler in handlers.items():
+        if handler is signal.SIG_DFL:
+            signal.signal(signum, _stop_on_signal)
     try:
         main(argv)
     except (Exception, KeyboardInterrupt) as err:
@@ -495,8 +501,10 @@ def cli(argv: list[str] | None = None) -> int:
             bar.close()  # ends an interrupted progress bar's line, so that the message starts a line of its own
         print(f"error: {message}", file=sys.stderr)
         return 130 if isinstance(err, KeyboardInterrupt) else 1
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(cli())

@@ -10,6 +10,7 @@ the two-launch tests start `tests/fault_runner.py` processes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -348,6 +349,35 @@ def test_lock_of_a_run_on_another_host_is_honoured(argv, tmp_path):
     write_lock(tmp_path / "run", 1, host="some-other-host")
     with pytest.raises(ValueError, match=r"is in use by another run \(process 1 on host 'some-other-host'"):
         train.main(argv())
+
+
+def test_lock_names_the_command_without_the_token(argv, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["train.py", "--hub_token", "hf_secret1", "--hub_token=hf_secret2", "hf_x"])
+    seen = {}
+    claim = run_folder.claim_output_dir
+
+    @contextlib.contextmanager
+    def reading_claim(*args, **kwargs):
+        with claim(*args, **kwargs) as previous:
+            seen.update(json.loads(run_folder.lock_path(out).read_text()))
+            yield previous
+
+    monkeypatch.setattr(run_folder, "claim_output_dir", reading_claim)
+    train.main(argv())
+    assert seen["pid"] == os.getpid() and seen["host"] == socket.gethostname()
+    assert seen["command"] == "train.py --hub_token *** --hub_token=*** ***"
+    assert_nothing_beside(out)  # released at the end
+
+
+def test_a_previous_run_is_never_set_aside_over_another(tmp_path):
+    out, taken = tmp_path / "run", run_folder.previous_path(tmp_path / "run")
+    before, kept = make_previous_run(out), make_previous_run(taken)
+    previous = run_folder.PreviousRun(out)
+    previous.set_aside()
+    assert previous.aside == taken.with_name(taken.name + "-2") and snapshot(taken) == kept
+    previous.restore()
+    assert snapshot(out) == before
 
 
 def test_other_processes_of_a_launch_never_check_or_take_the_lock(tmp_path):
