@@ -1,7 +1,10 @@
 """Fine-tune one shared sentence encoder on several classification tasks at once.
 
-    parse -> logging -> checks -> seed -> data -> model -> freezing -> trainer -> evaluate before -> train
-          -> evaluate -> save -> plots/card (-> push)
+    parse -> logging -> checks -> seed -> data -> model -> freezing -> free space, lock (the first write) -> trainer
+          -> evaluate before -> train -> evaluate -> save -> plots/card (-> push)
+
+`cli` (what `python train.py` runs) prints a refusal as one `error: <message>` line (MULTITASK_DEBUG=1: the
+traceback); run_folder.py holds the output folder's lock and the run --overwrite_output_dir replaces.
 
 This file holds the arguments and `main`; the pieces it calls live beside it: checks.py (every check before the
 run and the non-finite watch during it), trainer.py (`MultiTaskTrainer`), freezing.py (`--freeze` specs),
@@ -14,7 +17,8 @@ Launch (a YAML config gives the defaults, flags override it; every `TrainingArgu
     accelerate launch train.py configs/quick.yaml --data_dir ../shared/data --output_dir runs/quick
 
     # resume a killed run from its latest complete checkpoint (exactly: same weights as an uninterrupted run);
-    # default.yaml saves one per epoch, add e.g. --save_strategy steps --save_steps 200 for more
+    # default.yaml saves one per epoch, add e.g. --save_strategy steps --save_steps 200 for more. After a SIGKILL
+    # the run's lock is stale: the error message gives the `rm` that clears it
     accelerate launch train.py configs/default.yaml --data_dir ../shared/data --resume_from_checkpoint auto
 
     # the full recipe on one GPU

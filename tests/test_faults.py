@@ -24,7 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import run_main, tiny_argv
+from helpers import tiny_argv
 
 import run_folder
 import train
