@@ -7,13 +7,14 @@
 - `PreviousRun`: with --overwrite_output_dir the old run is renamed to `<parent>/.<name>.previous-<pid>` (a
   rename: no copy, no space), and deleted only once the new run has saved; on an error or a SIGTERM/SIGINT the
   new run's files are removed and the old run is moved back.
+- `OutputClaim`: both of the above for one run (`train.main` holds it around the run), let go however the run
+  ends.
 - `check_free_space`: the bytes the first save needs, estimated from the parameters, against the free space.
 - `os_error_message`: an `OSError` as one line naming the path and the fix.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -293,36 +294,52 @@ def _broadcast_verdict(problem: str | None, world_size: int) -> str | None:
     return broadcast_object_list([problem], from_process=0)[0]
 
 
-@contextlib.contextmanager
-def claim_output_dir(training_args, replace: bool, needed_bytes: int = 0):
-    """Hold the output folder for the run: on the main process, check that `needed_bytes` fit on its disk, take
-    the lock, and with `replace` set the previous run aside; every process gets the main process's verdict.
-    Yields the `PreviousRun`; call its `discard` once the new run has saved. Leaving by an exception (or a
-    signal that train.py turns into one) moves the previous run back, and the lock is always released."""
-    out = Path(training_args.output_dir)
-    main_process = training_args.process_index == 0
-    lock, previous = OutputLock(out), PreviousRun(out)
-    problem = None
-    if main_process:
-        try:
-            check_free_space(out, needed_bytes)
-            lock.acquire()
-            if replace:
-                previous.set_aside()
-        except (RunFolderError, OSError) as err:
-            lock.release()
-            problem = str(err) if isinstance(err, RunFolderError) else os_error_message(err)
-    problem = _broadcast_verdict(problem, training_args.world_size)
-    if problem:
-        raise RunFolderError(problem)
-    try:
-        yield previous
-    except BaseException:
-        if main_process:
+class OutputClaim:
+    """What a run holds of its output folder, let go however the run ends: `with OutputClaim() as claim:` around
+    the run, `claim.take(...)` once every check has passed (the first write). Leaving the block by an exception
+    (or a signal that train.py turns into one) moves the previous run back; the lock is always released."""
+
+    def __init__(self):
+        self.lock: OutputLock | None = None
+        self.previous: PreviousRun | None = None
+
+    def take(self, training_args, replace: bool, needed_bytes: int = 0) -> PreviousRun:
+        """On the main process: check that `needed_bytes` fit on the folder's disk, take the lock and, with
+        `replace`, set the previous run aside; every process gets the main process's verdict. Returns the
+        `PreviousRun`, whose `discard` the caller runs once the new run has saved."""
+        out = Path(training_args.output_dir)
+        previous = PreviousRun(out)
+        problem = None
+        if training_args.process_index == 0:
+            self.lock = OutputLock(out)
             try:
-                previous.restore()
-            except OSError as err:
-                logger.error("Could not move the previous run back from %s to %s: %s", previous.aside, out, err)
-        raise
-    finally:
-        lock.release()
+                check_free_space(out, needed_bytes)
+                self.lock.acquire()
+                if replace:
+                    previous.set_aside()
+            except (RunFolderError, OSError) as err:
+                self.lock.release()
+                problem = str(err) if isinstance(err, RunFolderError) else os_error_message(err)
+            self.previous = previous
+        problem = _broadcast_verdict(problem, training_args.world_size)
+        if problem:
+            raise RunFolderError(problem)
+        return previous
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is not None and self.previous is not None:
+                try:
+                    self.previous.restore()
+                except OSError as err:
+                    logger.error(
+                        "Could not move the previous run back from %s to %s: %s",
+                        self.previous.aside, self.previous.output_dir, err,
+                    )
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+        return False

@@ -377,6 +377,12 @@ def preflight(
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The run; the output folder it claims is let go however it ends (the previous run put back on failure)."""
+    with run_folder.OutputClaim() as claim:
+        return run(argv, claim)
+
+
+def run(argv: list[str] | None, claim: run_folder.OutputClaim) -> dict:
     checks.use_cpu_backend_without_accelerator()
     threads_note = checks.use_every_core_in_a_lone_cpu_process()
     model_args, data_args, question_args, mt_args, training_args = parse_args(argv)
@@ -414,54 +420,55 @@ def main(argv: list[str] | None = None) -> dict:
         model, training_args.save_strategy != "no", mt_args.export_sentence_transformers == "inline"
     )
     replace = resume_from is None and mt_args.overwrite_output_dir
-    with run_folder.claim_output_dir(training_args, replace=replace, needed_bytes=needed) as previous:
-        # Trainer
-        trainer = MultiTaskTrainer(
-            model=model,
-            args=training_args,
-            train_dataset=mt.train,
-            eval_dataset=mt.eval_sets,
-            processing_class=tokenizer,
-            data_collator=mtdata.MultiTaskCollator(
-                tokenizer.pad_token_id, mt_args.pad_to_multiple_of, mt_args.pad_to_buckets or None
-            ),
-            compute_metrics=build_compute_metrics(),
-            task_sizes=mt.task_sizes,
-            eval_tasks=mt.eval_tasks,
-            mt_args=mt_args,
-        )
+    previous = claim.take(training_args, replace=replace, needed_bytes=needed)
 
-        # Evaluation before training
-        eval_names = list(mt.eval_sets)
-        before = {}
-        if mt_args.eval_before_training and resume_from is None:
-            logger.info("*** Evaluate before training ***")
-            before = split_eval_metrics(trainer.evaluate(), eval_names)
+    # Trainer
+    trainer = MultiTaskTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=mt.train,
+        eval_dataset=mt.eval_sets,
+        processing_class=tokenizer,
+        data_collator=mtdata.MultiTaskCollator(
+            tokenizer.pad_token_id, mt_args.pad_to_multiple_of, mt_args.pad_to_buckets or None
+        ),
+        compute_metrics=build_compute_metrics(),
+        task_sizes=mt.task_sizes,
+        eval_tasks=mt.eval_tasks,
+        mt_args=mt_args,
+    )
 
-        # Training
-        started = time.time()
-        train_result = train(trainer, resume_from, mt_args)
-        checks.check_took_steps(trainer.state, training_args)
-        counts = {"wall_seconds": time.time() - started, "trainable_parameters": trainable, "total_parameters": total}
-        if trainer.step_graphs is not None:
-            logger.info("--cuda_graphs: %s", trainer.step_graphs.summary())
+    # Evaluation before training
+    eval_names = list(mt.eval_sets)
+    before = {}
+    if mt_args.eval_before_training and resume_from is None:
+        logger.info("*** Evaluate before training ***")
+        before = split_eval_metrics(trainer.evaluate(), eval_names)
 
-        # Evaluation
-        final = final_evaluation(trainer, eval_names)
-        labels_by_set = {n: mt.eval_sets[n]["labels"] for n in eval_names if mt.eval_tasks[n] == "question"}
-        texts_by_set = {n: mt.eval_texts[n] for n in labels_by_set}
-        heuristics = question.rule_metrics(classification_metric(), texts_by_set, labels_by_set)
-        args = (model_args, data_args, mt_args, training_args)
-        evals = {"before": before, "final": final}
-        metrics = run_metrics(tasks, mt, trainer, train_result, evals, heuristics, counts, args)
+    # Training
+    started = time.time()
+    train_result = train(trainer, resume_from, mt_args)
+    checks.check_took_steps(trainer.state, training_args)
+    counts = {"wall_seconds": time.time() - started, "trainable_parameters": trainable, "total_parameters": total}
+    if trainer.step_graphs is not None:
+        logger.info("--cuda_graphs: %s", trainer.step_graphs.summary())
 
-        # Save: model, tokenizer, metrics.json, plots and the model card (README.md); then the upload
-        save_and_push(
-            trainer, tokenizer, metrics, mt_args.export_sentence_transformers, hub_repo, on_saved=previous.discard
-        )
-        for name, values in final.items():
-            logger.info("final %s: %s", name, {k: round(v, 4) for k, v in values.items()})
-        return metrics
+    # Evaluation
+    final = final_evaluation(trainer, eval_names)
+    labels_by_set = {n: mt.eval_sets[n]["labels"] for n in eval_names if mt.eval_tasks[n] == "question"}
+    texts_by_set = {n: mt.eval_texts[n] for n in labels_by_set}
+    heuristics = question.rule_metrics(classification_metric(), texts_by_set, labels_by_set)
+    args = (model_args, data_args, mt_args, training_args)
+    evals = {"before": before, "final": final}
+    metrics = run_metrics(tasks, mt, trainer, train_result, evals, heuristics, counts, args)
+
+    # Save: model, tokenizer, metrics.json, plots and the model card (README.md); then the upload
+    save_and_push(
+        trainer, tokenizer, metrics, mt_args.export_sentence_transformers, hub_repo, on_saved=previous.discard
+    )
+    for name, values in final.items():
+        logger.info("final %s: %s", name, {k: round(v, 4) for k, v in values.items()})
+    return metrics
 
 
 def _stop_on_signal(signum, frame):

@@ -10,7 +10,6 @@ the two-launch tests start `tests/fault_runner.py` processes.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -355,15 +354,14 @@ def test_lock_names_the_command_without_the_token(argv, tmp_path, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["train.py", "--hub_token", "hf_secret1", "--hub_token=hf_secret2", "hf_x"])
     seen = {}
-    claim = run_folder.claim_output_dir
+    take = run_folder.OutputClaim.take
 
-    @contextlib.contextmanager
-    def reading_claim(*args, **kwargs):
-        with claim(*args, **kwargs) as previous:
-            seen.update(json.loads(run_folder.lock_path(out).read_text()))
-            yield previous
+    def reading_take(self, *args, **kwargs):
+        previous = take(self, *args, **kwargs)
+        seen.update(json.loads(run_folder.lock_path(out).read_text()))
+        return previous
 
-    monkeypatch.setattr(run_folder, "claim_output_dir", reading_claim)
+    monkeypatch.setattr(run_folder.OutputClaim, "take", reading_take)
     train.main(argv())
     assert seen["pid"] == os.getpid() and seen["host"] == socket.gethostname()
     assert seen["command"] == "train.py --hub_token *** --hub_token=*** ***"
@@ -390,7 +388,8 @@ def test_other_processes_of_a_launch_never_check_or_take_the_lock(tmp_path):
         train.checks.check_output_dir(SimpleNamespace(**rank, process_index=0), train.MultiTaskArguments())
     rank1 = SimpleNamespace(**rank, process_index=1)
     assert train.checks.check_output_dir(rank1, train.MultiTaskArguments()) is None
-    with run_folder.claim_output_dir(rank1, replace=True):
+    with run_folder.OutputClaim() as claim:
+        claim.take(rank1, replace=True)
         assert lock.is_file()
     assert lock.is_file()  # left to its holder
 
