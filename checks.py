@@ -176,6 +176,11 @@ def check_training_args(training_args: TrainingArguments, mt_args: MultiTaskArgu
         _number_problem("task_sampling_temperature", mt_args.task_sampling_temperature, 0, low_open=True),
         _number_problem("loss_weights_learning_rate", mt_args.loss_weights_learning_rate, 0, low_open=True),
     ]
+    for strategy, steps in (("logging", "logging_steps"), ("save", "save_steps"), ("eval", "eval_steps")):
+        if getattr(args, f"{strategy}_strategy") == "steps":
+            problems.append(_number_problem(steps, getattr(args, steps), 0, low_open=True))
+    problems.append(_number_problem("save_total_limit", args.save_total_limit, 1, integer=True))
+    problems.append(_number_problem("seed", args.seed, 0, 2**32 - 1, integer=True))
     if args.max_steps <= 0 and args.num_train_epochs <= 0:  # max_steps > 0 overrides the epochs
         problems.append(
             f"num_train_epochs={args.num_train_epochs} with max_steps={args.max_steps} trains for no step: set "

@@ -100,6 +100,12 @@ NUMBERS = [
     ("uncertainty learning rate NaN", ["--loss_weighting", "uncertainty", "--loss_weights_learning_rate", "nan"],
      r"loss_weights_learning_rate=nan must be a finite number"),
     ("warmup steps negative", ["--warmup_steps", "-1"], r"warmup_steps = -1(\.0)?, Expected value warmup_steps >= 0"),
+    ("warmup steps NaN", ["--warmup_steps", "nan"], r"warmup_steps=nan must be a finite number"),
+    ("logging steps negative", ["--logging_steps", "-1"], r"logging_steps=-1(\.0)? must be > 0"),
+    ("save steps negative", ["--save_strategy", "steps", "--save_steps", "-5"], r"save_steps=-5(\.0)? must be > 0"),
+    ("eval steps negative", ["--eval_strategy", "steps", "--eval_steps", "-2"], r"eval_steps=-2(\.0)? must be > 0"),
+    ("save_total_limit 0", ["--save_total_limit", "0"], r"save_total_limit=0 must be >= 1"),
+    ("seed negative", ["--seed", "-1"], r"seed=-1 must be >= 0"),
 ]  # fmt: skip
 
 
