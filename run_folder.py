@@ -342,4 +342,7 @@ class OutputClaim:
         finally:
             if self.lock is not None:
                 self.lock.release()
+        full_disk = exc is not None and self.previous is not None and no_space_message(exc, self.previous.output_dir)
+        if full_disk:  # safetensors reports a full disk without a path: name the folder
+            raise RunFolderError(full_disk) from exc
         return False

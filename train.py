@@ -482,6 +482,8 @@ def user_error_message(err: BaseException) -> str | None:
     """The one-line message of an error the user can fix, or None for a bug (which keeps its traceback)."""
     if isinstance(err, OSError):
         return run_folder.os_error_message(err)
+    if isinstance(err, run_folder.RunFolderError):
+        return str(err)
     full_disk = run_folder.no_space_message(err, "the output folder's disk")
     if full_disk:
         return full_disk

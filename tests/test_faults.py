@@ -287,6 +287,23 @@ def test_not_enough_disk_space_is_refused_before_the_first_write(argv, tmp_path,
     assert_nothing_beside(out)
 
 
+def test_disk_full_while_saving_names_the_folder_and_keeps_the_previous_run(argv, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    before = make_previous_run(out)
+
+    def full_disk(*args, **kwargs):  # what safetensors raises when a write fails with ENOSPC
+        raise Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                        'left on device" })')  # fmt: skip
+
+    monkeypatch.setitem(train.save_and_push.__globals__, "save_outputs", full_disk)
+    assert train.cli(argv()) == 1
+    assert error_line(capsys.readouterr().err).startswith(
+        f"error: {out}: no space left on the device; free some space"
+    )
+    assert snapshot(out) == before
+    assert_nothing_beside(out)
+
+
 def test_save_estimate_counts_the_weights_each_save_writes(make_model):
     model = make_model()
     weights = sum(p.numel() * 4 for p in model.parameters())
