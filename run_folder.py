@@ -89,7 +89,7 @@ def lock_problem(output_dir: str | os.PathLike) -> str | None:
     pid, host = holder.get("pid"), holder.get("host")
     who = f"process {pid} on host {host!r}, started {holder.get('started', '?')}: {holder.get('command', '?')}"
     clear = f"rm {path}"
-    if not isinstance(pid, int) or not host:
+    if not isinstance(pid, int) or pid <= 0 or not host:
         return (
             f"Output folder {Path(output_dir)} has an unreadable lock {path}. If no run uses the folder, clear it: "
             f"`{clear}`."
