@@ -1,7 +1,8 @@
 """Checks that run before and during training, and the launcher workarounds.
 
 Before anything is written: the encoder and the model setup (`check_model_setup`, which also builds the one
-`MultiTaskConfig` of the run), the output folder (`check_output_dir`), `--cuda_graphs` (`check_cuda_graphs`) and
+`MultiTaskConfig` of the run), the numbers of the training arguments (`check_training_args`), the output folder
+(`check_output_dir`: a path that can be written, no other run's lock, no other run's files), `--cuda_graphs` (`check_cuda_graphs`) and
 `--torch_compile` shapes (`compile_shapes_advice`). During training: `NonFiniteWatch`, which stops a run at the
 first non-finite loss or gradient norm. At start-up: `use_cpu_backend_without_accelerator` and
 `use_every_core_in_a_lone_cpu_process`, which fix what `accelerate launch` sets on machines without a GPU.
@@ -10,6 +11,7 @@ first non-finite loss or gradient norm. At start-up: `use_cpu_backend_without_ac
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +28,7 @@ from modeling_multitask import (
     encoder_class,
     encoder_config_dict,
 )
+from run_folder import RunFolderError, check_writable, leftover_previous_runs, lock_problem
 
 if TYPE_CHECKING:  # train.py imports this module
     from train import DataArguments, ModelArguments, MultiTaskArguments
@@ -163,13 +166,94 @@ def check_model_setup(
     return config
 
 
+def _number_problem(name: str, value, low: float | None = None, high: float | None = None, *,
+                    low_open: bool = False, high_open: bool = False, integer: bool = False) -> str | None:
+    """Why `value` is not a finite number in the interval, or None when it is."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return f"{name}={value!r} is not a number"
+    if not math.isfinite(number):
+        return f"{name}={value} must be a finite number"
+    if integer and number != int(number):
+        return f"{name}={value} must be a whole number"
+    if low is not None and (number <= low if low_open else number < low):
+        return f"{name}={value} must be {'>' if low_open else '>='} {low:g}"
+    if high is not None and (number >= high if high_open else number > high):
+        return f"{name}={value} must be {'<' if high_open else '<='} {high:g}"
+    return None
+
+
+def check_training_args(training_args: TrainingArguments, mt_args: MultiTaskArguments) -> None:
+    """Every number of the run that the Trainer would only trip over later (a `ZeroDivisionError` in the
+    dataloader, a NaN learning rate that trains garbage, zero epochs that save an untrained model)."""
+    args = training_args
+    problems = [
+        _number_problem("per_device_train_batch_size", args.per_device_train_batch_size, 1, integer=True),
+        _number_problem("per_device_eval_batch_size", args.per_device_eval_batch_size, 1, integer=True),
+        _number_problem("gradient_accumulation_steps", args.gradient_accumulation_steps, 1, integer=True),
+        _number_problem("learning_rate", args.learning_rate, 0, low_open=True),
+        _number_problem("weight_decay", args.weight_decay, 0),
+        _number_problem("adam_beta1", args.adam_beta1, 0, 1, high_open=True),
+        _number_problem("adam_beta2", args.adam_beta2, 0, 1, high_open=True),
+        _number_problem("adam_epsilon", args.adam_epsilon, 0, low_open=True),
+        _number_problem("max_grad_norm", args.max_grad_norm),
+        _number_problem("warmup_steps", args.warmup_steps, 0),
+        _number_problem("label_smoothing_factor", args.label_smoothing_factor, 0, 1, high_open=True),
+        _number_problem("dataloader_num_workers", args.dataloader_num_workers, 0, integer=True),
+        _number_problem("num_train_epochs", args.num_train_epochs),
+        _number_problem("max_steps", args.max_steps, integer=True),
+        _number_problem("task_sampling_temperature", mt_args.task_sampling_temperature, 0, low_open=True),
+        _number_problem("loss_weights_learning_rate", mt_args.loss_weights_learning_rate, 0, low_open=True),
+    ]
+    for strategy, steps in (("logging", "logging_steps"), ("save", "save_steps"), ("eval", "eval_steps")):
+        if getattr(args, f"{strategy}_strategy") == "steps":
+            problems.append(_number_problem(steps, getattr(args, steps), 0, low_open=True))
+    problems.append(_number_problem("save_total_limit", args.save_total_limit, 1, integer=True))
+    problems.append(_number_problem("seed", args.seed, 0, 2**32 - 1, integer=True))
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:  # max_steps > 0 overrides the epochs
+        problems.append(
+            f"num_train_epochs={args.num_train_epochs} with max_steps={args.max_steps} trains for no step: set "
+            f"--num_train_epochs above 0 or --max_steps to a positive number of steps"
+        )
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError("Training arguments: " + "; ".join(problems) + ".")
+
+
+def check_took_steps(state, training_args: TrainingArguments) -> None:
+    """After training: a run that took no optimizer step saves nothing (its folder would look like a model)."""
+    if state.global_step > 0:
+        return
+    raise ValueError(
+        f"The run took no optimizer step (global_step 0 after {state.epoch or 0:g} epochs; num_train_epochs="
+        f"{training_args.num_train_epochs}, max_steps={training_args.max_steps}, per_device_train_batch_size="
+        f"{training_args.per_device_train_batch_size}, gradient_accumulation_steps="
+        f"{training_args.gradient_accumulation_steps}), so nothing was saved: give it more rows, more epochs or "
+        f"a smaller batch."
+    )
+
+
 def check_output_dir(training_args: TrainingArguments, mt_args: MultiTaskArguments) -> str | None:
     """Refuse to mix two runs in one folder; returns the checkpoint to resume from, if any.
 
-    Touches nothing: with --overwrite_output_dir the folder is emptied by `clear_output_dir`, once every check
-    of the config and the data has passed.
+    Touches nothing: with --overwrite_output_dir the previous run is set aside by `run_folder.PreviousRun`, once
+    every check of the config and the data has passed. The lock is checked by the main process only (the other
+    processes of a launch must not mistake their own launch's lock for another run's).
     """
     out = Path(training_args.output_dir)
+    check_writable(out)
+    if training_args.process_index == 0:
+        problem = lock_problem(out)
+        if problem:
+            raise RunFolderError(problem)
+        for aside in leftover_previous_runs(out):
+            logger.warning(
+                "%s holds a run that an --overwrite_output_dir launch set aside and could not put back (it was "
+                "killed); move it back to %s, or delete it, once you have checked which run you want.", aside, out
+            )
     resume = training_args.resume_from_checkpoint
     world_size = training_args.world_size
     holds_files = out.is_dir() and any(out.iterdir())

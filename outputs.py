@@ -4,8 +4,8 @@
 `step_table` turn the Trainer's flat logs into metrics.json's layout, and `run_metrics` assembles the whole file,
 including what the model card says about each task (`task_card_info`, `eval_set_card_info`: read from the
 TaskSpecs and their pools at training time, so hub.py needs no task registry). `plot_curves` draws the plots,
-`result_files` the Trainer-style *_results.json. `save_outputs` writes the final folder atomically; `clear_output_dir`
-and `take_over_push_to_hub` handle the folder and the upload settings before training.
+`result_files` the Trainer-style *_results.json. `save_outputs` writes the final folder atomically;
+`take_over_push_to_hub` settles the upload before training (the folder's lock and the run it replaces: run_folder.py).
 """
 
 from __future__ import annotations
@@ -257,13 +257,6 @@ def hardware_summary() -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def clear_output_dir(training_args: TrainingArguments) -> None:
-    out = Path(training_args.output_dir)
-    if out.is_dir() and any(out.iterdir()):
-        logger.warning("--overwrite_output_dir: deleting the previous run in %s.", out)
-        shutil.rmtree(out)
-
-
 def take_over_push_to_hub(training_args: TrainingArguments) -> str | None:
     """With --push_to_hub, return the repo id and switch the Trainer's own pushing off.
 
@@ -282,8 +275,13 @@ def take_over_push_to_hub(training_args: TrainingArguments) -> str | None:
     return repo
 
 
-def save_and_push(trainer, tokenizer, metrics: dict, export_sentence_transformers: str, hub_repo: str | None) -> None:
-    """Save the final folder (rank 0) and, with --push_to_hub, upload it once; every rank calls this."""
+def save_and_push(
+    trainer, tokenizer, metrics: dict, export_sentence_transformers: str, hub_repo: str | None, on_saved=None
+) -> None:
+    """Save the final folder (rank 0) and, with --push_to_hub, upload it once; every rank calls this.
+
+    `on_saved()` runs on rank 0 once the folder is complete, before the upload (train.py deletes the run that
+    --overwrite_output_dir replaces there: a failed upload must not cost the saved run)."""
     training_args = trainer.args
     # Under FSDP gathering the full weights is a collective: every rank takes part, then rank 0 writes them.
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
@@ -298,6 +296,8 @@ def save_and_push(trainer, tokenizer, metrics: dict, export_sentence_transformer
             model_id=hub_repo,
             trainer_state=trainer.state,
         )
+        if on_saved is not None:
+            on_saved()
         if hub_repo is not None:
             hub.push_folder(
                 training_args.output_dir,

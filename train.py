@@ -1,7 +1,10 @@
 """Fine-tune one shared sentence encoder on several classification tasks at once.
 
-    parse -> logging -> checks -> seed -> data -> model -> freezing -> trainer -> evaluate before -> train
-          -> evaluate -> save -> plots/card (-> push)
+    parse -> logging -> checks -> seed -> data -> model -> freezing -> free space, lock (the first write) -> trainer
+          -> evaluate before -> train -> evaluate -> save -> plots/card (-> push)
+
+`cli` (what `python train.py` runs) prints a refusal as one `error: <message>` line (MULTITASK_DEBUG=1: the
+traceback); run_folder.py holds the output folder's lock and the run --overwrite_output_dir replaces.
 
 This file holds the arguments and `main`; the pieces it calls live beside it: checks.py (every check before the
 run and the non-finite watch during it), trainer.py (`MultiTaskTrainer`), freezing.py (`--freeze` specs),
@@ -14,7 +17,8 @@ Launch (a YAML config gives the defaults, flags override it; every `TrainingArgu
     accelerate launch train.py configs/quick.yaml --data_dir ../shared/data --output_dir runs/quick
 
     # resume a killed run from its latest complete checkpoint (exactly: same weights as an uninterrupted run);
-    # default.yaml saves one per epoch, add e.g. --save_strategy steps --save_steps 200 for more
+    # default.yaml saves one per epoch, add e.g. --save_strategy steps --save_steps 200 for more. After a SIGKILL
+    # the run's lock is stale: the error message gives the `rm` that clears it
     accelerate launch train.py configs/default.yaml --data_dir ../shared/data --resume_from_checkpoint auto
 
     # the full recipe on one GPU
@@ -38,6 +42,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,18 +54,19 @@ import datasets
 import torch
 import transformers
 import yaml
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 
 import checks
 import data as mtdata
 import question
+import run_folder
 from freezing import apply_freezing
 from modeling_multitask import MultiTaskConfig, MultiTaskModel
 from sampler import check_temperature
 from outputs import (
     build_compute_metrics,
     classification_metric,
-    clear_output_dir,
     run_metrics,
     save_and_push,
     split_eval_metrics,
@@ -391,6 +398,7 @@ def preflight(
     local path, the run's `MultiTaskConfig`, the checkpoint to resume from and the Hub repo to push to."""
     # --cuda_graphs here, before any output is written; MultiTaskTrainer checks again for callers that build it
     # directly (bench/).
+    checks.check_training_args(training_args, mt_args)
     on_cuda = torch.cuda.is_available() and not training_args.use_cpu
     checks.check_cuda_graphs(training_args, mt_args, on_cuda or MultiTaskTrainer.emulate_cuda_graphs)
     shapes_note = checks.compile_shapes_advice(training_args, mt_args)
@@ -413,6 +421,12 @@ def preflight(
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The run; the output folder it claims is let go however it ends (the previous run put back on failure)."""
+    with run_folder.OutputClaim() as claim:
+        return run(argv, claim)
+
+
+def run(argv: list[str] | None, claim: run_folder.OutputClaim) -> dict:
     checks.use_cpu_backend_without_accelerator()
     threads_note = checks.use_every_core_in_a_lone_cpu_process()
     model_args, data_args, question_args, mt_args, training_args = parse_args(argv)
@@ -437,10 +451,6 @@ def main(argv: list[str] | None = None) -> dict:
     with training_args.main_process_first(desc="loading and tokenizing the data"):
         mt = mtdata.build_data(tasks, tokenizer, data_args, seed=training_args.data_seed or training_args.seed)
     log_data(tasks, mt, tokenizer)
-    if resume_from is None and mt_args.overwrite_output_dir:
-        with training_args.main_process_first(local=False, desc="clearing the output folder"):
-            if training_args.process_index == 0:
-                clear_output_dir(training_args)
 
     # Model
     model = MultiTaskModel.from_encoder(encoder_path, config=config, attn_implementation=model_args.attn_implementation)
@@ -451,6 +461,14 @@ def main(argv: list[str] | None = None) -> dict:
         f"Parameters: {trainable:,} trainable of {total:,} total ({100 * trainable / total:.1f}%); "
         f"freeze={mt_args.freeze} unfreeze={mt_args.unfreeze}"
     )
+
+    # The last check (free space for the first save), then the first write: the lock, and the run that
+    # --overwrite_output_dir replaces set aside
+    needed = run_folder.estimate_save_bytes(
+        model, training_args.save_strategy != "no", mt_args.export_sentence_transformers == "inline"
+    )
+    replace = resume_from is None and mt_args.overwrite_output_dir
+    previous = claim.take(training_args, replace=replace, needed_bytes=needed)
 
     # Trainer
     trainer = MultiTaskTrainer(
@@ -491,6 +509,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Training
     started = time.time()
     train_result = train(trainer, resume_from, mt_args)
+    checks.check_took_steps(trainer.state, training_args)
     counts = {"wall_seconds": time.time() - started, "trainable_parameters": trainable, "total_parameters": total}
     if trainer.step_graphs is not None:
         logger.info("--cuda_graphs: %s", trainer.step_graphs.summary())
@@ -505,11 +524,61 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = run_metrics(tasks, mt, trainer, train_result, evals, heuristics, counts, args)
 
     # Save: model, tokenizer, metrics.json, plots and the model card (README.md); then the upload
-    save_and_push(trainer, tokenizer, metrics, mt_args.export_sentence_transformers, hub_repo)
+    save_and_push(
+        trainer, tokenizer, metrics, mt_args.export_sentence_transformers, hub_repo, on_saved=previous.discard
+    )
     for name, values in final.items():
         logger.info("final %s: %s", name, {k: round(v, 4) for k, v in values.items()})
     return metrics
 
 
+def _stop_on_signal(signum, frame):
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, or None for a bug (which keeps its traceback)."""
+    if isinstance(err, OSError):
+        return run_folder.os_error_message(err)
+    if isinstance(err, run_folder.RunFolderError):
+        return str(err)
+    full_disk = run_folder.no_space_message(err, "the output folder's disk")
+    if full_disk:
+        return full_disk
+    if isinstance(err, torch.OutOfMemoryError):
+        return f"out of device memory ({str(err).splitlines()[0][:200]}); lower --per_device_train_batch_size"
+    if isinstance(err, KeyboardInterrupt):
+        return str(err) or "interrupted (Ctrl-C)"
+    if isinstance(err, (ValueError, FloatingPointError)):
+        return str(err) or type(err).__name__
+    return None
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`python train.py ...`: `main`, with a refusal or an OS error printed as `error: <message>` on stderr (exit
+    1, no traceback; MULTITASK_DEBUG=1 shows it) and SIGTERM or SIGHUP handled like Ctrl-C, so that the previous
+    run is put back and the lock released (exit 130)."""
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum, handler in handlers.items():
+        if handler is signal.SIG_DFL:
+            signal.signal(signum, _stop_on_signal)
+    try:
+        main(argv)
+    except (Exception, KeyboardInterrupt) as err:
+        message = user_error_message(err)
+        if message is None or os.environ.get("MULTITASK_DEBUG", "0") not in ("", "0"):
+            raise
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()  # ends an interrupted progress bar's line, so that the message starts a line of its own
+        print(f"error: {message}", file=sys.stderr)
+        return 130 if isinstance(err, KeyboardInterrupt) else 1
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return 0
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

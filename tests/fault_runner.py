@@ -1,11 +1,12 @@
-"""Run `train.main()` in a subprocess with fault hooks; tests/test_e2e.py drives it.
+"""Run `train.cli()` (`python train.py`) in a subprocess with fault hooks; tests/test_e2e.py drives it.
 
     python tests/fault_runner.py CONFIG.yaml --flag value ...
 
 Environment:
 - MT_BLOCK_NETWORK=FILE: every IP socket connect and DNS lookup raises OSError and is appended to FILE
   (installed before anything else is imported, so no library holds an unpatched reference).
-- MT_PAUSE_AFTER_CHECKPOINT=N: once checkpoint-N is complete, write MT_SIGNAL and hang (the test SIGKILLs).
+- MT_PAUSE_AFTER_CHECKPOINT=N: once checkpoint-N is complete, write MT_SIGNAL and hang (the test SIGKILLs or
+  SIGTERMs it), or with MT_CONTINUE=FILE wait until FILE exists and go on.
 - MT_PAUSE_DURING_CHECKPOINT=N: while checkpoint N is half written (model and optimizer saved, RNG state not),
   write MT_SIGNAL and hang.
 - MT_NAN_HEAD=TASK:RANK: in process RANK only, that task's head outputs NaN (a forward hook: DDP copies rank 0's
@@ -52,8 +53,9 @@ def _block_network(log_path: str) -> None:
 
 def _hang(signal_path: str) -> None:
     Path(signal_path).write_text("paused", encoding="utf-8")
-    while True:  # until the test kills this process
-        time.sleep(1)
+    go_on = os.environ.get("MT_CONTINUE")
+    while not (go_on and Path(go_on).exists()):  # until the test kills this process or lets it go on
+        time.sleep(0.2)
 
 
 def _install_pauses(trainer_cls) -> None:
@@ -101,4 +103,4 @@ if __name__ == "__main__":
     _install_pauses(train.MultiTaskTrainer)
     if os.environ.get("MT_NAN_HEAD"):
         _install_nan_head(train.MultiTaskTrainer, os.environ["MT_NAN_HEAD"])
-    train.main(sys.argv[1:])
+    sys.exit(train.cli(sys.argv[1:]))
