@@ -210,11 +210,15 @@ def export(
 def quantize(source: Path, target: Path) -> Path:
     """Dynamic int8 quantization of the MatMul weights (activations quantized on the fly); see bench/inference.py
     for its measured accuracy cost."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     partial = target.with_name(f".{target.name}.partial")
     try:
-        quantize_dynamic(str(source), str(partial), weight_type=QuantType.QInt8)
+        # The fused graph's contrib ops (Attention, SkipLayerNormalization) have no ONNX shape inference: their
+        # outputs are float32, which the quantizer is told instead of inferring.
+        extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+        quantize_dynamic(str(source), str(partial), weight_type=QuantType.QInt8, extra_options=extra)
         _write_metadata(partial, read_metadata(source))
         os.replace(partial, target)
     finally:
