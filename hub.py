@@ -458,12 +458,10 @@ def main(argv: list[str] | None = None) -> None:
         render_card(args.output_dir, model_id=args.model_id)
         print(Path(args.output_dir) / "README.md")
     elif args.command == "export-st":
-        from transformers import AutoTokenizer
+        from predict import load_model, load_tokenizer  # this repository's class, safetensors only, no folder code
 
-        from modeling_multitask import MultiTaskModel
-
-        model = MultiTaskModel.from_pretrained(args.output_dir)
-        export_sentence_transformers(model, AutoTokenizer.from_pretrained(args.output_dir), args.destination)
+        model = load_model(args.output_dir, device="cpu")
+        export_sentence_transformers(model, load_tokenizer(args.output_dir), args.destination)
         print(args.destination)
     else:
         check_push_credentials(args.hub_token)

@@ -134,12 +134,15 @@ def load(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}.")
-    tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
     if backend == "onnx":
         import onnx_export
 
-        return onnx_export.load_onnx_model(model_name_or_path, trust_remote_code=trust_remote_code), tokenizer
-    return load_model(model_name_or_path, trust_remote_code, device), tokenizer
+        if device not in (None, "cpu"):
+            raise ValueError(f"--backend onnx runs on the CPU (onnxruntime's CPU provider); got --device {device}.")
+        model = onnx_export.load_onnx_model(model_name_or_path, trust_remote_code=trust_remote_code)
+    else:
+        model = load_model(model_name_or_path, trust_remote_code, device)
+    return model, load_tokenizer(model_name_or_path, trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------------------------
