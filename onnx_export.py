@@ -2,7 +2,7 @@
 
     python onnx_export.py runs/quick            # writes runs/quick/onnx/model.onnx
     python onnx_export.py runs/quick --int8     # also runs/quick/onnx/model_int8.onnx (dynamic int8 quantization)
-    python predict.py runs/quick --backend onnx "is this any good"   # exports on first use, then reuses the file
+    python predict.py runs/quick "is this any good" --backend onnx   # exports on first use, then reuses the file
 
 The graph takes `input_ids`, `attention_mask` (and `token_type_ids` where the encoder has them), each
 `(batch, seq)` with both axes dynamic, and returns `embeddings` `(batch, hidden)` and one `logits.<task>`

@@ -226,8 +226,11 @@ def int8_agreement(runs: dict, texts: list[str]) -> dict | None:
     return agreement
 
 
-def stream_cli(model_dir: Path, texts: list[str], lines: int, backend: str, batch_size: int) -> dict:
-    """predict.py on `lines` stdin lines, fed by a thread: time to the first output line, total time, peak RSS."""
+def stream_cli(
+    model_dir: Path, texts: list[str], lines: int, backend: str, batch_size: int, limit: float | None = None
+) -> dict:
+    """predict.py on `lines` stdin lines, fed by a thread: time to the first output line, total time, peak RSS.
+    With `limit` (seconds), the process is stopped then and the figures cover what it wrote until then."""
     import os
     import subprocess
     import sys
@@ -260,7 +263,16 @@ def stream_cli(model_dir: Path, texts: list[str], lines: int, backend: str, batc
                 return
             threading.Event().wait(0.05)
 
-    threading.Thread(target=write, daemon=True).start()
+    def write_until_stopped() -> None:
+        try:
+            write()
+        except (BrokenPipeError, ValueError):  # stopped at the limit
+            pass
+
+    threading.Thread(target=write_until_stopped, daemon=True).start()
+    stopper = threading.Timer(limit, process.kill) if limit else None
+    if stopper is not None:
+        stopper.start()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     first_line = process.stdout.readline()
@@ -271,14 +283,18 @@ def stream_cli(model_dir: Path, texts: list[str], lines: int, backend: str, batc
     total = now() - started
     code = process.wait()
     sampler.join()
+    stopped = stopper is not None and not stopper.is_alive() and count < lines
+    if stopper is not None:
+        stopper.cancel()
     return {
+        "stopped_at_limit_seconds": limit if stopped else None,
         "backend": backend,
         "lines": lines,
         "lines_written": count,
         "exit_code": code,
         "first_line_seconds": first,
         "total_seconds": total,
-        "texts_per_second": count / max(total - first, 1e-9),
+        "texts_per_second": (count - 1) / max(total - first, 1e-9),
         "peak_rss_mb": peak[0] / 2**20,
     }
 
@@ -300,10 +316,13 @@ def stream_main(args, texts: list[str], encoder_path: str, info: dict) -> dict:
             import onnx_export
 
             onnx_export.export(folder)  # once, before the clock: predict.py would otherwise export on first use
-        results = [stream_cli(folder, texts, args.stream_lines, b, args.batch_size) for b in args.backends]
+        results = [
+            stream_cli(folder, texts, args.stream_lines, b, args.batch_size, args.stream_seconds) for b in args.backends
+        ]
     rows = [
         [f"`--backend {r['backend']}`", r["lines_written"], r["first_line_seconds"], r["total_seconds"],
-         r["texts_per_second"], r["peak_rss_mb"], r["exit_code"]]
+         r["texts_per_second"], r["peak_rss_mb"],
+         f"stopped at {r['stopped_at_limit_seconds']:.0f} s" if r["stopped_at_limit_seconds"] else r["exit_code"]]
         for r in results
     ]  # fmt: skip
     columns = ["predict.py", "lines out", "first line s", "total s", "texts/s after the first line", "peak RSS MiB", "exit"]
@@ -329,6 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_texts", type=int, default=None, help="Use only the first N texts.")
     parser.add_argument("--attn_implementation", default="sdpa")
     parser.add_argument("--stream_lines", type=int, default=None, help="Measure predict.py on this many stdin lines.")
+    parser.add_argument(
+        "--stream_seconds", type=float, default=None, help="Stop each predict.py run after this many seconds."
+    )
     parser.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
     args = parser.parse_args(argv)
 

@@ -205,6 +205,16 @@ def test_inference_compares_like_with_like(tiny_encoder_dir, shared_data_dir):
     assert set(result["int8_agreement"]) >= {"label_agreement.sentiment", "embedding_cosine_mean"}
 
 
+def test_inference_stream_measures_predict_py_on_stdin(tiny_encoder_dir, shared_data_dir):
+    import inference
+
+    argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(shared_data_dir), "--device", "cpu"]
+    result = inference.main(argv + ["--stream_lines", "300", "--batch_size", "16", "--backends", "torch", "onnx"])
+    for run in result["results"]:
+        assert run["exit_code"] == 0 and run["lines_written"] == 300 and run["stopped_at_limit_seconds"] is None
+        assert 0 < run["first_line_seconds"] < run["total_seconds"] and run["peak_rss_mb"] > 0
+
+
 def test_inference_texts_are_sst2_validation_and_trec_test(shared_data_dir):
     import pandas as pd
 
