@@ -239,10 +239,14 @@ def load_onnx_model(
     from predict import check_weights
 
     check_weights(folder)
-    fresh = path.is_file() and read_metadata(path).get("multitask_weights_sha256") == weights_digest(folder)
-    if not fresh:
-        logger.info("Exporting %s to ONNX (%s)", folder, "stale export" if path.is_file() else "first use")
-        export(folder, int8=int8, trust_remote_code=trust_remote_code)
+    if path.is_file():
+        model = OnnxMultiTaskModel(path, threads=threads)
+        if model.metadata.get("multitask_weights_sha256") == weights_digest(folder):
+            return model
+        logger.info("Exporting %s to ONNX again: its weights changed since %s was written", folder, path)
+    else:
+        logger.info("Exporting %s to ONNX (first use)", folder)
+    export(folder, int8=int8, trust_remote_code=trust_remote_code)
     return OnnxMultiTaskModel(path, threads=threads)
 
 
@@ -258,7 +262,7 @@ class OnnxMultiTaskModel:
         options.inter_op_num_threads = 1
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        metadata = self.session.get_modelmeta().custom_metadata_map
+        metadata = self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.tasks = [
             {**task, "id2label": {int(k): v for k, v in task["id2label"].items()}}
             for task in json.loads(metadata["multitask_tasks"])
@@ -269,11 +273,13 @@ class OnnxMultiTaskModel:
         self.max_length = int(metadata.get("multitask_max_positions") or 512)
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None) -> dict:
-        feed = {"input_ids": np.asarray(input_ids, dtype=np.int64), "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
+        feed = {
+            "input_ids": np.asarray(input_ids, dtype=np.int64),
+            "attention_mask": np.asarray(attention_mask, dtype=np.int64),
+        }
         if "token_type_ids" in self.input_names:
-            feed["token_type_ids"] = (
-                np.zeros_like(feed["input_ids"]) if token_type_ids is None else np.asarray(token_type_ids, dtype=np.int64)
-            )
+            types = np.zeros_like(feed["input_ids"]) if token_type_ids is None else token_type_ids
+            feed["token_type_ids"] = np.asarray(types, dtype=np.int64)
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
         logits = {task["name"]: outputs[f"logits.{task['name']}"] for task in self.tasks}
         return {"embeddings": outputs["embeddings"], "logits": logits}
@@ -306,7 +312,8 @@ class OnnxMultiTaskModel:
         with hf_logging.tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as bar:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                batch = tokenizer.pad([{k: encoded[k][i] for k in keys} for i in rows], padding="longest", return_tensors="np")
+                rows_encoded = [{k: encoded[k][i] for k in keys} for i in rows]
+                batch = tokenizer.pad(rows_encoded, padding="longest", return_tensors="np")
                 output = self(**batch)
                 labels, scores = {}, {}
                 for name, logits in output["logits"].items():
@@ -338,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s - %(name)s - %(message)s", stream=sys.stderr)
     try:
-        path = export(args.model_dir, int8=args.int8, trust_remote_code=args.trust_remote_code, optimize=not args.no_optimize)
+        path = export(
+            args.model_dir, int8=args.int8, trust_remote_code=args.trust_remote_code, optimize=not args.no_optimize
+        )
     except (ValueError, OSError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1

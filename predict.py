@@ -291,7 +291,9 @@ def run(args: argparse.Namespace) -> int:
                 max_length=args.max_length,
                 return_embeddings=args.embeddings,
             )
-            out.write("".join(json.dumps({"text": t, **r}, ensure_ascii=False) + "\n" for (_, t), r in zip(window, results)))
+            pairs = zip(window, results)
+            lines = (json.dumps({"text": text, **result}, ensure_ascii=False) for (_, text), result in pairs)
+            out.write("".join(line + "\n" for line in lines))
             out.flush()
             written += len(window)
             if bar is None and (total or written) >= PROGRESS_MIN_TEXTS:
@@ -308,7 +310,10 @@ def run(args: argparse.Namespace) -> int:
     if texts.skipped:
         logger.warning("Skipped %d blank line(s).", texts.skipped)
     if written == 0:
-        raise ValueError(f"No texts to label: {texts.where} was empty. Pass texts as arguments, with --file, or on stdin.")
+        found = "held only blank lines" if texts.skipped else "was empty"
+        raise ValueError(
+            f"No texts to label: {texts.where} {found}. Pass texts as arguments, with --file, or on stdin."
+        )
     return written
 
 

@@ -219,7 +219,10 @@ def int8_agreement(runs: dict, texts: list[str]) -> dict | None:
         return None
     full, int8 = runs["ours_onnx"](texts), runs["ours_onnx_int8"](texts)
     tasks = [k for k in full[0] if k != "embedding"]
-    agreement = {f"label_agreement.{t}": float(np.mean([a[t]["label"] == b[t]["label"] for a, b in zip(full, int8)])) for t in tasks}
+    agreement = {
+        f"label_agreement.{t}": float(np.mean([a[t]["label"] == b[t]["label"] for a, b in zip(full, int8)]))
+        for t in tasks
+    }
     a, b = _normalised([r["embedding"] for r in full]), _normalised([r["embedding"] for r in int8])
     cosine = (a * b).sum(-1)
     agreement.update({"embedding_cosine_mean": float(cosine.mean()), "embedding_cosine_min": float(cosine.min())})
@@ -325,7 +328,8 @@ def stream_main(args, texts: list[str], encoder_path: str, info: dict) -> dict:
          f"stopped at {r['stopped_at_limit_seconds']:.0f} s" if r["stopped_at_limit_seconds"] else r["exit_code"]]
         for r in results
     ]  # fmt: skip
-    columns = ["predict.py", "lines out", "first line s", "total s", "texts/s after the first line", "peak RSS MiB", "exit"]
+    columns = ["predict.py", "lines out", "first line s", "total s", "texts/s after the first line", "peak RSS MiB"]
+    columns.append("exit")
     table = markdown_table(columns, rows)
     result = {"benchmark": "predict_stream", "setting": info, "results": results}
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "note")}
@@ -456,7 +460,8 @@ def main(argv: list[str] | None = None) -> dict:
         + ", ".join(f"{k} {v:.1e}" for k, v in agreement.items()),
         None
         if parity is None
-        else "ONNX graph vs torch, max |diff| on 4 padded batches: " + ", ".join(f"{k} {v:.1e}" for k, v in parity.items()),
+        else "ONNX graph vs torch, max |diff| on 4 padded batches: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in parity.items()),
         None
         if int8 is None
         else "int8 vs float32 graph (untrained heads): " + ", ".join(f"{k} {v:.4f}" for k, v in int8.items()),

@@ -68,7 +68,8 @@ def test_one_graph_with_dynamic_batch_and_length_equals_torch(model_dir, exporte
     model = MultiTaskModel.from_pretrained(model_dir).eval()
     onnx_model = onnx_export.OnnxMultiTaskModel(exported)
     tokenizer = load_tokenizer(model_dir)
-    for texts in (TEXTS, TEXTS[2:4], [TEXTS[1]] * 7, [TEXTS[0]]):  # other batch sizes and lengths than the export's sample
+    # Other batch sizes and lengths than the export's sample.
+    for texts in (TEXTS, TEXTS[2:4], [TEXTS[1]] * 7, [TEXTS[0]]):
         batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
         assert len(set(texts)) == 1 or len({int(n) for n in batch["attention_mask"].sum(1)}) > 1  # really padded
         diffs = onnx_export.parity(model, onnx_model, batch)
@@ -88,7 +89,8 @@ def test_onnx_predict_equals_torch_predict(model_dir, exported):
     assert len({r["question"]["label"] for r in want}) > 1  # the labels differ between texts
     for a, b in zip(want, got):
         for task in ("sentiment", "question"):
-            assert a[task]["label"] == b[task]["label"] and math.isclose(a[task]["score"], b[task]["score"], abs_tol=1e-5)
+            assert a[task]["label"] == b[task]["label"]
+            assert math.isclose(a[task]["score"], b[task]["score"], abs_tol=1e-5)
         assert np.abs(np.array(a["embedding"]) - np.array(b["embedding"])).max() <= 1e-4
 
 

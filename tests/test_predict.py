@@ -250,7 +250,8 @@ def test_cli_refuses_another_model_type_without_trust(saved_model, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
     done = _run_cli(folder, "x", env=_env(tmp_path))
-    assert done.returncode == 1 and "config.json has model_type 'bert', expected 'multitask_sentence_encoder'" in done.stderr
+    assert done.returncode == 1
+    assert "config.json has model_type 'bert', expected 'multitask_sentence_encoder'" in done.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------
