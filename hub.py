@@ -650,14 +650,12 @@ def main(argv: list[str] | None = None) -> None:
         render_card(args.output_dir, model_id=args.model_id)
         print(Path(args.output_dir) / "README.md")
     elif args.command == "export-st":
-        from transformers import AutoTokenizer
-
-        from modeling_multitask import MultiTaskModel
+        from predict import load_model, load_tokenizer  # this repository's class, safetensors only, no folder code
 
         import checkpoints
 
-        model = MultiTaskModel.from_pretrained(args.output_dir)
-        names = export_sentence_transformers(model, AutoTokenizer.from_pretrained(args.output_dir), args.destination)
+        model = load_model(args.output_dir, device="cpu")
+        names = export_sentence_transformers(model, load_tokenizer(args.output_dir), args.destination)
         checkpoints.write_manifest(args.destination, names)  # what `hub.py push DESTINATION` uploads
         print(args.destination)
     else:

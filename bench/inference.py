@@ -1,19 +1,35 @@
-"""Inference: sentence embeddings per second against sentence-transformers, and both task heads in one pass
-against one single-task classifier, on the same texts (SST-2 validation + TREC test), encoder and batch size.
+"""Inference: sentence embeddings per second against sentence-transformers (torch and ONNX), our model under torch
+and under onnxruntime, and both task heads in one pass against one single-task classifier, on the same texts
+(SST-2 validation + TREC test), encoder and batch size.
 
 Runs (`--runs`):
   st_encode     SentenceTransformer(encoder).encode(texts, batch_size): its own length sorting, mean pooling,
                 normalisation, numpy output.
+  st_onnx       the same encode() with the encoder run by onnxruntime, as SentenceTransformer(..., backend="onnx")
+                runs it: the encoder alone exported to ONNX (last_hidden_state), onnxruntime's default session,
+                pooling and normalisation in sentence-transformers. A stand-in: that backend needs optimum-onnx,
+                whose only release requires transformers < 4.58 (this repository is on transformers 5).
   ours_embed    MultiTaskModel.predict(texts, tokenizer, batch_size, return_embeddings=True): embeddings plus both
                 tasks' labels, per-text dicts (the product path; it does more than st_encode).
+  ours_onnx     the same through onnx_export.OnnxMultiTaskModel.predict: one ONNX graph (encoder, pooling, both
+                heads) exported by onnx_export.py, fused by onnxruntime's transformer optimizer.
+  ours_onnx_int8  ours_onnx on the dynamically int8-quantized graph; its cost is reported as the agreement of its
+                labels and embeddings with the float32 graph's.
   single_task   AutoModelForSequenceClassification on the same encoder, the same length-sorted batches and per-text
                 {"label", "score"} output: what one classifier per task costs.
   ours_both     MultiTaskModel.predict(texts, tokenizer, batch_size): both tasks' labels from one encoder pass.
 
 Every run first handles one batch untimed, then the runs take turns (`--repeats` rounds) so that a change in
 machine load hits all of them alike; the table gives the median pass. Heads are untrained: speed is the same.
+onnxruntime uses one intra-op thread per visible core; torch keeps its default (also one per core).
 
     python bench/inference.py --repeats 3 --out bench/RESULTS.md
+    python bench/inference.py --runs st_encode st_onnx ours_embed ours_onnx ours_onnx_int8 --repeats 3
+
+`--stream_lines N` measures `predict.py` itself instead: N lines (the texts above, cycled) written to its stdin by
+a separate thread, the time to its first output line, its throughput and its peak RSS, for each `--backends`.
+
+    python bench/inference.py --stream_lines 100000 --backends torch onnx
 """
 
 from __future__ import annotations
@@ -21,6 +37,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+from pathlib import Path
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
@@ -28,7 +45,8 @@ import torch
 from common import PeakMemory, free_memory, markdown_table, now, report, resolve_device, resolve_encoder, setting
 
 logger = logging.getLogger("bench")
-RUNS = ("st_encode", "ours_embed", "single_task", "ours_both")
+RUNS = ("st_encode", "st_onnx", "ours_embed", "ours_onnx", "ours_onnx_int8", "single_task", "ours_both")
+ONNX_RUNS = {"ours_onnx", "ours_onnx_int8"}
 
 
 def load_texts(data_dir: str, limit: int | None) -> list[str]:
@@ -58,8 +76,55 @@ def predict_single(model, tokenizer, texts: list[str], batch_size: int) -> list[
     return [{"label": model.config.id2label[k], "score": s} for k, s in zip(labels.tolist(), scores.tolist())]
 
 
-def build_runs(names: list[str], encoder_path: str, device: str, tokenizer, batch_size: int, attn: str) -> dict:
-    """name -> a function of the texts; each model loaded once, in eval mode, on the device.
+class OrtEncoder(torch.nn.Module):
+    """An ONNX encoder in the place of sentence-transformers' `auto_model`, as optimum's ORTModelForFeatureExtraction
+    sits there under backend="onnx": numpy in, onnxruntime's default session, `last_hidden_state` back as torch."""
+
+    def __init__(self, path: str, config):
+        import onnxruntime as ort
+
+        super().__init__()
+        self.config = config
+        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, **_):
+        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        if "token_type_ids" in self.input_names:
+            feed["token_type_ids"] = (torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids).numpy()
+        (hidden,) = self.session.run(["last_hidden_state"], feed)
+        return {"last_hidden_state": torch.from_numpy(hidden)}
+
+
+def export_encoder(encoder_path: str, path: Path) -> None:
+    """The encoder alone to ONNX, inputs and output as optimum's feature-extraction export names them."""
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(encoder_path, attn_implementation="eager", dtype=torch.float32).eval()
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+
+    ids = torch.tensor([[101, 2023, 2003, 102], [101, 2023, 102, 0]])
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    with torch.no_grad():
+        torch.onnx.export(
+            LastHiddenState(encoder), (ids, (ids > 0).long(), torch.zeros_like(ids)), str(path), dynamo=False,
+            opset_version=17, input_names=names, output_names=["last_hidden_state"],
+            dynamic_axes={n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]},
+        )  # fmt: skip
+
+
+def build_runs(names: list[str], encoder_path: str, device: str, tokenizer, batch_size: int, attn: str, work: Path):
+    """name -> a function of the texts; each model loaded once, in eval mode, on the device. Also returns the
+    models the checks need (`ours`, `onnx`, `onnx_int8`).
 
     Weights are float32 whatever dtype the checkpoint was saved in (transformers v5 otherwise keeps the saved
     dtype, e.g. a float16 copy made to travel light).
@@ -69,37 +134,213 @@ def build_runs(names: list[str], encoder_path: str, device: str, tokenizer, batc
     import data as mtdata
     from modeling_multitask import MultiTaskModel
 
-    runs = {}
-    if {"ours_embed", "ours_both"} & set(names):
+    runs, models = {}, {}
+    if ({"ours_embed", "ours_both"} | ONNX_RUNS) & set(names):
         tasks = [t.to_config() for t in mtdata.get_tasks(["sentiment", "question"])]
         ours = MultiTaskModel.from_encoder(encoder_path, tasks=tasks, attn_implementation=attn, dtype=torch.float32)
-        ours = ours.to(device).eval()
+        ours = models["ours"] = ours.to(device).eval()
         runs["ours_embed"] = lambda texts: ours.predict(texts, tokenizer, batch_size, return_embeddings=True)
         runs["ours_both"] = lambda texts: ours.predict(texts, tokenizer, batch_size)
-    if "st_encode" in names:
+    if ONNX_RUNS & set(names):
+        import onnx_export
+
+        folder = work / "ours"
+        ours.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        onnx_export.export(folder, int8="ours_onnx_int8" in names)
+        onnx = models["onnx"] = onnx_export.OnnxMultiTaskModel(folder / onnx_export.ONNX_DIR / onnx_export.ONNX_FILE)
+        runs["ours_onnx"] = lambda texts: onnx.predict(texts, tokenizer, batch_size, return_embeddings=True)
+        if "ours_onnx_int8" in names:
+            int8 = onnx_export.OnnxMultiTaskModel(folder / onnx_export.ONNX_DIR / onnx_export.INT8_FILE)
+            models["onnx_int8"] = int8
+            runs["ours_onnx_int8"] = lambda texts: int8.predict(texts, tokenizer, batch_size, return_embeddings=True)
+    if {"st_encode", "st_onnx"} & set(names):
         from sentence_transformers import SentenceTransformer
 
         model_kwargs = {"attn_implementation": attn, "dtype": torch.float32}
         st = SentenceTransformer(encoder_path, device=device, model_kwargs=model_kwargs)
         runs["st_encode"] = lambda texts: st.encode(texts, batch_size=batch_size, show_progress_bar=False)
+    if "st_onnx" in names:
+        path = work / "st_encoder.onnx"
+        export_encoder(encoder_path, path)
+        st_onnx = SentenceTransformer(encoder_path, device="cpu", model_kwargs=model_kwargs)
+        st_onnx[0].model = OrtEncoder(str(path), st_onnx[0].model.config)
+        runs["st_onnx"] = lambda texts: st_onnx.encode(texts, batch_size=batch_size, show_progress_bar=False)
     if "single_task" in names:
         single = AutoModelForSequenceClassification.from_pretrained(
             encoder_path, num_labels=2, attn_implementation=attn, dtype=torch.float32
         )
         single = single.to(device).eval()
         runs["single_task"] = lambda texts: predict_single(single, tokenizer, texts, batch_size)
-    return {name: runs[name] for name in names}
+    return {name: runs[name] for name in names}, models
 
 
-def embedding_agreement(runs: dict, texts: list[str]) -> float | None:
-    """Largest difference between our (normalised) embeddings and sentence-transformers': same encoder, same maths."""
-    if "st_encode" not in runs or "ours_embed" not in runs:
-        return None
+def _normalised(rows) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.as_tensor(np.asarray(rows)).float(), dim=-1)
+
+
+def embedding_agreement(runs: dict, texts: list[str]) -> dict[str, float]:
+    """Largest difference between each run's (normalised) embeddings and sentence-transformers': same encoder,
+    same maths."""
+    if "st_encode" not in runs:
+        return {}
     sample = texts[:256]
     # Normalised both sides: a model folder may or may not hold sentence-transformers' Normalize module.
-    theirs = torch.nn.functional.normalize(torch.as_tensor(np.asarray(runs["st_encode"](sample))).float(), dim=-1)
-    ours = torch.nn.functional.normalize(torch.tensor([r["embedding"] for r in runs["ours_embed"](sample)]), dim=-1)
-    return float((ours - theirs).abs().max())
+    theirs = _normalised(runs["st_encode"](sample))
+    diffs = {}
+    for name in ("st_onnx", "ours_embed", "ours_onnx"):
+        if name in runs:
+            out = runs[name](sample)
+            ours = _normalised([r["embedding"] for r in out] if isinstance(out, list) else out)
+            diffs[name] = float((ours - theirs).abs().max())
+    return diffs
+
+
+def onnx_parity(models: dict, tokenizer, texts: list[str], batch_size: int) -> dict | None:
+    """Max |torch - onnx| on embeddings and logits over padded batches of real texts (mixed lengths)."""
+    import onnx_export
+
+    if "onnx" not in models:
+        return None
+    worst: dict[str, float] = {}
+    ours = models["ours"].cpu()
+    for start in range(0, min(len(texts), 4 * batch_size), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt")
+        for key, value in onnx_export.parity(ours, models["onnx"], dict(batch)).items():
+            worst[key] = max(worst.get(key, 0.0), value)
+    return worst
+
+
+def int8_agreement(runs: dict, texts: list[str]) -> dict | None:
+    """What int8 costs: the share of texts whose label it keeps, per task, and the cosine of its embeddings to the
+    float32 graph's (untrained heads: a trained model's margins are larger, so label agreement is a lower bound
+    only in spirit; the embedding cosine is the model-independent figure)."""
+    if not {"ours_onnx", "ours_onnx_int8"} <= set(runs):
+        return None
+    full, int8 = runs["ours_onnx"](texts), runs["ours_onnx_int8"](texts)
+    tasks = [k for k in full[0] if k != "embedding"]
+    agreement = {
+        f"label_agreement.{t}": float(np.mean([a[t]["label"] == b[t]["label"] for a, b in zip(full, int8)]))
+        for t in tasks
+    }
+    a, b = _normalised([r["embedding"] for r in full]), _normalised([r["embedding"] for r in int8])
+    cosine = (a * b).sum(-1)
+    agreement.update({"embedding_cosine_mean": float(cosine.mean()), "embedding_cosine_min": float(cosine.min())})
+    return agreement
+
+
+def stream_cli(
+    model_dir: Path, texts: list[str], lines: int, backend: str, batch_size: int, limit: float | None = None
+) -> dict:
+    """predict.py on `lines` stdin lines, fed by a thread: time to the first output line, total time, peak RSS.
+    With `limit` (seconds), the process is stopped then and the figures cover what it wrote until then."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    import psutil
+
+    feed = [texts[i % len(texts)].replace("\n", " ") for i in range(lines)]
+    command = [sys.executable, str(common.ROOT / "predict.py"), str(model_dir), "--batch_size", str(batch_size)]
+    command += ["--backend", backend]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    started = now()
+    process = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
+    )
+
+    def write() -> None:
+        for start in range(0, len(feed), 1000):
+            process.stdin.write("\n".join(feed[start : start + 1000]) + "\n")
+        process.stdin.close()
+
+    peak = [0]
+
+    def sample() -> None:
+        watched = psutil.Process(process.pid)
+        while process.poll() is None:
+            try:
+                peak[0] = max(peak[0], watched.memory_info().rss)
+            except psutil.NoSuchProcess:
+                return
+            threading.Event().wait(0.05)
+
+    def write_until_stopped() -> None:
+        try:
+            write()
+        except (BrokenPipeError, ValueError):  # stopped at the limit
+            pass
+
+    threading.Thread(target=write_until_stopped, daemon=True).start()
+    stopper = threading.Timer(limit, process.kill) if limit else None
+    if stopper is not None:
+        stopper.start()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    first_line = process.stdout.readline()
+    first = now() - started
+    count = 1 if first_line else 0
+    for _ in process.stdout:
+        count += 1
+    total = now() - started
+    code = process.wait()
+    sampler.join()
+    stopped = stopper is not None and not stopper.is_alive() and count < lines
+    if stopper is not None:
+        stopper.cancel()
+    return {
+        "stopped_at_limit_seconds": limit if stopped else None,
+        "backend": backend,
+        "lines": lines,
+        "lines_written": count,
+        "exit_code": code,
+        "first_line_seconds": first,
+        "total_seconds": total,
+        "texts_per_second": (count - 1) / max(total - first, 1e-9),
+        "peak_rss_mb": peak[0] / 2**20,
+    }
+
+
+def stream_main(args, texts: list[str], encoder_path: str, info: dict) -> dict:
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    import data as mtdata
+    from modeling_multitask import MultiTaskModel
+
+    with tempfile.TemporaryDirectory() as work:
+        folder = Path(work) / "model"
+        tasks = [t.to_config() for t in mtdata.get_tasks(["sentiment", "question"])]
+        MultiTaskModel.from_encoder(encoder_path, tasks=tasks).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(encoder_path).save_pretrained(folder)
+        if "onnx" in args.backends:
+            import onnx_export
+
+            onnx_export.export(folder)  # once, before the clock: predict.py would otherwise export on first use
+        results = [
+            stream_cli(folder, texts, args.stream_lines, b, args.batch_size, args.stream_seconds) for b in args.backends
+        ]
+    rows = [
+        [f"`--backend {r['backend']}`", r["lines_written"], r["first_line_seconds"], r["total_seconds"],
+         r["texts_per_second"], r["peak_rss_mb"],
+         f"stopped at {r['stopped_at_limit_seconds']:.0f} s" if r["stopped_at_limit_seconds"] else r["exit_code"]]
+        for r in results
+    ]  # fmt: skip
+    columns = ["predict.py", "lines out", "first line s", "total s", "texts/s after the first line", "peak RSS MiB"]
+    columns.append("exit")
+    table = markdown_table(columns, rows)
+    result = {"benchmark": "predict_stream", "setting": info, "results": results}
+    result["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "note")}
+    notes = [
+        f"{args.stream_lines} stdin lines (SST-2 validation + TREC test, cycled), batch size {args.batch_size}, "
+        f"encoder {args.encoder} with untrained heads, saved by save_pretrained; the clock starts at process launch "
+        "(imports and model loading included)",
+        args.note,
+    ]
+    report("predict.py streaming stdin (cpu)", table, result, args.out, notes)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,6 +351,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="Timed passes over all texts per run.")
     parser.add_argument("--max_texts", type=int, default=None, help="Use only the first N texts.")
     parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--stream_lines", type=int, default=None, help="Measure predict.py on this many stdin lines.")
+    parser.add_argument(
+        "--stream_seconds", type=float, default=None, help="Stop each predict.py run after this many seconds."
+    )
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
     args = parser.parse_args(argv)
 
     common.quiet_libraries()
@@ -118,28 +364,39 @@ def main(argv: list[str] | None = None) -> dict:
     encoder_path = resolve_encoder(args.encoder)
     info = setting(device)
     texts = load_texts(args.data_dir, args.max_texts)
+    if args.stream_lines:
+        return stream_main(args, texts, encoder_path, info)
+    if ONNX_RUNS & set(args.runs) and device != "cpu":
+        raise ValueError("The ONNX runs are CPU runs (onnxruntime's CPU provider); pass --device cpu.")
+
+    import tempfile
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(encoder_path)
     torch.manual_seed(args.seed)
-    runs = build_runs(args.runs, encoder_path, device, tokenizer, args.batch_size, args.attn_implementation)
-    agreement = embedding_agreement(runs, texts)
-    longest = sorted(texts, key=len, reverse=True)[: args.batch_size]
-    for fn in runs.values():
-        fn(longest)  # untimed: threads, allocator and kernels warm up
+    with tempfile.TemporaryDirectory() as work:
+        runs, models = build_runs(
+            args.runs, encoder_path, device, tokenizer, args.batch_size, args.attn_implementation, Path(work)
+        )
+        agreement = embedding_agreement(runs, texts)
+        parity = onnx_parity(models, tokenizer, texts, args.batch_size)
+        int8 = int8_agreement(runs, texts)
+        longest = sorted(texts, key=len, reverse=True)[: args.batch_size]
+        for fn in runs.values():
+            fn(longest)  # untimed: threads, allocator and kernels warm up
 
-    seconds = {name: [] for name in runs}
-    peaks = {name: (0.0, 0.0) for name in runs}  # (peak, growth during the pass)
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            free_memory(device)
-            with PeakMemory(device) as memory:
-                started = now()
-                fn(texts)
-                common.synchronize(device)
-                seconds[name].append(now() - started)
-            peaks[name] = max(peaks[name], (memory.peak_mb, memory.growth_mb))
+        seconds = {name: [] for name in runs}
+        peaks = {name: (0.0, 0.0) for name in runs}  # (peak, growth during the pass)
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                free_memory(device)
+                with PeakMemory(device) as memory:
+                    started = now()
+                    fn(texts)
+                    common.synchronize(device)
+                    seconds[name].append(now() - started)
+                peaks[name] = max(peaks[name], (memory.peak_mb, memory.growth_mb))
 
     results = []
     for name in runs:
@@ -158,20 +415,21 @@ def main(argv: list[str] | None = None) -> dict:
         )
     by_name = {r["run"]: r for r in results}
     ratios = {}
-    if {"ours_embed", "st_encode"} <= set(by_name):
-        ratios["embeddings_per_second_ours_vs_st"] = (
-            by_name["ours_embed"]["texts_per_second"] / by_name["st_encode"]["texts_per_second"]
-        )
+    for ours, theirs, key in (
+        ("ours_embed", "st_encode", "embeddings_per_second_ours_vs_st"),
+        ("ours_onnx", "st_encode", "embeddings_per_second_ours_onnx_vs_st"),
+        ("ours_onnx", "st_onnx", "embeddings_per_second_ours_onnx_vs_st_onnx"),
+        ("ours_onnx", "ours_embed", "embeddings_per_second_ours_onnx_vs_ours_torch"),
+        ("ours_onnx_int8", "ours_onnx", "embeddings_per_second_int8_vs_ours_onnx"),
+    ):
+        if {ours, theirs} <= set(by_name):
+            ratios[key] = by_name[ours]["texts_per_second"] / by_name[theirs]["texts_per_second"]
     if {"ours_both", "single_task"} <= set(by_name):
         ratios["time_both_tasks_vs_single_task"] = (
             by_name["ours_both"]["seconds_median"] / by_name["single_task"]["seconds_median"]
         )
-    relative = {
-        "ours_embed": "st_encode",
-        "st_encode": "st_encode",
-        "ours_both": "single_task",
-        "single_task": "single_task",
-    }
+    relative = {name: "st_encode" for name in ("st_encode", "st_onnx", "ours_embed", "ours_onnx", "ours_onnx_int8")}
+    relative.update(ours_both="single_task", single_task="single_task")
     rows = []
     for r in results:
         base = by_name.get(relative[r["run"]])
@@ -189,14 +447,24 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown_table(["run", "texts/s", "s per pass (median)", "speed vs", mem, "growth in pass MiB"], rows)
     result = {"benchmark": "inference", "device": device, "setting": info, "results": results, "ratios": ratios}
     result["embedding_max_abs_diff_vs_st"] = agreement
+    result["onnx_max_abs_diff_vs_torch"] = parity
+    result["int8_agreement"] = int8
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "note")}
     notes = [
         f"{len(texts)} texts (SST-2 validation + TREC test), batch size {args.batch_size}, median of {args.repeats} "
         f"passes, encoder {args.encoder}, attention {args.attn_implementation}",
         "ratios: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items()),
         None
-        if agreement is None
-        else f"our normalised embeddings vs sentence-transformers': max |diff| {agreement:.1e}",
+        if not agreement
+        else "normalised embeddings vs sentence-transformers': max |diff| "
+        + ", ".join(f"{k} {v:.1e}" for k, v in agreement.items()),
+        None
+        if parity is None
+        else "ONNX graph vs torch, max |diff| on 4 padded batches: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in parity.items()),
+        None
+        if int8 is None
+        else "int8 vs float32 graph (untrained heads): " + ", ".join(f"{k} {v:.4f}" for k, v in int8.items()),
         "memory: every model stays loaded in one process, so each peak counts them all; growth is the pass's own",
         args.note,
     ]

@@ -98,16 +98,15 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--batch_size", type=int, default=128)
     args = parser.parse_args(argv)
 
-    from transformers import AutoTokenizer
+    from predict import load_model, load_tokenizer
 
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} holds no config.json: pass the output folder of a finished train.py run.")
-    model = MultiTaskModel.from_pretrained(model_dir)
+    model = load_model(model_dir, device="cpu")  # this repository's class, safetensors only, no folder code
     if "question" not in model.config.task_names:
         raise ValueError(f"{model_dir}: the model has no 'question' head (tasks {model.config.task_names}).")
-    # The tokenizer is a stock one: no need to run the remote code that config.json names for the model.
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    tokenizer = load_tokenizer(model_dir)
     task = mtdata.TASKS["question"]
     rule_fn = RULES[args.rule]
     sections = []

@@ -190,9 +190,29 @@ def test_inference_compares_like_with_like(tiny_encoder_dir, shared_data_dir):
     result = inference.main(argv + ["--max_texts", "40", "--batch_size", "16", "--repeats", "1"])
     assert [r["run"] for r in result["results"]] == list(inference.RUNS)
     assert all(r["texts"] == 40 and r["texts_per_second"] > 0 for r in result["results"])
-    assert set(result["ratios"]) == {"embeddings_per_second_ours_vs_st", "time_both_tasks_vs_single_task"}
-    # Same encoder, same pooling: our embeddings are sentence-transformers' ones.
-    assert result["embedding_max_abs_diff_vs_st"] < 1e-5
+    assert set(result["ratios"]) == {
+        "embeddings_per_second_ours_vs_st",
+        "embeddings_per_second_ours_onnx_vs_st",
+        "embeddings_per_second_ours_onnx_vs_st_onnx",
+        "embeddings_per_second_ours_onnx_vs_ours_torch",
+        "embeddings_per_second_int8_vs_ours_onnx",
+        "time_both_tasks_vs_single_task",
+    }
+    # Same encoder, same pooling: our embeddings (torch and ONNX) and the ONNX stand-in's are sentence-transformers'.
+    assert set(result["embedding_max_abs_diff_vs_st"]) == {"st_onnx", "ours_embed", "ours_onnx"}
+    assert max(result["embedding_max_abs_diff_vs_st"].values()) < 1e-4
+    assert max(result["onnx_max_abs_diff_vs_torch"].values()) <= 1e-4
+    assert set(result["int8_agreement"]) >= {"label_agreement.sentiment", "embedding_cosine_mean"}
+
+
+def test_inference_stream_measures_predict_py_on_stdin(tiny_encoder_dir, shared_data_dir):
+    import inference
+
+    argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(shared_data_dir), "--device", "cpu"]
+    result = inference.main(argv + ["--stream_lines", "300", "--batch_size", "16", "--backends", "torch", "onnx"])
+    for run in result["results"]:
+        assert run["exit_code"] == 0 and run["lines_written"] == 300 and run["stopped_at_limit_seconds"] is None
+        assert 0 < run["first_line_seconds"] < run["total_seconds"] and run["peak_rss_mb"] > 0
 
 
 def test_inference_texts_are_sst2_validation_and_trec_test(shared_data_dir):

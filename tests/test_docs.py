@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
-PROGRAMS = ("train.py", "predict.py", "hub.py")
+PROGRAMS = ("train.py", "predict.py", "hub.py", "onnx_export.py")
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 DIARY = re.compile(r"session [0-9]|issue ?[0-9]", re.I)

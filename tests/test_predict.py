@@ -155,13 +155,200 @@ def test_cli_stdin_with_progress_bar(saved_model):
     done = _predict_cli(saved_model, stdin="\n".join(texts) + "\n")
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [line["text"] for line in lines] == texts
-    assert "300/300" in done.stderr  # tqdm's bar, on stderr so stdout stays JSON lines
+    assert "300text" in done.stderr  # tqdm's bar (stdin's length is unknown), on stderr so stdout stays JSON lines
 
 
-def test_cli_rejects_texts_and_file_together(saved_model, tmp_path):
+def test_cli_rejects_texts_and_file_together(tmp_path):
     import predict
 
     with pytest.raises(ValueError, match=r"Give texts as arguments or with --file, not both"):
-        predict.read_texts(["x"], str(tmp_path / "f.txt"))
+        predict.Texts(["x"], str(tmp_path / "f.txt"))
     with pytest.raises(ValueError, match=r"--file .* does not exist"):
-        predict.read_texts([], str(tmp_path / "missing.txt"))
+        predict.Texts([], str(tmp_path / "missing.txt"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading runs no code from the model folder and reads no pickle, unless asked
+# ---------------------------------------------------------------------------------------------------------
+
+PLANTED = """
+import os as _os, pathlib as _pathlib
+_pathlib.Path(_os.environ["PLANTED_MARKER"]).write_text("the folder's code ran")
+"""
+
+
+def _env(tmp_path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # trust_remote_code copies the folder's code into HF_MODULES_CACHE: keep that inside the test's folder.
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_MODULES_CACHE=str(tmp_path / "modules"), **extra)
+    return env
+
+
+def _run_cli(*args, env, stdin: str | bytes | None = None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), *map(str, args)], input=stdin, capture_output=True, env=env,
+        cwd=cwd, timeout=300, text=not isinstance(stdin, bytes),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def planted_model(saved_model, tmp_path):
+    import shutil
+
+    folder = tmp_path / "planted"
+    shutil.copytree(saved_model, folder)
+    code = folder / "modeling_multitask.py"
+    code.write_text(code.read_text(encoding="utf-8") + PLANTED, encoding="utf-8")
+    return folder
+
+
+def test_cli_never_runs_the_folders_code_unless_asked(planted_model, tmp_path):
+    marker = tmp_path / "marker.txt"
+    env = _env(tmp_path, PLANTED_MARKER=str(marker))
+    done = _run_cli(planted_model, "is this any good", env=env, cwd=planted_model)  # even from inside the folder
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["text"] == "is this any good"
+    assert not marker.exists(), "predict.py imported the model folder's modeling_multitask.py without being asked"
+    done = _run_cli(planted_model, "is this any good", "--trust_remote_code", env=env)
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text() == "the folder's code ran"
+
+
+def test_python_loaders_run_no_folder_code(planted_model, tmp_path, monkeypatch):
+    import predict
+
+    marker = tmp_path / "marker.txt"
+    monkeypatch.setenv("PLANTED_MARKER", str(marker))
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    model, tokenizer = predict.load(planted_model, device="cpu")
+    assert type(model).__module__ == "modeling_multitask" and not marker.exists()
+    assert Path(sys.modules[type(model).__module__].__file__).resolve() == ROOT / "modeling_multitask.py"
+    assert model.predict(["is this any good"], tokenizer)[0]["sentiment"]["label"] in {"negative", "positive"}
+
+
+def test_cli_refuses_pickle_weights_naming_the_file(saved_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(saved_model, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    for flags in ([], ["--trust_remote_code"]):
+        done = _run_cli(folder, "is this any good", *flags, env=_env(tmp_path))
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+        assert "holds pickle weights (pytorch_model.bin) and no model.safetensors" in done.stderr
+
+
+def test_cli_refuses_another_model_type_without_trust(saved_model, tmp_path):
+    import shutil
+
+    folder = tmp_path / "other"
+    shutil.copytree(saved_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    done = _run_cli(folder, "x", env=_env(tmp_path))
+    assert done.returncode == 1
+    assert "config.json has model_type 'bert', expected 'multitask_sentence_encoder'" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming and bad input
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_cli_answers_the_first_batch_while_stdin_stays_open(saved_model, tmp_path):
+    """Output is written per window as input arrives: a writer that pauses gets its answers before closing stdin."""
+    import queue
+    import threading
+
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "predict.py"), str(saved_model), "--batch_size", "2"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env(tmp_path), text=True,
+    )  # fmt: skip
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    try:
+        process.stdin.write("a good film .\nwhat is it ?\nbad\n")
+        process.stdin.flush()
+        got = [json.loads(lines.get(timeout=120))["text"] for _ in range(3)]  # queue.Empty: no answer, stdin open
+        assert got == ["a good film .", "what is it ?", "bad"]
+        assert process.poll() is None  # still waiting for more input
+        process.stdin.write("does it work ?\n")
+        process.stdin.close()
+        assert process.wait(120) == 0
+        assert json.loads(lines.get(timeout=10))["text"] == "does it work ?" and lines.empty()
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_cli_streams_long_stdin_in_bounded_memory(saved_model, tmp_path):
+    """10,000 lines through a pipe: the first answer comes out long before the writer could finish (predict.py reads
+    only a few windows ahead of what it has written), RSS stays bounded, and every line comes back in order.
+    bench/inference.py --stream_lines 100000 measures the same on the real encoder."""
+    import threading
+
+    import psutil
+
+    texts = [f"line {i} : {'what a good film' if i % 3 else 'is it bad ?'}" for i in range(10_000)]
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "predict.py"), str(saved_model), "--batch_size", "16"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env(tmp_path), text=True,
+    )  # fmt: skip
+    written = threading.Event()
+
+    def write():
+        for text in texts:
+            process.stdin.write(text + "\n")
+        process.stdin.close()
+        written.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    peak = [0]
+
+    def sample():
+        watched = psutil.Process(process.pid)
+        while process.poll() is None:
+            try:
+                peak[0] = max(peak[0], watched.memory_info().rss)
+            except psutil.NoSuchProcess:
+                return
+            written.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    first = process.stdout.readline()
+    # Window 16 x 16 texts, a read-ahead queue of 4 windows and a 64 KiB pipe: under 2,000 lines in flight.
+    assert not written.is_set(), "predict.py read all 10,000 lines before writing its first answer"
+    out = [first, *process.stdout]
+    assert process.wait(120) == 0
+    sampler.join()
+    assert [json.loads(line)["text"] for line in out] == texts
+    assert 0 < peak[0] < 1024**3 / 2, f"peak RSS {peak[0] / 2**20:.0f} MiB"
+
+
+def test_cli_bad_input_is_named_by_line_without_a_traceback(saved_model, tmp_path):
+    env = _env(tmp_path)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"a good film .\n\nbad \xe9t\xe9\n")
+    done = _run_cli(saved_model, "--file", bad, env=env)
+    # A file is checked whole before the model loads: nothing is written.
+    assert done.returncode == 1 and done.stdout == "" and "Traceback" not in done.stderr
+    assert f"error: --file {bad} line 3: not valid UTF-8" in done.stderr and "iconv" in done.stderr
+
+    done = _run_cli(saved_model, stdin=b"a good film .\nwhat is it ?\n\xff\xfe\nnever read\n", env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr.decode()
+    assert [json.loads(line)["text"] for line in done.stdout.decode().splitlines()] == ["a good film .", "what is it ?"]
+    assert "error: stdin line 3: not valid UTF-8" in done.stderr.decode()
+    assert "The 2 text(s) before it were labelled and written." in done.stderr.decode()
+
+    done = _run_cli(saved_model, stdin="", env=env)
+    assert done.returncode == 1 and "error: No texts to label: stdin was empty" in done.stderr
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n", encoding="utf-8")
+    done = _run_cli(saved_model, "--file", blank, env=env)
+    assert done.returncode == 1 and f"error: No texts to label: --file {blank} holds only blank lines" in done.stderr
+    assert "Traceback" not in done.stderr
