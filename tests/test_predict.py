@@ -248,10 +248,10 @@ def test_cli_refuses_another_model_type_without_trust(saved_model, tmp_path):
     folder = tmp_path / "other"
     shutil.copytree(saved_model, folder)
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "distilbert"}))
     done = _run_cli(folder, "x", env=_env(tmp_path))
     assert done.returncode == 1
-    assert "config.json has model_type 'bert', expected 'multitask_sentence_encoder'" in done.stderr
+    assert "config.json has model_type 'distilbert', expected 'multitask_sentence_encoder'" in done.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------
