@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, TrainingArguments
 
 import checkpoints
+import lora
 from freezing import apply_freezing
 from modeling_multitask import MultiTaskConfig, MultiTaskModel, encoder_config_dict
 
@@ -127,6 +128,7 @@ def check_model_setup(
     )
     with torch.device("meta"):
         skeleton = MultiTaskModel(config)
+    lora.apply_lora(skeleton, model_args)  # LoRA target modules and its combination with freezing
     apply_freezing(skeleton, mt_args.freeze, mt_args.unfreeze)
     return config
 
