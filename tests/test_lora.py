@@ -93,12 +93,13 @@ def test_target_modules_default_by_encoder_family(make_model):
     model = make_model()
     lora.apply_lora(model, lora_args(lora_target_modules=["query", "attention.output.dense"]))
     adapted = {n.rsplit(".lora_A.", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
-    assert adapted == {f"encoder.encoder.layer.{i}.attention.{m}" for i in (0, 1) for m in ("self.query", "output.dense")}
+    wanted = {f"encoder.encoder.layer.{i}.attention.{m}" for i in (0, 1) for m in ("self.query", "output.dense")}
+    assert adapted == wanted
 
 
 def test_target_modules_that_match_nothing_are_refused(make_model):
-    with pytest.raises(ValueError, match=r"--lora_target_modules \['q_proj'\] match no linear layer of the encoder "
-                                         r"\(BertModel, model type 'bert'\); its linear layers are named \["):  # fmt: skip
+    message = r"--lora_target_modules \[.q_proj.\] match no linear layer of the encoder \(BertModel, model type .bert.\)"
+    with pytest.raises(ValueError, match=message + r"; its linear layers are named \["):
         lora.apply_lora(make_model(), lora_args(lora_target_modules=["query", "q_proj"]))
 
 
@@ -129,9 +130,9 @@ def test_lora_combines_with_layer_and_head_freezing(make_model):
 @pytest.mark.parametrize(
     "freeze, unfreeze, message",
     [
-        (["encoder"], [], r"leaves no LoRA adapter to train: with --lora_r the encoder learns only through its adapters"),
+        (["encoder"], [], r"leaves no LoRA adapter to train: with --lora_r the encoder learns only through its"),
         (["all"], ["heads"], r"leaves no LoRA adapter to train"),
-        (["embeddings"], [], r"freeze 'embeddings' has no effect with LoRA \(--lora_r\): it holds only encoder weights"),
+        (["embeddings"], [], r"freeze 'embeddings' has no effect with LoRA \(--lora_r\): it holds only encoder"),
         (["heads"], ["embeddings"], r"unfreeze 'embeddings' has no effect with LoRA"),
     ],
 )
@@ -276,7 +277,9 @@ def test_adapter_option_writes_the_adapter_alone(monkeypatch, tiny_encoder_dir, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_lora_run_resumes_exactly_and_other_settings_are_refused(monkeypatch, tiny_encoder_dir, tiny_data_dir, tmp_path):
+def test_lora_run_resumes_exactly_and_other_settings_are_refused(
+    monkeypatch, tiny_encoder_dir, tiny_data_dir, tmp_path
+):
     flags = ("--lora_r", "4", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
              "--export_sentence_transformers", "none")  # fmt: skip
     first = tmp_path / "first"
@@ -294,10 +297,35 @@ def test_lora_run_resumes_exactly_and_other_settings_are_refused(monkeypatch, ti
     for other, found, wanted in (
         (("--lora_r", "8"), r"LoRA adapters of rank \[4\]", r"--lora_r 8"),
         (("--lora_r", "0"), r"LoRA adapters of rank \[4\]", r"no LoRA"),
-        (("--lora_target_modules", "query", "value"), r"LoRA adapters of rank \[4\] on \['dense', 'key', 'query', 'value'\]", r"--lora_r 4 on \['query', 'value'\]"),
+        (
+            ("--lora_target_modules", "query", "value"),
+            r"LoRA adapters of rank \[4\] on \['dense', 'key', 'query', 'value'\]",
+            r"--lora_r 4 on \['query', 'value'\]",
+        ),
     ):
         argv = tiny_argv(tiny_encoder_dir, tiny_data_dir, tmp_path / "refused", *flags, *other,
                          "--resume_from_checkpoint", str(checkpoint))  # fmt: skip
         with pytest.raises(ValueError, match=rf"the checkpoint holds {found}.*, this run asks for {wanted}"):
             train.main(argv)
         assert not (tmp_path / "refused").exists()
+
+
+def test_bench_rows_share_the_slice_and_differ_only_in_lora_and_learning_rate(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import lora_vs_full
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    args, extra = lora_vs_full.parse_args(["--rows", "100", "--", "--max_steps", "3"])
+    full, adapted = (lora_vs_full.run_flags(args, name, tmp_path, extra) for name in ("full", "lora"))
+
+    def without(flags, names):
+        out = list(flags)
+        for name in names:
+            at = out.index(name)
+            del out[at : at + 2]
+        return out
+
+    assert without(full, ["--learning_rate"]) == without(adapted, ["--learning_rate", "--lora_r"])
+    assert full[full.index("--learning_rate") + 1] == "0.0001" and adapted[adapted.index("--lora_r") + 1] == "8"
+    assert "--lora_r" not in full and full[-2:] == ["--max_steps", "3"]
