@@ -4,13 +4,16 @@ wall time and SST-2 validation accuracy.
 Each row is one `train.py` run in its own process (configs/quick.yaml, the sentiment task alone), so the peak
 RSS of one run cannot include another's; the peak is sampled every 25 ms from outside the process.
 
-    # the measurement in bench/RESULTS.md: 4,000 SST-2 rows, 1 epoch, the 872 validation rows, packaged MiniLM
+    # both rows: 4,000 SST-2 rows (default), 1 epoch, the 872 validation rows, packaged MiniLM
     python bench/lora_vs_full.py --data_dir ../shared/data --out bench/RESULTS.md
+
+    # one row per invocation (two can run side by side, under the same load; bench/RESULTS.md has such a pair)
+    python bench/lora_vs_full.py --data_dir ../shared/data --rows 2000 --runs lora
 
     # a few rows and steps, to check the script end to end; extra train.py flags go after --
     python bench/lora_vs_full.py --rows 64 --work_dir /tmp/bench-lora -- --max_steps 2 --max_eval_samples 32
 
-LoRA usually wants a larger learning rate than full fine-tuning (the adapters start at zero): each row has its
+LoRA usually wants a larger learning rate than full fine-tuning (each update B A starts at zero): each row has its
 own `--learning_rate`, printed in the table; `lora_same_lr` repeats LoRA at the full fine-tuning rate.
 """
 
