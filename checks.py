@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, TrainingArguments
 
 import checkpoints
+import lora
 from freezing import apply_freezing
 from modeling_multitask import (
     MultiTaskConfig,
@@ -162,6 +163,7 @@ def check_model_setup(
         attn_implementation,
         "used" if skeleton.encoder_takes_token_type_ids else "not taken (dropped)",
     )
+    lora.apply_lora(skeleton, model_args)  # LoRA target modules and its combination with freezing
     apply_freezing(skeleton, mt_args.freeze, mt_args.unfreeze)
     return config
 

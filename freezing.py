@@ -62,20 +62,51 @@ def _spec_parameters(model: MultiTaskModel, spec: str) -> list[torch.nn.Paramete
 
 
 def apply_freezing(model: MultiTaskModel, freeze: list[str], unfreeze: list[str] = ()) -> tuple[int, int]:
-    """Set requires_grad from the specs; returns (trainable, total) parameter counts."""
+    """Set requires_grad from the specs; returns (trainable, total) parameter counts.
+
+    With LoRA adapters in the encoder (lora.apply_lora runs first) the encoder's own weights stay frozen: the specs
+    act on the adapters and the heads, `unfreeze` never turns the base weights back on, a spec that would only
+    touch base weights is refused as having no effect, and at least one adapter must still train."""
+    base = _lora_base_parameters(model)
     for spec in freeze:
         if spec.strip() == "none":
             continue
-        for p in _spec_parameters(model, spec):
+        params = _spec_parameters(model, spec)
+        _check_lora_spec(base, params, "freeze", spec)
+        for p in params:
             p.requires_grad_(False)
     for spec in unfreeze:
         if spec.strip() == "none":
             continue
-        for p in _spec_parameters(model, spec):
-            p.requires_grad_(True)
+        params = _spec_parameters(model, spec)
+        _check_lora_spec(base, params, "unfreeze", spec)
+        for p in params:
+            if id(p) not in base:
+                p.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if trainable == 0:
         raise ValueError(f"freeze={freeze} unfreeze={unfreeze} leaves nothing to train; unfreeze e.g. 'heads'.")
+    if base and not any(p.requires_grad for n, p in model.encoder.named_parameters() if ".lora_" in n):
+        raise ValueError(
+            f"freeze={freeze} unfreeze={unfreeze} leaves no LoRA adapter to train: with --lora_r the encoder learns "
+            f"only through its adapters. Drop --lora_r for a frozen encoder (e.g. --freeze all --unfreeze heads), "
+            f"or keep some encoder layers out of --freeze."
+        )
     return trainable, total
 
+
+def _lora_base_parameters(model: MultiTaskModel) -> set[int]:
+    """ids of the encoder's own weights when it holds LoRA adapters (they never train then), else empty."""
+    named = list(model.encoder.named_parameters())
+    if not any(".lora_A." in n for n, _ in named):
+        return set()
+    return {id(p) for n, p in named if ".lora_" not in n}
+
+
+def _check_lora_spec(base: set[int], params: list[torch.nn.Parameter], which: str, spec: str) -> None:
+    if base and params and all(id(p) in base for p in params):
+        raise ValueError(
+            f"{which} {spec!r} has no effect with LoRA (--lora_r): it holds only encoder weights, which LoRA keeps "
+            f"frozen, and no adapter (the adapters sit in the layers named by --lora_target_modules). Drop it."
+        )

@@ -238,6 +238,16 @@ def _recipe_rows(metrics: dict, config: dict) -> list[tuple[str, str]]:
         ("Training time", f"{_duration(train.get('wall_seconds'))} (train loss {_fmt(train.get('train_loss'))})"),
         ("Software", ", ".join(f"{k} {v}" for k, v in recipe.get("versions", {}).items())),
     ]
+    lora = recipe.get("lora")
+    if lora:
+        targets = ", ".join(f"`{t}`" for t in lora["target_modules"])
+        saved = "merged into the saved weights" if lora["save"] == "merged" else "saved as an adapter (peft format)"
+        freezing = "the encoder's own weights (LoRA trains adapters on them)"
+        if [f for f in recipe["freeze"] if f != "none"]:
+            freezing += "; " + _freezing(recipe["freeze"], recipe["unfreeze"])
+        rows[2] = ("Freezing", freezing)
+        settings = f"rank {lora['r']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g} on {targets}; {saved}"
+        rows.insert(3, ("LoRA", settings))
     return rows
 
 

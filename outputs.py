@@ -29,6 +29,7 @@ from transformers import TrainingArguments
 import checkpoints
 import hub
 import pipeline_multitask
+import lora
 from modeling_multitask import MultiTaskModel
 
 logger = logging.getLogger(__name__)
@@ -276,18 +277,31 @@ def take_over_push_to_hub(training_args: TrainingArguments) -> str | None:
 
 
 def save_and_push(
-    trainer, tokenizer, metrics: dict, export_sentence_transformers: str, hub_repo: str | None, on_saved=None
+    trainer,
+    tokenizer,
+    metrics: dict,
+    export_sentence_transformers: str,
+    hub_repo: str | None,
+    lora_settings: dict | None = None,
+    on_saved=None,
 ) -> None:
     """Save the final folder (rank 0) and, with --push_to_hub, upload it once; every rank calls this.
+    With LoRA (`lora_settings`) the adapters are merged into a copy of the model, which is what gets saved.
 
     `on_saved()` runs on rank 0 once the folder is complete, before the upload (train.py deletes the run that
     --overwrite_output_dir replaces there: a failed upload must not cost the saved run)."""
     training_args = trainer.args
-    # Under FSDP gathering the full weights is a collective: every rank takes part, then rank 0 writes them.
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    model, adapter_model, state_dict = trainer.accelerator.unwrap_model(trainer.model), None, None
+    if lora_settings is not None:
+        # An ordinary MultiTaskModel folder (no peft needed to load it); lora refuses FSDP, so no collective here.
+        adapter_model = model if lora_settings["save"] == "adapter" else None
+        model = lora.merged_copy(model) if trainer.is_world_process_zero() else None
+    else:
+        # Under FSDP gathering the full weights is a collective: every rank takes part, then rank 0 writes them.
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if trainer.is_world_process_zero():
         saved = save_outputs(
-            trainer.accelerator.unwrap_model(trainer.model),
+            model,
             tokenizer,
             metrics,
             training_args,
@@ -295,6 +309,7 @@ def save_and_push(
             export_sentence_transformers=export_sentence_transformers,
             model_id=hub_repo,
             trainer_state=trainer.state,
+            adapter_model=adapter_model,
         )
         if on_saved is not None:
             on_saved()
@@ -319,16 +334,20 @@ def save_outputs(
     export_sentence_transformers: str = "inline",
     model_id: str | None = None,
     trainer_state=None,
+    adapter_model: MultiTaskModel | None = None,
 ) -> list[str]:
     """Write the model, tokenizer, plots, metrics.json (plus the Trainer-style *_results.json and
     trainer_state.json), the model card (README.md) and the sentence-transformers files into a staging folder,
     then move them into place, metrics.json last: a killed run never leaves a folder that looks finished. Returns
-    the top-level names written (what push_to_hub uploads)."""
+    the top-level names written (what push_to_hub uploads).
+    `adapter_model` (--lora_save adapter): the unmerged LoRA model whose adapter replaces the full weights."""
     out = Path(training_args.output_dir)
     staging = out / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_model_files(model, tokenizer, staging, state_dict=state_dict)
+    if adapter_model is not None:
+        lora.save_adapter(adapter_model, staging)
     plot_curves(metrics, staging)
     (staging / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")

@@ -59,6 +59,7 @@ from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set
 
 import checks
 import data as mtdata
+import lora
 import question
 import run_folder
 from freezing import apply_freezing
@@ -106,7 +107,33 @@ class ModelArguments:
             "flash_attention_2 | flex_attention; checked against the encoder before any data is read."
         },
     )
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "LoRA rank (peft) on the shared encoder, e.g. 8: its own weights freeze, low-rank adapters and "
+            "the heads train. 0: no LoRA (full fine-tuning)."
+        },
+    )
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (scale alpha/r); default 2 * lora_r."})
+    lora_dropout: float | None = field(default=None, metadata={"help": "Dropout on the LoRA input; default 0.1."})
+    lora_target_modules: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Names of the encoder's linear layers that get adapters; default by model type (BERT family: "
+            "query key value dense, every linear layer of the blocks; see lora.TARGET_MODULES)."
+        },
+    )
+    lora_save: Literal["merged", "adapter"] = field(
+        default="merged",
+        metadata={
+            "help": "merged: adapters folded into the weights (an ordinary folder, no peft needed to load it); "
+            "adapter: the adapter alone (peft format) plus the heads, loaded with lora.load_adapter_folder."
+        },
+    )
     # pooling and classifier_dropout are checked by MultiTaskConfig (checks.check_model_setup builds it).
+
+    def __post_init__(self):
+        lora.check_lora_arguments(self)
 
 
 @dataclass
@@ -417,6 +444,11 @@ def preflight(
     # A custom task whose label names come from its data counts as 2 classes here; main sets them once read.
     task_configs = [t.to_config() if t.label_names else {"name": t.name, "num_labels": 2} for t in tasks]
     config = checks.check_model_setup(encoder_path, task_configs, mt_args.weights(), model_args, data_args, mt_args)
+    lora.check_training_setup(model_args, training_args, mt_args.export_sentence_transformers)
+    if resume_from is not None:
+        with torch.device("meta"):
+            skeleton = MultiTaskModel(config)
+        lora.check_checkpoint(resume_from, lora.apply_lora(skeleton, model_args))
     return encoder_path, config, resume_from, hub_repo
 
 
@@ -455,11 +487,16 @@ def run(argv: list[str] | None, claim: run_folder.OutputClaim) -> dict:
     # Model
     model = MultiTaskModel.from_encoder(encoder_path, config=config, attn_implementation=model_args.attn_implementation)
 
+    # LoRA (peft): adapters on the shared encoder, whose own weights freeze; the heads train fully
+    lora_settings = lora.apply_lora(model, model_args)
+    if lora_settings is not None:
+        logger.info("LoRA on the encoder: %s", lora_settings)
+
     # Freezing
     trainable, total = apply_freezing(model, mt_args.freeze, mt_args.unfreeze)
     logger.info(
         f"Parameters: {trainable:,} trainable of {total:,} total ({100 * trainable / total:.1f}%); "
-        f"freeze={mt_args.freeze} unfreeze={mt_args.unfreeze}"
+        f"freeze={mt_args.freeze} unfreeze={mt_args.unfreeze} lora_r={model_args.lora_r}"
     )
 
     # The last check (free space for the first save), then the first write: the lock, and the run that
@@ -522,10 +559,17 @@ def run(argv: list[str] | None, claim: run_folder.OutputClaim) -> dict:
     args = (model_args, data_args, mt_args, training_args)
     evals = {"before": before, "final": final}
     metrics = run_metrics(tasks, mt, trainer, train_result, evals, heuristics, counts, args)
+    metrics["recipe"]["lora"] = lora_settings
 
     # Save: model, tokenizer, metrics.json, plots and the model card (README.md); then the upload
     save_and_push(
-        trainer, tokenizer, metrics, mt_args.export_sentence_transformers, hub_repo, on_saved=previous.discard
+        trainer,
+        tokenizer,
+        metrics,
+        mt_args.export_sentence_transformers,
+        hub_repo,
+        lora_settings,
+        on_saved=previous.discard,
     )
     for name, values in final.items():
         logger.info("final %s: %s", name, {k: round(v, 4) for k, v in values.items()})
