@@ -120,6 +120,7 @@ SST2_TRAIN = Source("stanfordnlp/sst2", "sst2", "train", "sentence", "label")
 SST2_VALIDATION = Source("stanfordnlp/sst2", "sst2", "validation", "sentence", "label")
 TREC_TRAIN = Source("CogComp/trec", "trec", "train", "text")
 DAILYDIALOG = Source("li2017dailydialog/daily_dialog", "dailydialog", "validation", "text", "is_question")
+SWITCHBOARD = Source("swda", "swda", "validation", "text", "is_question")  # SwDA release; no loadable Hub copy
 
 TASKS: dict[str, TaskSpec] = {
     "sentiment": TaskSpec(
@@ -140,12 +141,18 @@ TASKS: dict[str, TaskSpec] = {
                 replace(DAILYDIALOG, transform=question.strip_question_marks),
                 mirror_only=True,
             ),
+            EvalSource("question_swda", SWITCHBOARD, mirror_only=True),
+            EvalSource(
+                "question_swda_noqm",
+                replace(SWITCHBOARD, transform=question.strip_question_marks),
+                mirror_only=True,
+            ),
         ),
         pool=question.QuestionPool(),
         holdout_name="question",
         headline_metric="f1_pos",
         description="Is the sentence a question? Trained on rule-made (weak) labels of SST-2 and TREC text; "
-        "measured against gold dialog acts of DailyDialog.",
+        "measured against gold dialog acts of DailyDialog (written chat) and Switchboard (telephone speech).",
     ),
 }
 

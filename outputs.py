@@ -35,7 +35,12 @@ from modeling_multitask import MultiTaskModel
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
 # Readable names of the datasets of the built-in tasks; any other dataset is shown by its id.
-DATASET_NAMES = {"stanfordnlp/sst2": "SST-2", "CogComp/trec": "TREC", "li2017dailydialog/daily_dialog": "DailyDialog"}
+DATASET_NAMES = {
+    "stanfordnlp/sst2": "SST-2",
+    "CogComp/trec": "TREC",
+    "li2017dailydialog/daily_dialog": "DailyDialog",
+    "swda": "Switchboard (SwDA)",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -153,12 +153,16 @@ class DataArguments:
     max_gold_eval_samples: int | None = field(
         default=None,
         metadata={
-            "help": "Cap on rows of each gold set (DailyDialog): a seeded sample that keeps the class shares; the "
-            "card and metrics.json give its size. Unset: the whole set."
+            "help": "Cap on rows of each gold set (DailyDialog, Switchboard): a seeded sample that keeps the class "
+            "shares; the card and metrics.json give its size. Unset: the whole set."
         },
     )
     gold_eval: bool = field(
-        default=True, metadata={"help": "Evaluate the question head on DailyDialog gold acts (from --data_dir)."}
+        default=True,
+        metadata={
+            "help": "Evaluate the question head on the gold dialog acts of DailyDialog and Switchboard (from "
+            "--data_dir)."
+        },
     )
     task_definitions: str | None = field(
         default=None,
