@@ -1,9 +1,10 @@
-"""Where does the trained question head disagree with a heuristic on the DailyDialog gold set?
+"""Where does the trained question head disagree with a heuristic on the gold dialogue sets?
 
     python bench/question_errors.py runs/quick --data_dir ../shared/data
     python bench/question_errors.py runs/quick --data_dir ../shared/data --rule dialog --limit 20
 
-For each gold view (`question_gold`: the text as written; `question_gold_noqm`: every `?` removed) it prints the
+For each gold view (DailyDialog `question_gold`, Switchboard `question_swda`, each as written and with every `?`
+removed: `*_noqm`) it prints the
 F1 of the question class for the model and the rule, then the rows where the two disagree, in two groups:
 "model right" (the rule is wrong there) and "rule right" (the model is wrong there), each with its count, how
 many of them are gold questions, and a seeded sample of the sentences. Gold labels are only read here, never
@@ -27,7 +28,12 @@ import data as mtdata  # noqa: E402
 from question import RULES  # noqa: E402
 from modeling_multitask import MultiTaskModel  # noqa: E402
 
-VIEWS = {"question_gold": "the text as written", "question_gold_noqm": "every '?' removed"}
+VIEWS = {
+    "question_gold": "DailyDialog, the text as written",
+    "question_gold_noqm": "DailyDialog, every '?' removed",
+    "question_swda": "Switchboard, the text as written",
+    "question_swda_noqm": "Switchboard, every '?' removed",
+}
 
 
 def disagreements(gold: Sequence[int], model: Sequence[int], rule: Sequence[int]) -> dict[str, list[int]]:

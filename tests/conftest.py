@@ -112,6 +112,7 @@ def tiny_data_dir(tmp_path_factory, shared_data_dir) -> Path:
         ("sst2/validation.parquet", 120),
         ("trec/train.parquet", 200),
         ("dailydialog/validation.parquet", 150),
+        ("swda/validation.parquet", 150),
     ):
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         pd.read_parquet(shared_data_dir / rel).head(rows).to_parquet(folder / rel)

@@ -73,17 +73,21 @@ def test_build_data_layout(tiny_data_dir, tiny_tokenizer):
     assert mt.task_sizes == [150, 150]  # 200 pool rows (100 SST-2 + 100 TREC) - 40 held out, capped at 150
     assert len(mt.train) == 300
     assert mt.train["task_ids"][:150] == [0] * 150 and mt.train["task_ids"][150:] == [1] * 150
-    assert set(mt.eval_sets) == {"sentiment", "question", "question_gold", "question_gold_noqm"}
+    assert set(mt.eval_sets) == {
+        "sentiment", "question", "question_gold", "question_gold_noqm", "question_swda", "question_swda_noqm"
+    }
     assert mt.eval_tasks == {
         "sentiment": "sentiment",
         "question": "question",
         "question_gold": "question",
         "question_gold_noqm": "question",
+        "question_swda": "question",
+        "question_swda_noqm": "question",
     }
     assert len(mt.eval_sets["question"]) == 40
     assert len(mt.eval_sets["question_gold"]) == 150  # gold sets are never capped
     assert all(length <= 32 for length in mt.train["length"])
-    assert not any("?" in t for t in mt.eval_texts["question_gold_noqm"])
+    assert not any("?" in t for t in mt.eval_texts["question_gold_noqm"] + mt.eval_texts["question_swda_noqm"])
 
 
 def test_question_labels_come_from_the_heuristic_and_holdout_is_disjoint(tiny_data_dir, tiny_tokenizer):

@@ -269,6 +269,7 @@ def test_card_model_index_round_trips_to_metrics_json(tiny_run):
         {"name": "held-out part of the question training pool (SST-2 train + TREC train), labelled by the "
                  "`heuristic` teacher rule", "type": "question-pool-heldout", "split": "heldout"},
         {"name": "DailyDialog validation", "type": "li2017dailydialog/daily_dialog", "split": "validation"},
+        {"name": "Switchboard (SwDA) validation", "type": "swda", "split": "validation"},
     ]  # fmt: skip
     # Back from (dataset, split, transform) to the eval set; the no-'?' set is DailyDialog's text transformed.
     by_source = {(e["dataset"], e["split"], e["transform"]): n for n, e in eval_sets.items()}

@@ -213,7 +213,10 @@ def test_every_progress_bar_is_named_and_no_avoidable_warning(one_epoch_run):
     bars = re.findall(r"(?:^|[\r\n])([^\r\n|]*?)\s*\d+%\|", one_epoch_run.stderr)
     assert bars, one_epoch_run.stderr[:500]
     names = {b.strip().rstrip(":") for b in bars if not b.strip().startswith(("Tokenizing", "Generating", "Loading", "Writing", "Map"))}
-    assert names == {"train", "eval sentiment", "eval question", "eval question_gold", "eval question_gold_noqm"}
+    assert names == {
+        "train", "eval sentiment", "eval question", "eval question_gold", "eval question_gold_noqm",
+        "eval question_swda", "eval question_swda_noqm",
+    }
     assert "PAD/BOS/EOS" not in one_epoch_run.stderr + "\n".join(one_epoch_run.messages)
 
 

@@ -299,7 +299,7 @@ def test_error_report_on_a_tiny_model(make_model, tiny_tokenizer, tiny_data_dir,
         assert f"-- heuristic right: {len(groups['rule_right'])} rows" in section
         shown = [line for line in section.splitlines() if line.startswith("   [gold")]
         assert len(shown) == min(3, len(groups["model_right"])) + min(3, len(groups["rule_right"]))
-    assert "(every '?' removed)" in text
+    assert "(DailyDialog, every '?' removed)" in text and "(Switchboard, every '?' removed)" in text
 
 
 def test_error_report_rejects_a_folder_without_model(tmp_path, tiny_data_dir):

@@ -97,7 +97,9 @@ def test_train_end_to_end_in_process(tiny_encoder_dir, tiny_data_dir, tmp_path):
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["final"] == json.loads(json.dumps(metrics["final"]))
-    assert set(saved["final"]) == {"sentiment", "question", "question_gold", "question_gold_noqm"}
+    assert set(saved["final"]) == {
+        "sentiment", "question", "question_gold", "question_gold_noqm", "question_swda", "question_swda_noqm"
+    }
     for name, values in saved["final"].items():
         assert {"accuracy", "f1", "loss", "precision", "recall"} <= set(values), name
         assert 0.0 <= values["accuracy"] <= 1.0
