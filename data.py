@@ -312,7 +312,7 @@ def parse_task_definitions(value) -> dict[str, TaskSpec]:
                     f"{where}: {key} {split!r} has no file; the definition's files are {files}. Add it to "
                     f"data_files (or train_file/validation_file), or fix {key}."
                 )
-        dataset = item.get("dataset") or Path(files[train_split]).name
+        dataset = item.get("dataset") or name  # local files without a dataset id: the task names the data
         mirror = item.get("mirror") or dataset.rstrip("/").split("/")[-1]
         if not files:
             check_data_paths(mirror, [train_split, eval_split], where)

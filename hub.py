@@ -78,8 +78,8 @@ def eval_set_info(name: str, entry: dict) -> dict:
 
 def training_datasets(metrics: dict) -> list[str]:
     """Hub ids of the datasets the run trained on (the Hub reads `datasets:` as training data): evaluation-only
-    sets such as DailyDialog are not listed."""
-    ids = [source["dataset"] for task in metrics["tasks"] for source in task.get("sources", [])]
+    sets such as DailyDialog are not listed, nor a task's own local files given without a dataset id."""
+    ids = [s["dataset"] for task in metrics["tasks"] for s in task.get("sources", []) if not s.get("local")]
     return list(dict.fromkeys(ids))
 
 

@@ -146,12 +146,20 @@ def source_display(source) -> str:
     return f"{name} {source.split}{extra}"
 
 
+def _local(source, spec) -> bool:
+    """A task's own data file with no dataset id given (`dataset` then is the task's name): not a Hub dataset."""
+    return source.path is not None and source.dataset == spec.name
+
+
 def task_card_info(spec) -> dict:
     """What the model card says about a task (a `data.TaskSpec`): its description, training sources, headline
     metric and, for a weakly labelled task, the teacher rule and the pool options of this run."""
     info = {
         "description": spec.description,
-        "sources": [{"dataset": s.dataset, "split": s.split, "display": source_display(s)} for s in spec.train],
+        "sources": [
+            {"dataset": s.dataset, "split": s.split, "display": source_display(s), "local": _local(s, spec)}
+            for s in spec.train
+        ],
         "headline_metric": getattr(spec, "headline_metric", "accuracy"),
     }
     if spec.pool is not None:

@@ -690,7 +690,9 @@ def test_custom_task_card_has_its_description_dataset_and_metrics(tiny_encoder_d
     )  # fmt: skip
     saved = _saved_metrics(out)
     assert saved["tasks"][0]["description"] == "Custom task from someone/topic (text -> label)."
-    assert saved["tasks"][0]["sources"] == [{"dataset": "someone/topic", "split": "train", "display": "someone/topic train"}]
+    assert saved["tasks"][0]["sources"] == [
+        {"dataset": "someone/topic", "split": "train", "display": "someone/topic train", "local": False}
+    ]
     assert saved["eval_sets"]["topic"] == {
         "task": "topic", "rows": 12, "dataset": "someone/topic", "dataset_name": "someone/topic validation",
         "split": "validation", "transform": None, "labels": "gold",
@@ -721,3 +723,22 @@ def test_card_renders_from_a_metrics_file_without_task_descriptions(tiny_run, tm
     text = (folder / "README.md").read_text()
     assert "| `sentiment` | sentiment | sentiment |" in text  # the eval set's own name stands in for its dataset
     assert "someone/old-run" in text
+
+
+def test_a_task_from_local_files_is_not_listed_as_hub_training_data(tmp_path):
+    """A custom task read from its own file, with no `dataset:` id, is named by the task on the card and is not
+    listed under `datasets:` (which the Hub reads as Hub training data); one with an id is."""
+    import data as mtdata
+    import hub
+    import outputs
+
+    csv = tmp_path / "train.csv"
+    csv.write_text("question,coarse\nwhat is it ?,DESC\nhow far is it ?,NUM\n", encoding="utf-8")
+    definition = {"name": "topic", "text_column": "question", "label_column": "coarse", "train_file": str(csv)}
+    local = outputs.task_card_info(mtdata.parse_task_definitions([definition])["topic"])
+    assert local["sources"][0]["dataset"] == "topic" and local["sources"][0]["local"]
+    named = outputs.task_card_info(mtdata.parse_task_definitions([{**definition, "dataset": "me/topic"}])["topic"])
+    assert not named["sources"][0]["local"]
+    sentiment = outputs.task_card_info(mtdata.TASKS["sentiment"])
+    assert hub.training_datasets({"tasks": [local, sentiment]}) == ["stanfordnlp/sst2"]
+    assert hub.training_datasets({"tasks": [named, sentiment]}) == ["me/topic", "stanfordnlp/sst2"]
