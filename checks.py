@@ -149,6 +149,14 @@ def check_model_setup(
         task_weights=weights,
         encoder_name_or_path=model_args.encoder,
     )
+    skeleton = _skeleton(config, attn_implementation, model_args)
+    lora.apply_lora(skeleton, model_args)  # LoRA target modules and its combination with freezing
+    apply_freezing(skeleton, mt_args.freeze, mt_args.unfreeze)
+    return config
+
+
+def _skeleton(config: MultiTaskConfig, attn_implementation: str, model_args: ModelArguments) -> MultiTaskModel:
+    """The model on the meta device (no weights): what the preflight checks LoRA and freezing against."""
     try:
         with torch.device("meta"):
             skeleton = MultiTaskModel(config, encoder_attn_implementation=attn_implementation)
@@ -163,9 +171,7 @@ def check_model_setup(
         attn_implementation,
         "used" if skeleton.encoder_takes_token_type_ids else "not taken (dropped)",
     )
-    lora.apply_lora(skeleton, model_args)  # LoRA target modules and its combination with freezing
-    apply_freezing(skeleton, mt_args.freeze, mt_args.unfreeze)
-    return config
+    return skeleton
 
 
 def _number_problem(name: str, value, low: float | None = None, high: float | None = None, *,

@@ -304,14 +304,7 @@ def parse_task_definitions(value) -> dict[str, TaskSpec]:
             label_names = [f"LABEL_{i}" for i in range(num_labels)]
         if label_names is not None:
             label_names = _check_label_names(label_names, num_labels, where)
-        train_split = item.get("train_split") or "train"
-        eval_split = item.get("eval_split") or ("validation" if "validation" in files else None)
-        for key, split in (("train_split", train_split), ("eval_split", eval_split)):
-            if files and split is not None and split not in files:
-                raise ValueError(
-                    f"{where}: {key} {split!r} has no file; the definition's files are {files}. Add it to "
-                    f"data_files (or train_file/validation_file), or fix {key}."
-                )
+        train_split, eval_split = _definition_splits(item, files, where)
         dataset = item.get("dataset") or name  # local files without a dataset id: the task names the data
         mirror = item.get("mirror") or dataset.rstrip("/").split("/")[-1]
         if not files:
@@ -329,6 +322,19 @@ def parse_task_definitions(value) -> dict[str, TaskSpec]:
             description=f"Custom task from {origin} ({item['text_column']} -> {item['label_column']}).",
         )
     return specs
+
+
+def _definition_splits(item: dict, files: dict, where: str) -> tuple[str, str | None]:
+    """(train split, eval split or None) of a task definition; with files, each must have one."""
+    train_split = item.get("train_split") or "train"
+    eval_split = item.get("eval_split") or ("validation" if "validation" in files else None)
+    for key, split in (("train_split", train_split), ("eval_split", eval_split)):
+        if files and split is not None and split not in files:
+            raise ValueError(
+                f"{where}: {key} {split!r} has no file; the definition's files are {files}. Add it to "
+                f"data_files (or train_file/validation_file), or fix {key}."
+            )
+    return train_split, eval_split
 
 
 def _check_label_names(label_names, num_labels: int | None, where: str) -> tuple[str, ...]:

@@ -462,6 +462,59 @@ def main(argv: list[str] | None = None) -> dict:
         return run(argv, claim)
 
 
+def build_model(encoder_path: str, config: MultiTaskConfig, model_args, mt_args):
+    """The model from the encoder's weights, with LoRA adapters (peft) on the shared encoder when asked (its own
+    weights freeze, the heads train fully), then the freezing specs. Returns (model, lora settings or None,
+    trainable parameters, total parameters)."""
+    model = MultiTaskModel.from_encoder(encoder_path, config=config, attn_implementation=model_args.attn_implementation)
+    lora_settings = lora.apply_lora(model, model_args)
+    if lora_settings is not None:
+        logger.info("LoRA on the encoder: %s", lora_settings)
+    trainable, total = apply_freezing(model, mt_args.freeze, mt_args.unfreeze)
+    logger.info(
+        f"Parameters: {trainable:,} trainable of {total:,} total ({100 * trainable / total:.1f}%); "
+        f"freeze={mt_args.freeze} unfreeze={mt_args.unfreeze} lora_r={model_args.lora_r}"
+    )
+    return model, lora_settings, trainable, total
+
+
+def build_trainer(model, tokenizer, mt, training_args: TrainingArguments, mt_args) -> MultiTaskTrainer:
+    """The MultiTaskTrainer on the run's data; logs the effective mixed precision and distributed type."""
+    trainer = MultiTaskTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=mt.train,
+        eval_dataset=mt.eval_sets,
+        processing_class=tokenizer,
+        data_collator=mtdata.MultiTaskCollator(
+            tokenizer.pad_token_id, mt_args.pad_to_multiple_of, mt_args.pad_to_buckets or None
+        ),
+        compute_metrics=build_compute_metrics(),
+        task_sizes=mt.task_sizes,
+        eval_tasks=mt.eval_tasks,
+        mt_args=mt_args,
+    )
+    setup = trainer.precision_and_distribution()
+    logger.info(
+        "Mixed precision %s (%s), distributed type %s, %d process(es)",
+        setup["mixed_precision"],
+        setup["mixed_precision_from"],
+        setup["distributed_type"],
+        setup["num_processes"],
+    )
+    if "fsdp_fallback" in setup:
+        logger.warning(setup["fsdp_fallback"])
+    return trainer
+
+
+def evaluate_before_training(trainer, eval_names: list[str]) -> dict:
+    logger.info("*** Evaluate before training ***")
+    before = split_eval_metrics(trainer.evaluate(), eval_names)
+    for name, values in before.items():
+        logger.info("before training %s: %s", name, {k: round(v, 4) for k, v in values.items()})
+    return before
+
+
 def run(argv: list[str] | None, claim: run_folder.OutputClaim) -> dict:
     checks.use_cpu_backend_without_accelerator()
     threads_note = checks.use_every_core_in_a_lone_cpu_process()
@@ -471,8 +524,8 @@ def run(argv: list[str] | None, claim: run_folder.OutputClaim) -> dict:
     setup_logging(training_args, threads_note)
 
     # Checks: every check of the config runs before the output folder is touched, the data's as it loads.
-    custom, pools = mtdata.parse_task_definitions(data_args.task_definitions), {"question": question.QuestionPool(question_args)}
-    tasks = mtdata.get_tasks(data_args.tasks, custom, pools)
+    custom = mtdata.parse_task_definitions(data_args.task_definitions)
+    tasks = mtdata.get_tasks(data_args.tasks, custom, {"question": question.QuestionPool(question_args)})
     encoder_path, config, resume_from, hub_repo = preflight(tasks, model_args, data_args, mt_args, training_args)
     # Then the custom tasks' own data is read and checked (giving the label names not declared), before any
     # built-in task loads.
@@ -488,20 +541,8 @@ def run(argv: list[str] | None, claim: run_folder.OutputClaim) -> dict:
         mt = mtdata.build_data(tasks, tokenizer, data_args, seed=training_args.data_seed or training_args.seed)
     log_data(tasks, mt, tokenizer)
 
-    # Model
-    model = MultiTaskModel.from_encoder(encoder_path, config=config, attn_implementation=model_args.attn_implementation)
-
-    # LoRA (peft): adapters on the shared encoder, whose own weights freeze; the heads train fully
-    lora_settings = lora.apply_lora(model, model_args)
-    if lora_settings is not None:
-        logger.info("LoRA on the encoder: %s", lora_settings)
-
-    # Freezing
-    trainable, total = apply_freezing(model, mt_args.freeze, mt_args.unfreeze)
-    logger.info(
-        f"Parameters: {trainable:,} trainable of {total:,} total ({100 * trainable / total:.1f}%); "
-        f"freeze={mt_args.freeze} unfreeze={mt_args.unfreeze} lora_r={model_args.lora_r}"
-    )
+    # Model: the encoder and heads, LoRA adapters if asked, freezing
+    model, lora_settings, trainable, total = build_model(encoder_path, config, model_args, mt_args)
 
     # The last check (free space for the first save), then the first write: the lock, and the run that
     # --overwrite_output_dir replaces set aside
@@ -512,40 +553,12 @@ def run(argv: list[str] | None, claim: run_folder.OutputClaim) -> dict:
     previous = claim.take(training_args, replace=replace, needed_bytes=needed)
 
     # Trainer
-    trainer = MultiTaskTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=mt.train,
-        eval_dataset=mt.eval_sets,
-        processing_class=tokenizer,
-        data_collator=mtdata.MultiTaskCollator(
-            tokenizer.pad_token_id, mt_args.pad_to_multiple_of, mt_args.pad_to_buckets or None
-        ),
-        compute_metrics=build_compute_metrics(),
-        task_sizes=mt.task_sizes,
-        eval_tasks=mt.eval_tasks,
-        mt_args=mt_args,
-    )
-
-    setup = trainer.precision_and_distribution()
-    logger.info(
-        "Mixed precision %s (%s), distributed type %s, %d process(es)",
-        setup["mixed_precision"],
-        setup["mixed_precision_from"],
-        setup["distributed_type"],
-        setup["num_processes"],
-    )
-    if "fsdp_fallback" in setup:
-        logger.warning(setup["fsdp_fallback"])
+    trainer = build_trainer(model, tokenizer, mt, training_args, mt_args)
 
     # Evaluation before training
     eval_names = list(mt.eval_sets)
-    before = {}
-    if mt_args.eval_before_training and resume_from is None:
-        logger.info("*** Evaluate before training ***")
-        before = split_eval_metrics(trainer.evaluate(), eval_names)
-        for name, values in before.items():
-            logger.info("before training %s: %s", name, {k: round(v, 4) for k, v in values.items()})
+    evaluate_first = mt_args.eval_before_training and resume_from is None
+    before = evaluate_before_training(trainer, eval_names) if evaluate_first else {}
 
     # Training
     started = time.time()
