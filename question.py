@@ -94,6 +94,13 @@ _REQUEST_OPENERS = tuple(
         "shall we", "shall i", "why don't", "why not", "how about", "may i", "do you mind",
     )
 )
+# A wh-word directly before one of these opens a subordinate or relative clause, not a question: "when we bought
+# the car , ...", "which I had done", "what I see is ...". A question puts an auxiliary or a noun there ("when did
+# you", "which one"); "how you doing ?" still counts through its '?'.
+_CLAUSE_SUBJECTS = frozenset("i you he she it we they ours yours mine theirs".split())
+# After the first comma clause these open a relative clause ("a friend who , who works with ...") unless an
+# auxiliary follows ("..., where is the bank").
+_RELATIVE_WORDS = frozenset("who whom whose which where when".split())
 # "how nice of you" opens an exclamation; "how much", "how long" open questions.
 _EXCLAMATIVE_HOW = frozenset(
     "nice wonderful great lovely beautiful sweet kind terrible awful funny interesting strange sad exciting "
@@ -116,17 +123,23 @@ def _words(clause: str) -> list[str]:
     return words
 
 
-def _clause_kind(words: list[str]) -> str:
-    """'request', 'question' or 'other', from the opening words of one comma-separated clause."""
+def _clause_kind(words: list[str], later: bool = False) -> str:
+    """'request', 'question' or 'other', from the opening words of one comma-separated clause (`later`: not the
+    sentence's first clause)."""
+    if words[:2] == ["how", "about"] and words[2:3] in (["you"], ["yourself"]):
+        return "question"  # "how about you ?" hands the question back; "how about a walk ?" suggests
     if any(tuple(words[: len(opener)]) == opener for opener in _REQUEST_OPENERS):
         return "request"
     if not words:
         return "other"
     first, second = words[0], (words[1] if len(words) > 1 else "")
-    if first.split("'")[0] in WH_WORDS:  # "what's the problem", "how's it going"
+    contracted = "'" in first and first.split("'")[0] in WH_WORDS  # "what's the problem", "how's it going"
+    if contracted:
         first = first.split("'")[0]
     if first in WH_WORDS:
         if second in _EXCLAMATIVE_NEXT or (first == "how" and second in _EXCLAMATIVE_HOW):
+            return "other"
+        if (second in _CLAUSE_SUBJECTS and not contracted) or (later and first in _RELATIVE_WORDS and second not in AUXILIARIES):
             return "other"
         return "question"
     if (first in AUXILIARIES or first.endswith("n't")) and second in _SUBJECTS:
@@ -141,8 +154,8 @@ def _sentence_is_question(sentence: str) -> bool:
     ends_with_qmark = stripped.endswith("?")
     if not ends_with_qmark and stripped[-1] in ".!":
         return False  # closed as a statement or an exclamation, whatever its opening
-    for clause in stripped.split(","):
-        kind = _clause_kind(_words(clause))
+    for position, clause in enumerate(stripped.split(",")):
+        kind = _clause_kind(_words(clause), later=position > 0)
         if kind != "other":  # the first clause with a question or request opening decides
             return kind == "question"
     return ends_with_qmark  # "you did what ?": a declarative question
@@ -159,9 +172,29 @@ def is_question_dialog(text: str) -> bool:
       would you / will you ...", "shall we", "why don't we", "how about", "may I";
     - an auxiliary opens a question only before a subject ("is there", "don't you"), not in fragments or
       imperatives ("is pretty funny", "don't worry");
-    - a sentence closed by `.` or `!` is a statement or exclamation, whatever its first word.
+    - a sentence closed by `.` or `!` is a statement or exclamation, whatever its first word;
+    - a wh-word before a subject pronoun opens a subordinate clause ("when we bought it , ...", "what I see is"),
+      and after the first comma who/which/where/when open a relative clause unless an auxiliary follows;
+    - "how about you ?" is a question (it hands the question back), unlike "how about a walk ?".
     """
     return any(_sentence_is_question(s) for s in _SENTENCE.findall(text))
+
+
+# Backchannels phrased as questions: the listener's "really ?", "oh , yeah ?", "is that right ?", "what ?". The
+# Switchboard act scheme (SWBD-DAMSL) tags them as backchannels (bh), not questions; DailyDialog's acts count them
+# as questions.
+_BACKCHANNEL = re.compile(
+    r"^(?:(?:oh|uh|um|well|yeah|and)\s*,?\s+)*"
+    r"(?:really|yeah|right|all right|huh|what|is it|is it really|is that right|is that so|is that true|you do|"
+    r"you did|do you|did you|are you|you are|you have|oh)\s*\?\s*$",
+    re.IGNORECASE,
+)
+
+
+def is_question_switchboard(text: str) -> bool:
+    """The dialog teacher under the Switchboard convention: a backchannel phrased as a question ("really ?",
+    "oh , is that right ?") is not a question; everything else as `is_question_dialog`."""
+    return not _BACKCHANNEL.match(text.strip()) and is_question_dialog(text)
 
 
 
@@ -170,7 +203,11 @@ def strip_question_marks(text: str) -> str:
     return " ".join(text.replace("?", " ").split())
 
 
-TEACHERS: dict[str, Callable[[str], bool]] = {"heuristic": is_question_heuristic, "dialog": is_question_dialog}
+TEACHERS: dict[str, Callable[[str], bool]] = {
+    "heuristic": is_question_heuristic,
+    "dialog": is_question_dialog,
+    "switchboard": is_question_switchboard,
+}
 # Every rule measured beside the model on the question eval sets: the teachers and the reference rule.
 RULES: dict[str, Callable[[str], bool]] = {**TEACHERS, "qmark_or_what_how": reference_rule_wh_or_qmark}
 
@@ -199,11 +236,14 @@ class QuestionArguments:
         default=0.0, metadata={"help": "Share of training questions whose '?' is removed (label kept)."}
     )
     question_lowercase_prob: float = field(default=0.0, metadata={"help": "Share of training texts lowercased."})
-    question_teacher: Literal["heuristic", "dialog"] = field(
+    question_teacher: Literal["heuristic", "dialog", "switchboard"] = field(
         default="heuristic",
         metadata={
-            "help": "Weak labeller of the question pool: heuristic (question.is_question_heuristic) or dialog "
-            "(question.is_question_dialog: per utterance, requests such as 'can you ...?' are not questions)."
+            "help": "Weak labeller of the question pool, which also sets the question convention: heuristic "
+            "(question.is_question_heuristic), dialog (question.is_question_dialog, DailyDialog's acts: per "
+            "utterance, requests such as 'can you ...?' are directives, 'really ?' is a question) or switchboard "
+            "(question.is_question_switchboard, Switchboard's acts: as dialog, but backchannels such as "
+            "'really ?' are not questions)."
         },
     )
     question_trap_rows: int = field(

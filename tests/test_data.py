@@ -110,6 +110,25 @@ def test_gold_text_never_reaches_training(tiny_data_dir, tiny_tokenizer):
     assert not gold & train
 
 
+@pytest.mark.parametrize("teacher", ["heuristic", "dialog", "switchboard"])
+def test_no_gold_text_or_label_reaches_training_with_any_teacher(tiny_data_dir, tiny_tokenizer, teacher):
+    """Both gold dialogue sets, both views, stay evaluation-only whatever the teacher and pool options: no gold
+    utterance is a training row, and the training labels are the teacher's own on the training text."""
+    options = QuestionArguments(
+        question_pool_per_source=100, question_holdout_fraction=0.2, question_teacher=teacher,
+        question_trap_rows=20, question_rephrase_rows=20, question_declarative_rows=20,
+    )  # fmt: skip
+    tasks = mtdata.get_tasks(["question"], pools={"question": question.QuestionPool(options)})
+    mt = mtdata.build_data(tasks, tiny_tokenizer, data_args(tiny_data_dir))
+    train = {tuple(ids) for ids in mt.train["input_ids"]}
+    gold_sets = ("question_gold", "question_gold_noqm", "question_swda", "question_swda_noqm")
+    assert set(gold_sets) <= set(mt.eval_sets)
+    for name in gold_sets:
+        assert not {tuple(ids) for ids in mt.eval_sets[name]["input_ids"]} & train, name
+    held = mt.eval_texts["question"]  # the pool's hold-out carries the chosen teacher's labels
+    assert mt.eval_sets["question"]["labels"] == [question.question_label_fn(teacher)(t) for t in held]
+
+
 def test_truncation_is_counted_in_one_warning(tiny_data_dir, tiny_tokenizer, caplog):
     tasks = get_tasks(["sentiment"])
     with caplog.at_level("WARNING", logger="data"):

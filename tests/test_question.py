@@ -115,6 +115,14 @@ DIALOG_TABLE = [
     ("when the credits roll , you will weep .", False),
     ("I wonder why", False),
     ("a gorgeous , witty , seductive movie .", False),
+    ("when we bought our Subaru , the guy was like", False),  # wh-word + subject: a subordinate clause
+    ("which I had done ,", False),
+    ("what I see is the trend for children", False),
+    ("I have a friend who is working with , uh , who works with travel groups ,", False),  # relative clause
+    ("If you go , where is the station", True),  # ... unless an auxiliary follows
+    ("How about you ?", True),  # hands the question back
+    ("uh , how about yourself ?", True),
+    ("Really ?", True),  # DailyDialog's acts: an echo question is a question
     ("", False),
     ("   ", False),
 ]
@@ -127,6 +135,35 @@ def test_dialog_teacher_table(utterance, expected):
 
 def test_dialog_table_is_balanced():
     assert sum(e for _, e in DIALOG_TABLE) >= 10 and sum(not e for _, e in DIALOG_TABLE) >= 10
+
+
+# The Switchboard convention: backchannels phrased as questions are not questions; the rest as the dialog teacher.
+SWITCHBOARD_TABLE = [
+    ("Really ?", False),
+    ("Oh, really?", False),
+    ("oh , yeah ?", False),
+    ("Is that right ?", False),
+    ("What?", False),
+    ("Is that right for your family ?", True),
+    ("Really , what did you do then ?", True),
+    ("How about you?", True),
+    ("Can you change some money for me ?", False),
+]
+
+
+@pytest.mark.parametrize("utterance, expected", SWITCHBOARD_TABLE)
+def test_switchboard_teacher_table(utterance, expected):
+    assert question.is_question_switchboard(utterance) is expected
+    if expected:  # the convention only removes backchannels: what it calls a question, the dialog teacher does too
+        assert is_question_dialog(utterance)
+
+
+def test_switchboard_teacher_differs_from_dialog_on_backchannels_only():
+    assert is_question_dialog("Oh, really?") and not question.is_question_switchboard("Oh, really?")
+    assert question.question_label_fn("switchboard")("Really ?") == 0
+    assert question.question_label_fn("dialog")("Really ?") == 1
+    assert question.QuestionArguments(question_teacher="switchboard").question_teacher == "switchboard"
+    assert set(question.RULES) == {"heuristic", "dialog", "switchboard", "qmark_or_what_how"}
 
 
 def test_question_label_fn_rejects_unknown_teacher():
