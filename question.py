@@ -126,7 +126,7 @@ def _words(clause: str) -> list[str]:
 def _clause_kind(words: list[str], later: bool = False) -> str:
     """'request', 'question' or 'other', from the opening words of one comma-separated clause (`later`: not the
     sentence's first clause)."""
-    if words[:2] == ["how", "about"] and words[2:3] in (["you"], ["yourself"]):
+    if words[:3] in (["how", "about", "you"], ["how", "about", "yourself"]):
         return "question"  # "how about you ?" hands the question back; "how about a walk ?" suggests
     if any(tuple(words[: len(opener)]) == opener for opener in _REQUEST_OPENERS):
         return "request"
@@ -139,8 +139,10 @@ def _clause_kind(words: list[str], later: bool = False) -> str:
     if first in WH_WORDS:
         if second in _EXCLAMATIVE_NEXT or (first == "how" and second in _EXCLAMATIVE_HOW):
             return "other"
-        if (second in _CLAUSE_SUBJECTS and not contracted) or (later and first in _RELATIVE_WORDS and second not in AUXILIARIES):
-            return "other"
+        if second in _CLAUSE_SUBJECTS and not contracted:
+            return "other"  # a subordinate clause: "when we bought it", "what I see"
+        if later and first in _RELATIVE_WORDS and second not in AUXILIARIES:
+            return "other"  # a relative clause: "..., who works with"
         return "question"
     if (first in AUXILIARIES or first.endswith("n't")) and second in _SUBJECTS:
         return "question"

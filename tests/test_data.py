@@ -113,7 +113,7 @@ def test_gold_text_never_reaches_training(tiny_data_dir, tiny_tokenizer):
 @pytest.mark.parametrize("teacher", ["heuristic", "dialog", "switchboard"])
 def test_no_gold_text_or_label_reaches_training_with_any_teacher(tiny_data_dir, tiny_tokenizer, teacher):
     """Both gold dialogue sets, both views, stay evaluation-only whatever the teacher and pool options: no gold
-    utterance is a training row, and the training labels are the teacher's own on the training text."""
+    utterance is a training row, and the pool's hold-out is labelled by the chosen teacher."""
     options = QuestionArguments(
         question_pool_per_source=100, question_holdout_fraction=0.2, question_teacher=teacher,
         question_trap_rows=20, question_rephrase_rows=20, question_declarative_rows=20,
