@@ -14,12 +14,13 @@ DATA_DIR ?= ../shared/data
 CONFIG ?= configs/quick.yaml
 LAUNCH_CONFIG ?= configs/accelerate/one_process.yaml
 PYTEST_ARGS ?= -q
+ST_ONNX_VENV ?= .venv-st-onnx
 
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 TORCH_SOURCE := $(if $(strip $(TORCH_INDEX)),--index-url $(TORCH_INDEX))
 
-.PHONY: train test venv lock
+.PHONY: train test venv lock st-onnx-venv
 
 train: $(VENV)/.installed
 	$(OFFLINE) $(BIN)/accelerate launch --config_file $(LAUNCH_CONFIG) train.py $(CONFIG) --data_dir $(DATA_DIR)
@@ -45,3 +46,13 @@ lock:
 	{ echo "# The tested versions: pip install -r requirements.txt -c requirements.lock (see the Makefile)."; \
 	  echo "# Regenerate with: make lock"; \
 	  $(BIN)/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > requirements.lock
+
+# The second environment of bench/inference.py's st_onnx_backend run (sentence-transformers' own ONNX backend, which
+# needs transformers < 4.58): python bench/inference.py --st_onnx_python $(ST_ONNX_VENV)/bin/python
+st-onnx-venv: $(ST_ONNX_VENV)/.installed
+
+$(ST_ONNX_VENV)/.installed: bench/requirements-st-onnx.txt
+	test -x $(ST_ONNX_VENV)/bin/python || $(PYTHON) -m venv $(ST_ONNX_VENV)
+	$(ST_ONNX_VENV)/bin/python -m pip install -q --no-deps $(TORCH_SOURCE) torch -c bench/requirements-st-onnx.txt
+	$(ST_ONNX_VENV)/bin/python -m pip install -q -r bench/requirements-st-onnx.txt
+	touch $@

@@ -9,6 +9,10 @@ Runs (`--runs`):
                 runs it: the encoder alone exported to ONNX (last_hidden_state), onnxruntime's default session,
                 pooling and normalisation in sentence-transformers. A stand-in: that backend needs optimum-onnx,
                 whose only release requires transformers < 4.58 (this repository is on transformers 5).
+  st_onnx_backend  SentenceTransformer(encoder, backend="onnx") itself, in the second environment given by
+                `--st_onnx_python` (`make st-onnx-venv` builds it: optimum-onnx with transformers 4.57), served by
+                bench/st_onnx_worker.py; it takes its turn in the rounds like the others (its timing includes one
+                request line to the worker). Its memory column is the worker's own peak RSS.
   ours_embed    MultiTaskModel.predict(texts, tokenizer, batch_size, return_embeddings=True): embeddings plus both
                 tasks' labels, per-text dicts (the product path; it does more than st_encode).
   ours_onnx     the same through onnx_export.OnnxMultiTaskModel.predict: one ONNX graph (encoder, pooling, both
@@ -25,6 +29,8 @@ onnxruntime uses one intra-op thread per visible core; torch keeps its default (
 
     python bench/inference.py --repeats 3 --out bench/RESULTS.md
     python bench/inference.py --runs st_encode st_onnx ours_embed ours_onnx ours_onnx_int8 --repeats 3
+    make st-onnx-venv && python bench/inference.py --runs st_encode st_onnx_backend ours_embed ours_onnx \
+        --st_onnx_python .venv-st-onnx/bin/python --repeats 3
 
 `--stream_lines N` measures `predict.py` itself instead: N lines (the texts above, cycled) written to its stdin by
 a separate thread, the time to its first output line, its throughput and its peak RSS, for each `--backends`.
@@ -35,6 +41,7 @@ a separate thread, the time to its first output line, its throughput and its pea
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 from pathlib import Path
@@ -46,6 +53,7 @@ from common import PeakMemory, free_memory, markdown_table, now, report, resolve
 
 logger = logging.getLogger("bench")
 RUNS = ("st_encode", "st_onnx", "ours_embed", "ours_onnx", "ours_onnx_int8", "single_task", "ours_both")
+EXTRA_RUNS = ("st_onnx_backend",)  # needs --st_onnx_python
 ONNX_RUNS = {"ours_onnx", "ours_onnx_int8"}
 
 
@@ -96,6 +104,53 @@ class OrtEncoder(torch.nn.Module):
         return {"last_hidden_state": torch.from_numpy(hidden)}
 
 
+class StOnnxBackend:
+    """bench/st_onnx_worker.py in another interpreter: `SentenceTransformer(encoder, backend="onnx")` encoding the
+    texts on request. Calling it encodes every text once and returns the worker's reply."""
+
+    def __init__(self, python: str, encoder_path: str, texts: list[str], batch_size: int, work: Path):
+        import json
+        import subprocess
+
+        self.json = json
+        texts_file = work / "texts.json"
+        texts_file.write_text(json.dumps(texts), encoding="utf-8")
+        worker = Path(__file__).with_name("st_onnx_worker.py")
+        command = [python, str(worker), encoder_path, str(texts_file), "--batch_size", str(batch_size)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+        self.work = work
+        self.last: dict = {}
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(
+                f"bench/st_onnx_worker.py exited (code {self.process.wait()}); its error is above. Build its "
+                "environment with `make st-onnx-venv` and pass --st_onnx_python .venv-st-onnx/bin/python."
+            )
+        return self.json.loads(line)
+
+    def _ask(self, request: dict) -> dict:
+        self.process.stdin.write(self.json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def __call__(self, texts=None) -> dict:  # the worker holds the texts; `texts` is for the runs' common signature
+        self.last = self._ask({"op": "encode"})
+        return self.last
+
+    def embeddings(self, n: int) -> np.ndarray:
+        path = self.work / "st_onnx_backend.npy"
+        self._ask({"op": "embed", "n": n, "path": str(path)})
+        return np.load(path)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+
+
 def export_encoder(encoder_path: str, path: Path) -> None:
     """The encoder alone to ONNX, inputs and output as optimum's feature-extraction export names them."""
     from transformers import AutoModel
@@ -122,9 +177,12 @@ def export_encoder(encoder_path: str, path: Path) -> None:
         )  # fmt: skip
 
 
-def build_runs(names: list[str], encoder_path: str, device: str, tokenizer, batch_size: int, attn: str, work: Path):
+def build_runs(
+    names: list[str], encoder_path: str, device: str, tokenizer, batch_size: int, attn: str, work: Path,
+    texts: list[str] | None = None, st_onnx_python: str | None = None,
+):  # fmt: skip
     """name -> a function of the texts; each model loaded once, in eval mode, on the device. Also returns the
-    models the checks need (`ours`, `onnx`, `onnx_int8`).
+    models the checks need (`ours`, `onnx`, `onnx_int8`, `st_onnx_backend`).
 
     Weights are float32 whatever dtype the checkpoint was saved in (transformers v5 otherwise keeps the saved
     dtype, e.g. a float16 copy made to travel light).
@@ -166,6 +224,14 @@ def build_runs(names: list[str], encoder_path: str, device: str, tokenizer, batc
         st_onnx = SentenceTransformer(encoder_path, device="cpu", model_kwargs=model_kwargs)
         st_onnx[0].model = OrtEncoder(str(path), st_onnx[0].model.config)
         runs["st_onnx"] = lambda texts: st_onnx.encode(texts, batch_size=batch_size, show_progress_bar=False)
+    if "st_onnx_backend" in names:
+        if not st_onnx_python:
+            raise ValueError(
+                "--runs st_onnx_backend needs --st_onnx_python: the interpreter of an environment with "
+                "sentence-transformers' ONNX backend (make st-onnx-venv; then .venv-st-onnx/bin/python)."
+            )
+        backend = models["st_onnx_backend"] = StOnnxBackend(st_onnx_python, encoder_path, texts, batch_size, work)
+        runs["st_onnx_backend"] = backend
     if "single_task" in names:
         single = AutoModelForSequenceClassification.from_pretrained(
             encoder_path, num_labels=2, attn_implementation=attn, dtype=torch.float32
@@ -179,7 +245,7 @@ def _normalised(rows) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.as_tensor(np.asarray(rows)).float(), dim=-1)
 
 
-def embedding_agreement(runs: dict, texts: list[str]) -> dict[str, float]:
+def embedding_agreement(runs: dict, texts: list[str], models: dict | None = None) -> dict[str, float]:
     """Largest difference between each run's (normalised) embeddings and sentence-transformers': same encoder,
     same maths."""
     if "st_encode" not in runs:
@@ -188,6 +254,8 @@ def embedding_agreement(runs: dict, texts: list[str]) -> dict[str, float]:
     # Normalised both sides: a model folder may or may not hold sentence-transformers' Normalize module.
     theirs = _normalised(runs["st_encode"](sample))
     diffs = {}
+    if models and "st_onnx_backend" in models:
+        diffs["st_onnx_backend"] = float((_normalised(models["st_onnx_backend"].embeddings(256)) - theirs).abs().max())
     for name in ("st_onnx", "ours_embed", "ours_onnx"):
         if name in runs:
             out = runs[name](sample)
@@ -346,7 +414,13 @@ def stream_main(args, texts: list[str], encoder_path: str, info: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.common_arguments(parser)
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS + EXTRA_RUNS)
+    parser.add_argument(
+        "--st_onnx_python",
+        default=None,
+        help="Python of an environment with sentence-transformers' ONNX backend (make st-onnx-venv), for "
+        "--runs st_onnx_backend.",
+    )
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="Timed passes over all texts per run.")
     parser.add_argument("--max_texts", type=int, default=None, help="Use only the first N texts.")
@@ -377,9 +451,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as work:
         runs, models = build_runs(
-            args.runs, encoder_path, device, tokenizer, args.batch_size, args.attn_implementation, Path(work)
-        )
-        agreement = embedding_agreement(runs, texts)
+            args.runs, encoder_path, device, tokenizer, args.batch_size, args.attn_implementation, Path(work),
+            texts=texts, st_onnx_python=args.st_onnx_python,
+        )  # fmt: skip
+        agreement = embedding_agreement(runs, texts, models)
         parity = onnx_parity(models, tokenizer, texts, args.batch_size)
         int8 = int8_agreement(runs, texts)
         longest = sorted(texts, key=len, reverse=True)[: args.batch_size]
@@ -397,6 +472,11 @@ def main(argv: list[str] | None = None) -> dict:
                     common.synchronize(device)
                     seconds[name].append(now() - started)
                 peaks[name] = max(peaks[name], (memory.peak_mb, memory.growth_mb))
+                if name == "st_onnx_backend":  # another process: its own peak RSS, no growth figure
+                    peaks[name] = (fn.last["peak_rss_mb"], None)
+        if "st_onnx_backend" in models:
+            info["st_onnx_backend"] = models["st_onnx_backend"].info
+            models["st_onnx_backend"].close()
 
     results = []
     for name in runs:
@@ -419,6 +499,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("ours_embed", "st_encode", "embeddings_per_second_ours_vs_st"),
         ("ours_onnx", "st_encode", "embeddings_per_second_ours_onnx_vs_st"),
         ("ours_onnx", "st_onnx", "embeddings_per_second_ours_onnx_vs_st_onnx"),
+        ("ours_onnx", "st_onnx_backend", "embeddings_per_second_ours_onnx_vs_st_onnx_backend"),
+        ("st_onnx_backend", "st_encode", "embeddings_per_second_st_onnx_backend_vs_st"),
         ("ours_onnx", "ours_embed", "embeddings_per_second_ours_onnx_vs_ours_torch"),
         ("ours_onnx_int8", "ours_onnx", "embeddings_per_second_int8_vs_ours_onnx"),
     ):
@@ -428,7 +510,10 @@ def main(argv: list[str] | None = None) -> dict:
         ratios["time_both_tasks_vs_single_task"] = (
             by_name["ours_both"]["seconds_median"] / by_name["single_task"]["seconds_median"]
         )
-    relative = {name: "st_encode" for name in ("st_encode", "st_onnx", "ours_embed", "ours_onnx", "ours_onnx_int8")}
+    relative = {
+        name: "st_encode"
+        for name in ("st_encode", "st_onnx", "st_onnx_backend", "ours_embed", "ours_onnx", "ours_onnx_int8")
+    }
     relative.update(ours_both="single_task", single_task="single_task")
     rows = []
     for r in results:
@@ -465,7 +550,11 @@ def main(argv: list[str] | None = None) -> dict:
         None
         if int8 is None
         else "int8 vs float32 graph (untrained heads): " + ", ".join(f"{k} {v:.4f}" for k, v in int8.items()),
-        "memory: every model stays loaded in one process, so each peak counts them all; growth is the pass's own",
+        "memory: every model stays loaded in one process, so each peak counts them all; growth is the pass's own"
+        + ("; st_onnx_backend runs in its own process (its peak alone)" if "st_onnx_backend" in runs else ""),
+        None
+        if "st_onnx_backend" not in info
+        else "st_onnx_backend: " + json.dumps(info["st_onnx_backend"]),
         args.note,
     ]
     report(f"Inference ({device})", table, result, args.out, notes)

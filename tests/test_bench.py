@@ -205,6 +205,75 @@ def test_inference_compares_like_with_like(tiny_encoder_dir, shared_data_dir):
     assert set(result["int8_agreement"]) >= {"label_agreement.sentiment", "embedding_cosine_mean"}
 
 
+# What bench/st_onnx_worker.py imports, for a test environment without optimum-onnx: sentence-transformers' API with
+# mean pooling done by transformers, so its embeddings are sentence-transformers' own.
+FAKE_ST_ONNX = """
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+__version__ = "fake"
+
+
+class SentenceTransformer:
+    def __init__(self, path, backend="torch", device="cpu"):
+        assert backend == "onnx"
+        self.tokenizer, self.auto_model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    def __getitem__(self, i):
+        return self
+
+    @torch.no_grad()
+    def encode(self, texts, batch_size=32, show_progress_bar=False):
+        batch = self.tokenizer(list(texts), padding=True, return_tensors="pt")
+        hidden = self.auto_model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+"""
+
+
+def test_inference_runs_sentence_transformers_onnx_backend_in_a_second_interpreter(
+    tiny_encoder_dir, shared_data_dir, tmp_path, monkeypatch
+):
+    import sys
+
+    import inference
+
+    argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(shared_data_dir), "--device", "cpu"]
+    argv += ["--max_texts", "24", "--batch_size", "8", "--repeats", "2", "--runs", "st_encode", "st_onnx_backend"]
+    with pytest.raises(ValueError, match="needs --st_onnx_python.*make st-onnx-venv"):
+        inference.main(argv)
+
+    stub = tmp_path / "stub"
+    (stub / "sentence_transformers").mkdir(parents=True)
+    (stub / "sentence_transformers" / "__init__.py").write_text(FAKE_ST_ONNX)
+    (stub / "optimum").mkdir()
+    (stub / "optimum" / "__init__.py").write_text("")
+    (stub / "optimum" / "version.py").write_text("__version__ = 'fake'\n")
+    monkeypatch.setenv("PYTHONPATH", str(stub))
+    result = inference.main(argv + ["--st_onnx_python", sys.executable])
+    by_run = {r["run"]: r for r in result["results"]}
+    assert by_run["st_onnx_backend"]["texts"] == 24 and len(by_run["st_onnx_backend"]["seconds_all"]) == 2
+    assert by_run["st_onnx_backend"]["peak_memory_mb"] > 0 and by_run["st_onnx_backend"]["memory_growth_mb"] is None
+    assert set(result["ratios"]) == {"embeddings_per_second_st_onnx_backend_vs_st"}
+    assert result["setting"]["st_onnx_backend"]["versions"]["optimum"] == "fake"
+    # The worker's embeddings come back through its .npy file: the same maths as sentence-transformers' encode().
+    assert result["embedding_max_abs_diff_vs_st"]["st_onnx_backend"] < 1e-4
+
+
+def test_inference_says_how_to_build_the_second_environment_when_the_worker_fails(
+    tiny_encoder_dir, shared_data_dir, tmp_path
+):
+    import inference
+
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'No module named optimum' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(shared_data_dir), "--device", "cpu"]
+    argv += ["--max_texts", "8", "--runs", "st_onnx_backend", "--st_onnx_python", str(broken)]
+    with pytest.raises(RuntimeError, match="exited \\(code 1\\).*make st-onnx-venv"):
+        inference.main(argv)
+
+
 def test_inference_stream_measures_predict_py_on_stdin(tiny_encoder_dir, shared_data_dir):
     import inference
 
