@@ -1,7 +1,7 @@
 """`MultiTaskTrainer`: the `Trainer` of a multi-task run (train.py builds it; bench/ builds it directly).
 
 It adds a task-interleaving batch sampler, per-task training statistics, metrics per eval set (each a head),
-evaluation in length-sorted batches with named progress bars, a separate learning rate for the uncertainty loss
+evaluation in length-sorted batches, each distinct input once, with named progress bars, a separate learning rate for the uncertainty loss
 weights, the `--cuda_graphs` training step (cuda_graphs.py), the precision and distribution that accelerate
 really uses (`precision_and_distribution`) and a stop at the first non-finite loss or gradient norm
 (checks.NonFiniteWatch). Checkpoints hold no pickle and appear atomically (checkpoints.py).
@@ -13,6 +13,8 @@ import math
 import os
 from typing import TYPE_CHECKING
 
+import datasets
+import numpy as np
 import torch
 from accelerate.utils import DistributedType
 from torch.nn import functional as F
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import has_length
+from transformers.trainer_utils import EvalPrediction, has_length
 
 import checkpoints
 import checks
@@ -69,6 +71,12 @@ class _NamedProgressCallback(ProgressCallback):
                 desc=f"eval {self.trainer._eval_name or 'set'}",
             )
         super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
+
+def _first_rows(inverse: np.ndarray) -> list[int]:
+    """The index of the first row of each distinct input, in the order the inputs were first seen."""
+    _, first = np.unique(inverse, return_index=True)
+    return first.tolist()
 
 
 class LengthSortedSampler(Sampler):
@@ -131,6 +139,8 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
     emulate_cuda_graphs = False
     # evaluate() reads each set longest row first (LengthSortedSampler); predict() keeps the dataset's order.
     sort_eval_by_length = True
+    # evaluate() runs each distinct input of a set once and scores every row (_deduplicated).
+    deduplicate_eval = True
 
     def precision_and_distribution(self) -> dict:
         """What the run really uses: accelerate's mixed precision (a launch config's `mixed_precision: bf16`
@@ -319,11 +329,41 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         name = metric_key_prefix.removeprefix("eval_")
         if name in self.eval_tasks:
             self._eval_task, self._eval_name = self.eval_tasks[name], name
+        compute_metrics = self.compute_metrics
+        if isinstance(eval_dataset, str) and isinstance(self.eval_dataset, dict):  # the Trainer passes set names
+            eval_dataset = self.eval_dataset[eval_dataset]
+        if self.deduplicate_eval and compute_metrics is not None and isinstance(eval_dataset, datasets.Dataset):
+            eval_dataset, self.compute_metrics = self._deduplicated(eval_dataset, compute_metrics)
         self._evaluating = True
         try:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._evaluating = False
+            self.compute_metrics = compute_metrics
+
+    @staticmethod
+    def _deduplicated(dataset, compute_metrics):
+        """Each distinct model input once: the dataset of the first rows of each (their `labels` column replaced by
+        the row's index in it, carried through gathering and any sampler order), and a compute_metrics that gives
+        every row of the full set its input's logits and its own label. Dialogue sets repeat many short turns
+        ("yeah .", "uh-huh ."), and a set's `?`-free view repeats every row that has no `?`."""
+        if "labels" not in dataset.column_names or "input_ids" not in dataset.column_names:
+            return dataset, compute_metrics
+        first: dict[tuple, int] = {}
+        inverse = np.array([first.setdefault(tuple(ids), len(first)) for ids in dataset["input_ids"]])
+        if len(first) == len(dataset):
+            return dataset, compute_metrics
+        labels = np.asarray(dataset["labels"])
+        rows = dataset.select(_first_rows(inverse))
+        rows = rows.remove_columns("labels").add_column("labels", list(range(len(rows))))
+
+        def expanded(prediction: EvalPrediction):
+            logits = np.asarray(prediction.predictions)
+            by_input = np.empty((len(rows), *logits.shape[1:]), dtype=logits.dtype)
+            by_input[np.asarray(prediction.label_ids)] = logits
+            return compute_metrics(EvalPrediction(predictions=by_input[inverse], label_ids=labels))
+
+        return rows, expanded
 
     def _get_eval_sampler(self, eval_dataset):
         columns = getattr(eval_dataset, "column_names", None) or []

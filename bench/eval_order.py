@@ -1,11 +1,12 @@
-"""Evaluation time of one gold set, rows in dataset order vs longest first (`MultiTaskTrainer` sorts by length).
+"""Evaluation time of one gold set: every row in dataset order, every row longest first, and each distinct input
+once longest first (`MultiTaskTrainer` does the last: `sort_eval_by_length`, `deduplicate_eval`).
 
 Builds the quick config's question data with `max_seq_length` 64 (configs/quick.yaml), a fresh multi-task model
-on the packaged MiniLM, and times `trainer.evaluate` on the DailyDialog gold set (8,069 rows) both ways,
-alternating, in one process, so machine load hits both alike. Prints the seconds, the padded tokens and the
-largest metric difference between the two orders.
+on the packaged MiniLM, and times `trainer.evaluate` on one gold set (`--gold_set`, default the DailyDialog one,
+8,069 rows) the three ways, taking turns, in one process, so machine load hits them alike. Prints the seconds,
+the rows and padded tokens the model saw and the largest metric difference to the first way.
 
-    python bench/eval_order.py [--repeats 2] [--batch_size 128] [--max_rows N] [--out bench/RESULTS.md]
+    python bench/eval_order.py [--gold_set question_swda] [--repeats 2] [--batch_size 128] [--max_rows N]
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_seq_length", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="Timed passes per order.")
     parser.add_argument("--max_rows", type=int, default=None, help="Cap the gold set (max_gold_eval_samples).")
+    parser.add_argument(
+        "--gold_set",
+        default="question_gold",
+        choices=["question_gold", "question_gold_noqm", "question_swda", "question_swda_noqm"],
+    )
     args = parser.parse_args(argv)
 
     common.quiet_libraries()
@@ -47,9 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
         max_gold_eval_samples=args.max_rows,
     )  # fmt: skip
     mt = mtdata.build_data(tasks, tokenizer, data_args, seed=args.seed)
-    gold = {"question_gold": mt.eval_sets["question_gold"]}
-    rows = len(gold["question_gold"])
-    real = sum(len(ids) for ids in gold["question_gold"]["input_ids"])  # tokens without padding
+    name = args.gold_set
+    gold = {name: mt.eval_sets[name]}
+    rows = len(gold[name])
+    real = sum(len(ids) for ids in gold[name]["input_ids"])  # tokens without padding
     model = MultiTaskModel.from_encoder(encoder_path, tasks=[t.to_config() for t in tasks], attn_implementation="sdpa")
     trainer = train.MultiTaskTrainer(
         model=model,
@@ -63,50 +70,59 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=mtdata.MultiTaskCollator(tokenizer.pad_token_id),
         compute_metrics=build_compute_metrics(),
         task_sizes=mt.task_sizes,
-        eval_tasks={"question_gold": "question"},
+        eval_tasks={name: "question"},
         mt_args=train.MultiTaskArguments(),
     )
-    padded = {}
+    ways = {"unsorted": (False, False), "sorted": (True, False), "sorted_distinct": (True, True)}
+    labels = {"unsorted": "every row, dataset order", "sorted": "every row, longest first",
+              "sorted_distinct": "each distinct input once, longest first"}  # fmt: skip
+    padded, seen, current = {}, {}, ["unsorted"]
     original_step = trainer.prediction_step
 
     def counting_step(model, inputs, *rest, **kwargs):
-        key = trainer.sort_eval_by_length
-        padded[key] = padded.get(key, 0) + inputs["input_ids"].numel()
+        padded[current[0]] += inputs["input_ids"].numel()
+        seen[current[0]] += int(inputs["input_ids"].shape[0])
         return original_step(model, inputs, *rest, **kwargs)
 
-    warm_up = gold["question_gold"].select(range(min(256, rows)))
-    trainer.evaluate(eval_dataset=warm_up, metric_key_prefix="eval_question_gold")  # untimed: threads, allocator
+    warm_up = gold[name].select(range(min(256, rows)))
+    trainer.evaluate(eval_dataset=warm_up, metric_key_prefix=f"eval_{name}")  # untimed: threads, allocator
     trainer.prediction_step = counting_step
-    seconds = {False: [], True: []}
+    seconds = {way: [] for way in ways}
     metrics = {}
     for _ in range(args.repeats):
-        for sort in (False, True):
-            trainer.sort_eval_by_length = sort
-            padded[sort] = 0
+        for way, (sort, distinct) in ways.items():
+            trainer.sort_eval_by_length, trainer.deduplicate_eval = sort, distinct
+            current[0], padded[way], seen[way] = way, 0, 0
             started = time.perf_counter()
-            metrics[sort] = trainer.evaluate()
-            seconds[sort].append(time.perf_counter() - started)
-    keys = [k for k in metrics[False] if k.endswith(("_loss", "_accuracy", "_f1", "_f1_pos"))]
-    diff = max(abs(metrics[False][k] - metrics[True][k]) for k in keys)
+            metrics[way] = trainer.evaluate()
+            seconds[way].append(time.perf_counter() - started)
+    keys = [k for k in metrics["unsorted"] if k.endswith(("_loss", "_accuracy", "_f1", "_f1_pos"))]
+    diff = max(abs(metrics["unsorted"][k] - metrics[way][k]) for k in keys for way in ways)
+    median = {way: statistics.median(seconds[way]) for way in ways}
     table_rows = [
-        [name, rows, statistics.median(seconds[sort]), padded[sort], real / padded[sort]]
-        for name, sort in (("dataset order", False), ("longest first", True))
+        [labels[way], rows, seen[way], median[way], median["unsorted"] / median[way], padded[way], real / padded[way]]
+        for way in ways
     ]
-    table = markdown_table(["order", "rows", "seconds (median)", "padded tokens", "real / padded"], table_rows)
-    speedup = statistics.median(seconds[False]) / statistics.median(seconds[True])
+    columns = ["evaluation", "rows", "rows the model saw", "seconds (median)", "speed-up", "padded tokens"]
+    table = markdown_table(columns + ["real / padded (every row)"], table_rows)
     result = {
         "setting": info,
+        "gold_set": name,
         "rows": rows,
-        "seconds": {"unsorted": seconds[False], "sorted": seconds[True]},
-        "padded_tokens": {"unsorted": padded[False], "sorted": padded[True]},
-        "speedup": speedup,
+        "rows_seen": seen,
+        "seconds": seconds,
+        "padded_tokens": padded,
+        "speedup": median["unsorted"] / median["sorted"],
+        "speedup_distinct": median["unsorted"] / median["sorted_distinct"],
         "max_metric_difference": diff,
-        "metrics_sorted": {k: metrics[True][k] for k in keys},
+        "metrics_sorted": {k: metrics["sorted_distinct"][k] for k in keys},
     }
-    notes = [f"speed-up (unsorted / sorted median): {speedup:.2f}x; largest metric difference {diff:.2e}"]
-    report("Gold-set evaluation: dataset order vs longest first", table, result, args.out, notes)
+    notes = [
+        f"gold set {name}; speed-up vs dataset order (median): longest first {result['speedup']:.2f}x, each distinct "
+        f"input once {result['speedup_distinct']:.2f}x; largest metric difference {diff:.2e}",
+    ]
+    report("Gold-set evaluation: order and distinct inputs", table, result, args.out, notes)
     return result
-
 
 if __name__ == "__main__":
     main()

@@ -303,4 +303,6 @@ def test_eval_order_reports_the_same_metrics_with_less_padding(tiny_encoder_dir,
     assert result["rows"] == 60  # the gold set, capped by max_gold_eval_samples
     assert result["max_metric_difference"] < 1e-5
     assert result["padded_tokens"]["sorted"] < result["padded_tokens"]["unsorted"]
+    assert result["rows_seen"]["unsorted"] == result["rows_seen"]["sorted"] == 60
+    assert result["rows_seen"]["sorted_distinct"] <= 60  # the tiny gold set may hold no repeated turn
     assert bench_json(capsys.readouterr().out)["rows"] == 60

@@ -129,6 +129,55 @@ def test_bad_weight_settings_raise(tmp_path, tiny_encoder_dir, tiny_data_dir, fl
     assert not (tmp_path / "run").exists()  # refused before touching the output folder
 
 
+def test_evaluation_runs_each_distinct_input_once_and_scores_every_row(make_trainer):
+    """A set that repeats texts (dialogue turns, a `?`-free view) is scored row by row as before, while the model
+    sees each distinct input once; a repeated text with two labels counts once per label."""
+    import datasets
+
+    from outputs import build_compute_metrics
+
+    trainer = make_trainer(per_device_eval_batch_size=3)
+    trainer.compute_metrics = build_compute_metrics()
+    base = trainer.eval_dataset["sentiment"].select(range(6))
+    # rows 0-5, then 0, 1 and 2 again, row 2 with the other label
+    repeated = datasets.concatenate_datasets([base, base.select([0, 1, 2])]).to_dict()
+    repeated["labels"][8] = 1 - repeated["labels"][8]
+    dataset = datasets.Dataset.from_dict(repeated)
+    seen = []
+    original = trainer.prediction_step
+
+    def counting_step(model, inputs, *args, **kwargs):
+        seen.append(int(inputs["input_ids"].shape[0]))
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.prediction_step = counting_step
+    results = {}
+    for dedup in (False, True):
+        trainer.deduplicate_eval = dedup
+        seen.clear()
+        results[dedup] = trainer.evaluate(eval_dataset=dataset, metric_key_prefix="eval_sentiment")
+        assert sum(seen) == (6 if dedup else 9)
+    assert trainer.compute_metrics is not None and trainer.eval_dataset["sentiment"] is not dataset  # restored
+    for key, value in results[False].items():
+        if not key.endswith(("runtime", "per_second")):
+            assert results[True][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+    # Scored against the full set's labels with each row's logits: the same as scoring the 9 rows by hand.
+    logits = trainer.predict(dataset).predictions
+    labels = torch.tensor(repeated["labels"])
+    accuracy = (torch.as_tensor(logits).argmax(-1) == labels).float().mean().item()
+    assert results[True]["eval_sentiment_accuracy"] == pytest.approx(accuracy)
+    loss = torch.nn.functional.cross_entropy(torch.as_tensor(logits).float(), labels).item()
+    assert results[True]["eval_sentiment_loss"] == pytest.approx(loss, rel=1e-5)
+
+    # as train.py evaluates: every set by name through the Trainer's dict of eval sets
+    trainer.eval_dataset = {**trainer.eval_dataset, "sentiment": dataset}
+    seen.clear()
+    by_name = trainer.evaluate()
+    assert sum(seen) == 6 + len(trainer.eval_dataset["question"])
+    assert by_name["eval_sentiment_accuracy"] == pytest.approx(results[False]["eval_sentiment_accuracy"])
+
+
 def test_length_sorted_evaluation_equals_unsorted_and_pads_less(make_trainer):
     """evaluate() reads each set longest row first (as MultiTaskModel.predict does): the same metrics as the
     dataset's order up to float noise, in batches that pad less."""
