@@ -346,7 +346,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         """Each distinct model input once: the dataset of the first rows of each (their `labels` column replaced by
         the row's index in it, carried through gathering and any sampler order), and a compute_metrics that gives
         every row of the full set its input's logits and its own label. Dialogue sets repeat many short turns
-        ("yeah .", "uh-huh ."), and a set's `?`-free view repeats every row that has no `?`."""
+        ("yeah .", "uh-huh ."). Each set on its own: a `?`-free view still re-runs the rows its as-written set ran."""
         if "labels" not in dataset.column_names or "input_ids" not in dataset.column_names:
             return dataset, compute_metrics
         first: dict[tuple, int] = {}
