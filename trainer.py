@@ -115,6 +115,8 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         self.batch_sampler: MultiTaskBatchSampler | None = None
         self._eval_task: str | None = None
         self._eval_name: str | None = None
+        # (head, input ids) -> logits over one evaluate() round of every set; None outside a round (_deduplicated)
+        self._eval_logits: dict[tuple, np.ndarray] | None = None
         # Per task: [sum of loss * rows, rows, correct rows], over the logging interval and over the epoch.
         # Kept on the training device and read only at log time: a per-step .cpu() makes the CPU wait for the GPU.
         device = self.args.device
@@ -139,8 +141,10 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
     emulate_cuda_graphs = False
     # evaluate() reads each set longest row first (LengthSortedSampler); predict() keeps the dataset's order.
     sort_eval_by_length = True
-    # evaluate() runs each distinct input of a set once and scores every row (_deduplicated).
+    # evaluate() runs each distinct input of a set once and scores every row (_deduplicated) ...
     deduplicate_eval = True
+    # ... and, in a round over every set, skips the inputs an earlier set of the round ran through the same head.
+    share_eval_logits = True
 
     def precision_and_distribution(self) -> dict:
         """What the run really uses: accelerate's mixed precision (a launch config's `mixed_precision: bf16`
@@ -326,6 +330,14 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
 
     # ---- evaluation ----
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        sets = self.eval_dataset if eval_dataset is None else eval_dataset
+        if self.deduplicate_eval and self.share_eval_logits and isinstance(sets, dict) and self._eval_logits is None:
+            # A round over every set: the Trainer calls evaluate() once per set, with the same weights throughout.
+            self._eval_logits = {}
+            try:
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            finally:
+                self._eval_logits = None
         name = metric_key_prefix.removeprefix("eval_")
         if name in self.eval_tasks:
             self._eval_task, self._eval_name = self.eval_tasks[name], name
@@ -341,26 +353,37 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
             self._evaluating = False
             self.compute_metrics = compute_metrics
 
-    @staticmethod
-    def _deduplicated(dataset, compute_metrics):
+    def _deduplicated(self, dataset, compute_metrics):
         """Each distinct model input once: the dataset of the first rows of each (their `labels` column replaced by
-        the row's index in it, carried through gathering and any sampler order), and a compute_metrics that gives
-        every row of the full set its input's logits and its own label. Dialogue sets repeat many short turns
-        ("yeah .", "uh-huh ."). Each set on its own: a `?`-free view still re-runs the rows its as-written set ran."""
+        the input's index, carried through gathering and any sampler order), and a compute_metrics that gives every
+        row of the full set its input's logits and its own label. Dialogue sets repeat many short turns ("yeah .",
+        "uh-huh ."). Within one round over every set (`_eval_logits`), an input that an earlier set already ran
+        through the same head is not run again: a `?`-free view runs only the rows that had a `?`."""
         if "labels" not in dataset.column_names or "input_ids" not in dataset.column_names:
             return dataset, compute_metrics
         first: dict[tuple, int] = {}
         inverse = np.array([first.setdefault(tuple(ids), len(first)) for ids in dataset["input_ids"]])
-        if len(first) == len(dataset):
+        cache, task = self._eval_logits, self._eval_task
+        inputs = list(first)
+        known = [] if cache is None else [i for i, ids in enumerate(inputs) if (task, ids) in cache]
+        if cache is None and len(inputs) == len(dataset):
             return dataset, compute_metrics
+        known_set = set(known)
+        run = [i for i in range(len(inputs)) if i not in known_set] or [0]  # the Trainer's loop needs one batch
+        first_rows = _first_rows(inverse)
         labels = np.asarray(dataset["labels"])
-        rows = dataset.select(_first_rows(inverse))
-        rows = rows.remove_columns("labels").add_column("labels", list(range(len(rows))))
+        rows = dataset.select([first_rows[i] for i in run])
+        rows = rows.remove_columns("labels").add_column("labels", run)
 
         def expanded(prediction: EvalPrediction):
             logits = np.asarray(prediction.predictions)
-            by_input = np.empty((len(rows), *logits.shape[1:]), dtype=logits.dtype)
-            by_input[np.asarray(prediction.label_ids)] = logits
+            by_input = np.empty((len(inputs), *logits.shape[1:]), dtype=logits.dtype)
+            for i in known:
+                by_input[i] = cache[(task, inputs[i])]
+            ran = np.asarray(prediction.label_ids)
+            by_input[ran] = logits
+            if cache is not None:
+                cache.update(((task, inputs[i]), by_input[i]) for i in ran.tolist())
             return compute_metrics(EvalPrediction(predictions=by_input[inverse], label_ids=labels))
 
         return rows, expanded

@@ -1,12 +1,15 @@
-"""Evaluation time of one gold set: every row in dataset order, every row longest first, and each distinct input
-once longest first (`MultiTaskTrainer` does the last: `sort_eval_by_length`, `deduplicate_eval`).
+"""Evaluation time of gold sets: every row in dataset order, every row longest first, each distinct input of a set
+once longest first, and each distinct input once over all the sets of the round (`MultiTaskTrainer` does the
+last: `sort_eval_by_length`, `deduplicate_eval`, `share_eval_logits`).
 
 Builds the quick config's question data with `max_seq_length` 64 (configs/quick.yaml), a fresh multi-task model
-on the packaged MiniLM, and times `trainer.evaluate` on one gold set (`--gold_set`, default the DailyDialog one,
-8,069 rows) the three ways, taking turns, in one process, so machine load hits them alike. Prints the seconds,
-the rows and padded tokens the model saw and the largest metric difference to the first way.
+on the packaged MiniLM, and times one `trainer.evaluate` round over the gold sets of `--gold_set` (default the
+DailyDialog one, 8,069 rows; name a set and its `_noqm` view to see what the round's sharing saves) the chosen
+ways (`--ways`), taking turns, in one process, so machine load hits them alike. Prints the seconds, the rows and
+padded tokens the model saw and the largest metric difference to the first way.
 
-    python bench/eval_order.py [--gold_set question_swda] [--repeats 2] [--batch_size 128] [--max_rows N]
+    python bench/eval_order.py [--gold_set question_swda question_swda_noqm] [--ways sorted_distinct shared]
+                               [--repeats 2] [--batch_size 128] [--max_rows N]
 """
 
 from __future__ import annotations
@@ -20,6 +23,21 @@ import common
 from common import markdown_table, report, resolve_encoder, setting
 
 
+# way -> (sort_eval_by_length, deduplicate_eval, share_eval_logits)
+WAYS = {
+    "unsorted": (False, False, False),
+    "sorted": (True, False, False),
+    "sorted_distinct": (True, True, False),
+    "shared": (True, True, True),
+}
+LABELS = {
+    "unsorted": "every row, dataset order",
+    "sorted": "every row, longest first",
+    "sorted_distinct": "each distinct input of a set once, longest first",
+    "shared": "each distinct input once per round, longest first",
+}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.common_arguments(parser)
@@ -29,9 +47,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_rows", type=int, default=None, help="Cap the gold set (max_gold_eval_samples).")
     parser.add_argument(
         "--gold_set",
-        default="question_gold",
+        nargs="+",
+        default=["question_gold"],
         choices=["question_gold", "question_gold_noqm", "question_swda", "question_swda_noqm"],
+        help="The gold sets of the round, evaluated in this order.",
     )
+    parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS), help="The first is the baseline.")
     args = parser.parse_args(argv)
 
     common.quiet_libraries()
@@ -53,10 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
         max_gold_eval_samples=args.max_rows,
     )  # fmt: skip
     mt = mtdata.build_data(tasks, tokenizer, data_args, seed=args.seed)
-    name = args.gold_set
-    gold = {name: mt.eval_sets[name]}
-    rows = len(gold[name])
-    real = sum(len(ids) for ids in gold[name]["input_ids"])  # tokens without padding
+    names = list(dict.fromkeys(args.gold_set))
+    gold = {name: mt.eval_sets[name] for name in names}
+    rows = sum(len(gold[name]) for name in names)
+    real = sum(len(ids) for name in names for ids in gold[name]["input_ids"])  # tokens without padding
     model = MultiTaskModel.from_encoder(encoder_path, tasks=[t.to_config() for t in tasks], attn_implementation="sdpa")
     trainer = train.MultiTaskTrainer(
         model=model,
@@ -70,13 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=mtdata.MultiTaskCollator(tokenizer.pad_token_id),
         compute_metrics=build_compute_metrics(),
         task_sizes=mt.task_sizes,
-        eval_tasks={name: "question"},
+        eval_tasks=dict.fromkeys(names, "question"),
         mt_args=train.MultiTaskArguments(),
     )
-    ways = {"unsorted": (False, False), "sorted": (True, False), "sorted_distinct": (True, True)}
-    labels = {"unsorted": "every row, dataset order", "sorted": "every row, longest first",
-              "sorted_distinct": "each distinct input once, longest first"}  # fmt: skip
-    padded, seen, current = {}, {}, ["unsorted"]
+    ways = {way: WAYS[way] for way in args.ways}
+    base = args.ways[0]
+    padded, seen, current = {}, {}, [base]
     original_step = trainer.prediction_step
 
     def counting_step(model, inputs, *rest, **kwargs):
@@ -84,42 +104,43 @@ def main(argv: list[str] | None = None) -> dict:
         seen[current[0]] += int(inputs["input_ids"].shape[0])
         return original_step(model, inputs, *rest, **kwargs)
 
-    warm_up = gold[name].select(range(min(256, rows)))
-    trainer.evaluate(eval_dataset=warm_up, metric_key_prefix=f"eval_{name}")  # untimed: threads, allocator
+    warm_up = gold[names[0]].select(range(min(256, len(gold[names[0]]))))
+    trainer.evaluate(eval_dataset=warm_up, metric_key_prefix=f"eval_{names[0]}")  # untimed: threads, allocator
     trainer.prediction_step = counting_step
     seconds = {way: [] for way in ways}
     metrics = {}
     for _ in range(args.repeats):
-        for way, (sort, distinct) in ways.items():
-            trainer.sort_eval_by_length, trainer.deduplicate_eval = sort, distinct
+        for way, (sort, distinct, shared) in ways.items():
+            trainer.sort_eval_by_length, trainer.deduplicate_eval, trainer.share_eval_logits = sort, distinct, shared
             current[0], padded[way], seen[way] = way, 0, 0
             started = time.perf_counter()
             metrics[way] = trainer.evaluate()
             seconds[way].append(time.perf_counter() - started)
-    keys = [k for k in metrics["unsorted"] if k.endswith(("_loss", "_accuracy", "_f1", "_f1_pos"))]
-    diff = max(abs(metrics["unsorted"][k] - metrics[way][k]) for k in keys for way in ways)
+    keys = [k for k in metrics[base] if k.endswith(("_loss", "_accuracy", "_f1", "_f1_pos"))]
+    diff = max(abs(metrics[base][k] - metrics[way][k]) for k in keys for way in ways)
     median = {way: statistics.median(seconds[way]) for way in ways}
     table_rows = [
-        [labels[way], rows, seen[way], median[way], median["unsorted"] / median[way], padded[way], real / padded[way]]
+        [LABELS[way], rows, seen[way], median[way], median[base] / median[way], padded[way], real / padded[way]]
         for way in ways
     ]
     columns = ["evaluation", "rows", "rows the model saw", "seconds (median)", "speed-up", "padded tokens"]
     table = markdown_table(columns + ["real / padded (every row)"], table_rows)
     result = {
         "setting": info,
-        "gold_set": name,
+        "gold_sets": names,
         "rows": rows,
         "rows_seen": seen,
         "seconds": seconds,
         "padded_tokens": padded,
-        "speedup": median["unsorted"] / median["sorted"],
-        "speedup_distinct": median["unsorted"] / median["sorted_distinct"],
+        "baseline": base,
+        "speedup": {way: median[base] / median[way] for way in ways},
         "max_metric_difference": diff,
-        "metrics_sorted": {k: metrics["sorted_distinct"][k] for k in keys},
+        "metrics": {k: metrics[args.ways[-1]][k] for k in keys},
     }
+    speedups = ", ".join(f"{LABELS[way]} {result['speedup'][way]:.2f}x" for way in args.ways[1:])
     notes = [
-        f"gold set {name}; speed-up vs dataset order (median): longest first {result['speedup']:.2f}x, each distinct "
-        f"input once {result['speedup_distinct']:.2f}x; largest metric difference {diff:.2e}",
+        f"gold sets {', '.join(names)}; speed-up vs {LABELS[base]} (median): {speedups or '-'}; "
+        f"largest metric difference {diff:.2e}",
     ]
     report("Gold-set evaluation: order and distinct inputs", table, result, args.out, notes)
     return result

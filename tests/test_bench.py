@@ -305,4 +305,19 @@ def test_eval_order_reports_the_same_metrics_with_less_padding(tiny_encoder_dir,
     assert result["padded_tokens"]["sorted"] < result["padded_tokens"]["unsorted"]
     assert result["rows_seen"]["unsorted"] == result["rows_seen"]["sorted"] == 60
     assert result["rows_seen"]["sorted_distinct"] <= 60  # the tiny gold set may hold no repeated turn
+    assert result["rows_seen"]["shared"] == result["rows_seen"]["sorted_distinct"]  # one set: nothing to share
     assert bench_json(capsys.readouterr().out)["rows"] == 60
+
+
+def test_eval_order_shares_the_inputs_of_a_gold_set_and_its_qmark_free_view(tiny_encoder_dir, tiny_data_dir):
+    import eval_order
+
+    argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(tiny_data_dir), "--max_rows", "60"]
+    views = ["--gold_set", "question_gold", "question_gold_noqm", "--ways", "sorted_distinct", "shared"]
+    result = eval_order.main(argv + ["--batch_size", "8", "--max_seq_length", "32", "--repeats", "1", *views])
+    assert result["gold_sets"] == ["question_gold", "question_gold_noqm"] and result["rows"] == 120
+    assert set(result["rows_seen"]) == {"sorted_distinct", "shared"}
+    # the ?-free view runs only the rows that had a '?'; the metrics are the same
+    assert result["rows_seen"]["shared"] < result["rows_seen"]["sorted_distinct"]
+    assert result["max_metric_difference"] < 1e-5
+    assert set(result["metrics"]) >= {"eval_question_gold_f1_pos", "eval_question_gold_noqm_f1_pos"}

@@ -178,6 +178,65 @@ def test_evaluation_runs_each_distinct_input_once_and_scores_every_row(make_trai
     assert by_name["eval_sentiment_accuracy"] == pytest.approx(results[False]["eval_sentiment_accuracy"])
 
 
+def test_a_round_over_every_set_runs_an_input_once_per_head_and_forgets_it_when_the_weights_change(make_trainer):
+    """In one evaluate() over every set, a set whose inputs an earlier set ran through the same head (the `?`-free
+    view of a gold set) runs only its new inputs; the same inputs through another head run again; the metrics are
+    those of evaluating each set on its own; and the next round (after a weight update) runs everything afresh."""
+    import datasets
+
+    from outputs import build_compute_metrics
+
+    trainer = make_trainer(per_device_eval_batch_size=4)
+    trainer.compute_metrics = build_compute_metrics()
+    pool = trainer.eval_dataset["sentiment"]
+    first = pool.select(range(8))
+    overlapping = pool.select([0, 1, 2, 3, 8, 9, 10, 11]).to_dict()
+    overlapping["labels"] = [1 - y for y in overlapping["labels"]]  # the same inputs, other gold labels
+    covered = pool.select([5, 6, 7])  # every input ran already: one row still runs (the loop needs a batch)
+    trainer.eval_dataset = {
+        "sentiment": first,
+        "overlapping": datasets.Dataset.from_dict(overlapping),
+        "covered": covered,
+        "other_head": first,
+    }
+    trainer.eval_tasks.update(overlapping="sentiment", covered="sentiment", other_head="question")
+    seen = []
+    original = trainer.prediction_step
+
+    def counting_step(model, inputs, *args, **kwargs):
+        seen.append(int(inputs["input_ids"].shape[0]))
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.prediction_step = counting_step
+
+    def metrics_and_rows(share: bool) -> tuple[dict, int]:
+        trainer.share_eval_logits = share
+        seen.clear()
+        metrics = trainer.evaluate()
+        assert trainer._eval_logits is None  # the cache lives for one round only
+        return {k: v for k, v in metrics.items() if not k.endswith(("runtime", "per_second"))}, sum(seen)
+
+    shared, rows = metrics_and_rows(True)
+    assert rows == 8 + 4 + 1 + 8
+    alone, rows_alone = metrics_and_rows(False)
+    assert rows_alone == 8 + 8 + 3 + 8
+    assert set(shared) == set(alone)
+    for key, value in alone.items():
+        assert shared[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    # the overlapping set is scored against its own labels, not the first set's
+    assert shared["eval_overlapping_accuracy"] != pytest.approx(shared["eval_sentiment_accuracy"])
+
+    with torch.no_grad():  # a weight update between two rounds
+        for parameter in trainer.model.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    after, rows_after = metrics_and_rows(True)
+    assert rows_after == 8 + 4 + 1 + 8
+    assert after["eval_sentiment_loss"] != pytest.approx(shared["eval_sentiment_loss"])
+    after_alone, _ = metrics_and_rows(False)
+    for key, value in after_alone.items():
+        assert after[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
 def test_length_sorted_evaluation_equals_unsorted_and_pads_less(make_trainer):
     """evaluate() reads each set longest row first (as MultiTaskModel.predict does): the same metrics as the
     dataset's order up to float noise, in batches that pad less."""
