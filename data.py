@@ -383,7 +383,7 @@ def _label_names_from_data(task: TaskSpec, data_dir: str | None) -> tuple[str, .
     if isinstance(feature, datasets.ClassLabel):
         names = tuple(feature.names)
     else:
-        values = ds[source.label_column]
+        values = ds[source.label_column][:]
         if values and all(isinstance(v, str) for v in values):
             names = tuple(sorted(set(values)))
         else:
@@ -656,7 +656,7 @@ def _read_source(source: Source, task: TaskSpec, data_dir: str | None) -> tuple[
     if len(ds) == 0:
         raise ValueError(f"{where}: the split has zero rows; task {task.name!r} needs data there.")
     check_columns(ds, source, data_dir)
-    texts = ds[source.text_column]
+    texts = ds[source.text_column][:]  # a list: iterating datasets' lazy Column formats row by row (slow)
     check_texts(texts, where, source.text_column)
     if Path(where).suffix in (".csv", ".tsv"):
         check_no_line_breaks(texts, where, source.text_column)
@@ -664,7 +664,7 @@ def _read_source(source: Source, task: TaskSpec, data_dir: str | None) -> tuple[
         texts = [source.transform(t) for t in texts]
     if source.label_column is not None:
         check_label_feature(ds, source, task, where)
-        labels = ds[source.label_column]
+        labels = ds[source.label_column][:]
         if any(isinstance(x, str) for x in labels):
             labels = _class_ids(labels, task, where, source.label_column)
         check_labels(labels, task.num_labels, where, source.label_column)
@@ -815,7 +815,7 @@ def _add_eval(data: MultiTaskData, name, task, task_id, texts, labels, tokenizer
 def _tokenize(
     texts: list[str], labels: list[int], task_id: int, tokenizer, max_length: int, what: str, truncated=None
 ):
-    """Tokenize with a fast tokenizer through `datasets.map` (cached by fingerprint), no padding.
+    """Tokenize with a fast tokenizer through `datasets.map`, no padding.
 
     Texts longer than `max_length` are cut; their count goes into `truncated[what]` (logged here if None)."""
     import datasets
@@ -834,7 +834,9 @@ def _tokenize(
             "task_ids": [task_id] * len(ids),
         }
 
-    ds = ds.map(encode, batched=True, remove_columns=["text"], desc=f"Tokenizing {what}")
+    # In memory, nothing to cache: a fresh fingerprint spares datasets from pickling the tokenizer to hash `encode`.
+    fingerprint = datasets.fingerprint.generate_random_fingerprint()
+    ds = ds.map(encode, batched=True, remove_columns=["text"], desc=f"Tokenizing {what}", new_fingerprint=fingerprint)
     count = int(np.sum(np.asarray(ds["full_length"]) > max_length))
     if truncated is not None:
         truncated[what] = count

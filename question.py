@@ -258,6 +258,14 @@ class QuestionArguments:
     question_declarative_rows: int = field(
         default=0, metadata={"help": "Extra rows of source statements closed with '?' (declarative questions)."}
     )
+    question_backchannel_rows: int = field(
+        default=0,
+        metadata={
+            "help": "Extra rows of backchannels ('really ?', 'oh , yeah ?', 'uh-huh .'), labelled by the teacher: "
+            "the rows through which the teacher's convention for them reaches the student (dialog: a question, "
+            "switchboard: not a question)."
+        },
+    )
     question_combine_prob: float = field(
         default=0.0, metadata={"help": "Share of training rows joined with another row into a two-sentence turn."}
     )
@@ -271,7 +279,12 @@ class QuestionArguments:
                 f"question_pool_per_source must be a positive number of rows or null, got "
                 f"{self.question_pool_per_source}."
             )
-        for name in ("question_trap_rows", "question_rephrase_rows", "question_declarative_rows"):
+        for name in (
+            "question_trap_rows",
+            "question_rephrase_rows",
+            "question_declarative_rows",
+            "question_backchannel_rows",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a number of rows >= 0, got {getattr(self, name)}.")
         for name in (
@@ -407,6 +420,26 @@ def mine_traps(
     return traps, [0] * len(traps)
 
 
+# Backchannels: the listener's short turns. Those phrased as questions are where the two conventions part:
+# DailyDialog's acts call "really ?" a question, Switchboard's a backchannel (SWBD-DAMSL `bh`). Neither SST-2 nor
+# TREC holds any, so without these rows every teacher gives the student the same labels.
+BACKCHANNELS = (
+    "really ?", "oh , really ?", "oh , yeah ?", "is that right ?", "is that so ?", "is it really ?", "you did ?",
+    "huh ?", "what ?", "yeah .", "uh-huh .", "right .", "oh , i see .", "sure .", "okay .", "i know .", "exactly .",
+    "oh , that 's nice .", "wow .", "that 's true .",
+)
+
+
+def backchannels(n: int, label_fn: Callable[[str], int], seed: int) -> tuple[list[str], list[int]]:
+    """`n` backchannels drawn from BACKCHANNELS, each labelled by `label_fn`: the teacher's convention decides
+    whether "really ?" is a question."""
+    if n <= 0:
+        return [], []
+    rng = np.random.default_rng([seed, 2])  # a stream of its own: the other rows' draws stay as they were
+    texts = [BACKCHANNELS[i] for i in rng.integers(len(BACKCHANNELS), size=n)]
+    return texts, [int(label_fn(t)) for t in texts]
+
+
 def declarative_questions(
     texts: Sequence[str], n: int, label_fn: Callable[[str], int], seed: int, exclude: Sequence[str] = ()
 ) -> tuple[list[str], list[int]]:
@@ -495,11 +528,13 @@ class QuestionPool:
             seed,
             period_prob=args.question_strip_period_prob,
         )
-        # Added after the noise: removing their `?` would leave statements labelled as questions.
+        # Added after the noise: removing their `?` would leave statements labelled as questions ("so you 're
+        # leaving", "really" under the dialog convention).
         declarative = declarative_questions(
             source_texts, args.question_declarative_rows, label_fn, seed, exclude=pool
         )
-        return texts + declarative[0], labels + declarative[1]
+        replies = backchannels(args.question_backchannel_rows, label_fn, seed)
+        return texts + declarative[0] + replies[0], labels + declarative[1] + replies[1]
 
 
 def rule_metrics(metric, texts_by_set: dict[str, list[str]], labels_by_set: dict[str, list[int]]) -> dict:

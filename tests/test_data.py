@@ -129,6 +129,24 @@ def test_no_gold_text_or_label_reaches_training_with_any_teacher(tiny_data_dir, 
     assert mt.eval_sets["question"]["labels"] == [question.question_label_fn(teacher)(t) for t in held]
 
 
+@pytest.mark.parametrize("teacher", ["dialog", "switchboard"])
+def test_training_rows_do_not_depend_on_the_gold_sets(tiny_data_dir, tiny_tokenizer, teacher):
+    """The training rows, texts and labels, are the same whether the gold sets are read or not: nothing of them
+    (text, label, count) reaches training, whatever the pool options."""
+    options = QuestionArguments(
+        question_pool_per_source=100, question_holdout_fraction=0.2, question_teacher=teacher,
+        question_trap_rows=20, question_rephrase_rows=20, question_declarative_rows=20, question_backchannel_rows=20,
+        question_strip_qmark_prob=0.3, question_combine_prob=0.3,
+    )  # fmt: skip
+    tasks = mtdata.get_tasks(["sentiment", "question"], pools={"question": question.QuestionPool(options)})
+    built = {}
+    for gold_eval in (True, False):
+        built[gold_eval] = mtdata.build_data(tasks, tiny_tokenizer, data_args(tiny_data_dir, gold_eval=gold_eval))
+    assert "question_swda" in built[True].eval_sets and "question_swda" not in built[False].eval_sets
+    for column in ("input_ids", "labels", "task_ids"):
+        assert built[True].train[column][:] == built[False].train[column][:], column
+
+
 def test_truncation_is_counted_in_one_warning(tiny_data_dir, tiny_tokenizer, caplog):
     tasks = get_tasks(["sentiment"])
     with caplog.at_level("WARNING", logger="data"):

@@ -211,6 +211,28 @@ def test_strip_period_off_leaves_the_existing_noise_unchanged():
     assert before == augment_questions(POOL * 5, POOL_LABELS * 5, 0.5, 0.3, seed=7, period_prob=0.0)
 
 
+def test_backchannels_carry_the_teachers_convention():
+    for teacher, asks in (("dialog", 1), ("switchboard", 0)):
+        label_fn = question.question_label_fn(teacher)
+        texts, labels = question.backchannels(200, label_fn, seed=0)
+        assert (texts, labels) == question.backchannels(200, label_fn, seed=0)
+        assert texts != question.backchannels(200, label_fn, seed=1)[0]
+        assert len(texts) == 200 and set(texts) <= set(question.BACKCHANNELS)
+        by_text = dict(zip(texts, labels))
+        assert by_text["really ?"] == by_text["oh , yeah ?"] == asks  # where the conventions part
+        assert by_text["uh-huh ."] == by_text["right ."] == 0  # a statement in both
+    assert question.backchannels(0, label_fn, seed=0) == ([], [])
+
+
+def test_backchannel_rows_reach_the_training_rows_only(tiny_data_dir, tiny_tokenizer):
+    plain = _build(tiny_data_dir, tiny_tokenizer, question_teacher="switchboard")
+    more = _build(tiny_data_dir, tiny_tokenizer, question_teacher="switchboard", question_backchannel_rows=30)
+    assert more.task_sizes[0] == plain.task_sizes[0] + 30
+    assert more.eval_texts["question"] == plain.eval_texts["question"]
+    for name in ("question", "question_gold", "question_swda_noqm"):
+        assert more.eval_sets[name]["labels"] == plain.eval_sets[name]["labels"], name
+
+
 def test_how_to_verb_phrases():
     trec = ["How can I find a list of  books ?", "How do you make a paintball ?", "What is a film ?",
             "How can I find a list of books ?"]
@@ -289,6 +311,7 @@ def test_build_data_with_dialog_teacher_and_extras(tiny_data_dir, tiny_tokenizer
         ("question_rephrase_rows", -1, "question_rephrase_rows must be a number of rows >= 0"),
         ("question_trap_rows", -5, "question_trap_rows must be a number of rows >= 0"),
         ("question_declarative_rows", -2, "question_declarative_rows must be a number of rows >= 0"),
+        ("question_backchannel_rows", -3, "question_backchannel_rows must be a number of rows >= 0"),
     ],
 )
 def test_question_arguments_reject_bad_augmentation_values(field, value, message):
