@@ -129,6 +129,19 @@ def test_bad_weight_settings_raise(tmp_path, tiny_encoder_dir, tiny_data_dir, fl
     assert not (tmp_path / "run").exists()  # refused before touching the output folder
 
 
+def _count_eval_rows(trainer) -> list[int]:
+    """The rows of every batch the trainer's evaluation runs from now on, appended to the returned list."""
+    seen: list[int] = []
+    original = trainer.prediction_step
+
+    def counting_step(model, inputs, *args, **kwargs):
+        seen.append(int(inputs["input_ids"].shape[0]))
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.prediction_step = counting_step
+    return seen
+
+
 def test_evaluation_runs_each_distinct_input_once_and_scores_every_row(make_trainer):
     """A set that repeats texts (dialogue turns, a `?`-free view) is scored row by row as before, while the model
     sees each distinct input once; a repeated text with two labels counts once per label."""
@@ -143,14 +156,7 @@ def test_evaluation_runs_each_distinct_input_once_and_scores_every_row(make_trai
     repeated = datasets.concatenate_datasets([base, base.select([0, 1, 2])]).to_dict()
     repeated["labels"][8] = 1 - repeated["labels"][8]
     dataset = datasets.Dataset.from_dict(repeated)
-    seen = []
-    original = trainer.prediction_step
-
-    def counting_step(model, inputs, *args, **kwargs):
-        seen.append(int(inputs["input_ids"].shape[0]))
-        return original(model, inputs, *args, **kwargs)
-
-    trainer.prediction_step = counting_step
+    seen = _count_eval_rows(trainer)
     results = {}
     for dedup in (False, True):
         trainer.deduplicate_eval = dedup
@@ -200,14 +206,7 @@ def test_a_round_over_every_set_runs_an_input_once_per_head_and_forgets_it_when_
         "other_head": first,
     }
     trainer.eval_tasks.update(overlapping="sentiment", covered="sentiment", other_head="question")
-    seen = []
-    original = trainer.prediction_step
-
-    def counting_step(model, inputs, *args, **kwargs):
-        seen.append(int(inputs["input_ids"].shape[0]))
-        return original(model, inputs, *args, **kwargs)
-
-    trainer.prediction_step = counting_step
+    seen = _count_eval_rows(trainer)
 
     def metrics_and_rows(share: bool) -> tuple[dict, int]:
         trainer.share_eval_logits = share
