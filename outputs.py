@@ -389,6 +389,8 @@ def save_outputs(
 
 
 PLOT_FILES = {"loss": "loss_curves.png", "accuracy": "accuracy_curves.png", "f1": "f1_curves.png"}
+# macro F1 over the classes: the question-class F1 that the README and the card headline is in metrics.json (f1_pos)
+PLOT_TITLES = {"f1": "macro F1"}
 
 
 def save_model_files(model: MultiTaskModel, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
@@ -436,7 +438,7 @@ def plot_curves(metrics: dict, output_dir: Path) -> list[str]:
                 line = ax.plot(xs, ys, marker="o", markersize=6, linestyle=":", linewidth=1, label=f"eval {name}")[0]
                 ax.annotate(f"{ys[-1]:.3f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color=line.get_color())  # fmt: skip
-            ax.set_title(f"{task}: {metric}")
+            ax.set_title(f"{task}: {PLOT_TITLES.get(metric, metric)}")
             ax.set_xlabel("epoch (0 = before training)")
             ax.grid(alpha=0.3)
             if ax.has_data():

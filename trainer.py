@@ -372,8 +372,10 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         run = [i for i in range(len(inputs)) if i not in known_set] or [0]  # the Trainer's loop needs one batch
         first_rows = _first_rows(inverse)
         labels = np.asarray(dataset["labels"])
-        rows = dataset.select([first_rows[i] for i in run])
-        rows = rows.remove_columns("labels").add_column("labels", run)
+        # A new in-memory set rather than select + add_column, whose "Flattening the indices" pass shows its own
+        # progress bar on every evaluation.
+        columns = dataset.select([first_rows[i] for i in run]).with_format(None)[:]
+        rows = datasets.Dataset.from_dict({**columns, "labels": run})
 
         def expanded(prediction: EvalPrediction):
             logits = np.asarray(prediction.predictions)
