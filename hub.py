@@ -152,7 +152,7 @@ def card_data(metrics: dict, model_name: str, sentence_transformers: bool):
         library_name="transformers",
         pipeline_tag="text-classification",
         base_model=hub_id_or_none(metrics["recipe"]["encoder"]),
-        datasets=training_datasets(metrics),
+        datasets=training_datasets(metrics) or None,  # None: no `datasets:` key (no Hub dataset trained on)
         tags=tags,
         metrics=[key for key, _, _ in CARD_METRICS],
     )

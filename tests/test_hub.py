@@ -707,6 +707,53 @@ def test_custom_task_card_has_its_description_dataset_and_metrics(tiny_encoder_d
     assert f"value: {final['accuracy']}" in meta  # the model-index carries metrics.json's number
 
 
+def test_custom_task_from_the_documented_config_gets_card_model_index_and_predictions(
+    tiny_encoder_dir, tmp_path, monkeypatch, capsys
+):
+    """The route of docs/training.md#custom-tasks: CSV files of class names under data/trec_coarse/, then
+    configs/custom_task.yaml as it is (only the encoder, the output folder and the length of the run changed)."""
+    import csv
+
+    import predict
+    import train
+
+    classes = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data" / "trec_coarse"
+    folder.mkdir(parents=True)
+    for split, n in (("train", 36), ("test", 12)):
+        with open(folder / f"{split}.csv", "w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["text", "label"])
+            writer.writerows([f"what is the {classes[i % 6].lower()} of item {i} ?", classes[i % 6]] for i in range(n))
+    out = tmp_path / "runs" / "topic"
+    metrics = train.main(
+        [
+            str(ROOT / "configs" / "custom_task.yaml"), "--encoder", str(tiny_encoder_dir), "--output_dir", str(out),
+            "--max_steps", "2", "--per_device_train_batch_size", "8", "--disable_tqdm", "true",
+        ]
+    )  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert list(config["tasks"][0]["id2label"].values()) == classes  # the sorted class names of the training file
+    final = metrics["final"]["topic"]
+    assert {"precision_macro", "recall_macro", "f1"} | {f"f1_{i}" for i in range(6)} <= set(final)
+
+    card = (out / "README.md").read_text()
+    meta, body = card.split("\n---\n", 1)
+    assert "datasets:" not in meta  # local files, no Hub dataset id: nothing to list as training data
+    index = meta.split("model-index:", 1)[1]
+    assert "type: topic" in index and "split: test" in index and "split: validation" not in index
+    assert f"value: {final['accuracy']}" in index
+    assert "| `topic` |" in body and "Custom task" in body and "| - |" not in body
+    assert "One sentence encoder, 1 classifier:" in body
+
+    capsys.readouterr()
+    assert predict.main([str(out), "how far is the moon ?"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["text"] == "how far is the moon ?" and line["topic"]["label"] in classes
+    assert 0.0 <= line["topic"]["score"] <= 1.0
+
+
 def test_card_renders_from_a_metrics_file_without_task_descriptions(tiny_run, tmp_path):
     """metrics.json written before the card info travelled in it: the card still renders, with blanks."""
     import hub
