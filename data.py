@@ -837,7 +837,7 @@ def _tokenize(
     # In memory, nothing to cache: a fresh fingerprint spares datasets from pickling the tokenizer to hash `encode`.
     fingerprint = datasets.fingerprint.generate_random_fingerprint()
     ds = ds.map(encode, batched=True, remove_columns=["text"], desc=f"Tokenizing {what}", new_fingerprint=fingerprint)
-    count = int(np.sum(np.asarray(ds["full_length"]) > max_length))
+    count = int(np.sum(np.asarray(ds["full_length"][:]) > max_length))
     if truncated is not None:
         truncated[what] = count
     elif count:

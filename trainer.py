@@ -182,7 +182,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
 
     # ---- data ----
     def get_train_dataloader(self) -> DataLoader:
-        lengths = self.train_dataset["length"] if self.mt_args.length_grouping else None
+        lengths = self.train_dataset["length"][:] if self.mt_args.length_grouping else None
         self.batch_sampler = make_batch_sampler(
             self.task_sizes,
             batch_size=self._train_batch_size,
@@ -362,7 +362,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         if "labels" not in dataset.column_names or "input_ids" not in dataset.column_names:
             return dataset, compute_metrics
         first: dict[tuple, int] = {}
-        inverse = np.array([first.setdefault(tuple(ids), len(first)) for ids in dataset["input_ids"]])
+        inverse = np.array([first.setdefault(tuple(ids), len(first)) for ids in dataset["input_ids"][:]])
         cache, task = self._eval_logits, self._eval_task
         inputs = list(first)
         known = [] if cache is None else [i for i, ids in enumerate(inputs) if (task, ids) in cache]
@@ -371,7 +371,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         known_set = set(known)
         run = [i for i in range(len(inputs)) if i not in known_set] or [0]  # the Trainer's loop needs one batch
         first_rows = _first_rows(inverse)
-        labels = np.asarray(dataset["labels"])
+        labels = np.asarray(dataset["labels"][:])
         # A new in-memory set rather than select + add_column, whose "Flattening the indices" pass shows its own
         # progress bar on every evaluation.
         columns = dataset.select([first_rows[i] for i in run]).with_format(None)[:]
@@ -394,7 +394,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         columns = getattr(eval_dataset, "column_names", None) or []
         if not (self.sort_eval_by_length and getattr(self, "_evaluating", False) and "input_ids" in columns):
             return super()._get_eval_sampler(eval_dataset)
-        lengths = eval_dataset["length"] if "length" in columns else [len(x) for x in eval_dataset["input_ids"]]
+        lengths = eval_dataset["length"][:] if "length" in columns else [len(x) for x in eval_dataset["input_ids"][:]]
         return LengthSortedSampler(lengths)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
