@@ -2,6 +2,7 @@
 
     python onnx_export.py runs/quick            # writes runs/quick/onnx/model.onnx
     python onnx_export.py runs/quick --int8     # also runs/quick/onnx/model_int8.onnx (dynamic int8 quantization)
+    python predict.py runs/quick "is this any good" --backend onnx-int8   # the int8 graph (exported on first use)
     python predict.py runs/quick "is this any good" --backend onnx   # exports on first use, then reuses the file
 
 The graph takes `input_ids`, `attention_mask` (and `token_type_ids` where the encoder has them), each
@@ -38,6 +39,10 @@ OPSET = 17
 ONNX_DIR = "onnx"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
+# The int8 graph's recipe, recorded in its metadata; a file without one is quantized again on next use.
+INT8_SCHEMES = {False: "dynamic int8, weights per channel; every MatMul", True: "dynamic int8, weights per channel; "
+                "feed-forward outputs float32"}  # fmt: skip
+GELU_OPS = ("Gelu", "BiasGelu", "FastGelu", "QuickGelu")
 PARITY_TOLERANCE = 1e-4
 WEIGHTS = "model.safetensors"
 
@@ -165,7 +170,11 @@ def parity(model, onnx_model: "OnnxMultiTaskModel", batch: dict | None = None) -
 
 
 def export(
-    model_dir: str | os.PathLike, int8: bool = False, trust_remote_code: bool = False, optimize: bool = True
+    model_dir: str | os.PathLike,
+    int8: bool = False,
+    trust_remote_code: bool = False,
+    optimize: bool = True,
+    int8_keep_ffn_output: bool = False,
 ) -> Path:
     """Export `model_dir` (a train.py output folder) to `model_dir/onnx/model.onnx` and check it against torch.
 
@@ -203,27 +212,45 @@ def export(
         partial.unlink(missing_ok=True)
     logger.info("Wrote %s (max |diff| vs torch %.1e)", target, worst)
     if int8:
-        quantize(target, out_dir / INT8_FILE)
+        quantize(target, out_dir / INT8_FILE, keep_ffn_output=int8_keep_ffn_output)
     return target
 
 
-def quantize(source: Path, target: Path) -> Path:
-    """Dynamic int8 quantization of the MatMul weights (activations quantized on the fly); see bench/inference.py
-    for its measured accuracy cost."""
+def ffn_output_matmuls(graph) -> list[str]:
+    """The MatMul nodes that read a GELU's output: each layer's feed-forward down-projection. Their inputs (GELU
+    activations) have the widest range in the encoder, so one int8 scale per batch rounds them worst
+    (bench/quantization.py measures what keeping them float32 buys)."""
+    gelu_outputs = {out for node in graph.node if node.op_type in GELU_OPS for out in node.output}
+    if not gelu_outputs:  # an unfused graph: GELU is Mul(x, 0.5 * (1 + Erf(x / sqrt 2))), no single node
+        return [n.name for n in graph.node if n.op_type == "MatMul" and "/output/dense/" in n.name
+                and "/attention/" not in n.name]  # fmt: skip
+    return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[0] in gelu_outputs]
+
+
+def quantize(source: Path, target: Path, keep_ffn_output: bool = False) -> Path:
+    """Dynamic int8 quantization of every MatMul and attention projection: weights int8 with one scale per output
+    channel (symmetric), activations uint8 with one scale per batch, computed on the fly; the recipe of
+    sentence-transformers' `export_dynamic_quantized_onnx_model(..., "avx512_vnni")`, on the fused graph.
+    `keep_ffn_output` leaves the feed-forward down-projections (`ffn_output_matmuls`) float32: slower, closer to
+    float32 on the worst text (bench/RESULTS.md, "int8 against float32")."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     partial = target.with_name(f".{target.name}.partial")
+    keep = ffn_output_matmuls(onnx.load(str(source), load_external_data=False).graph) if keep_ffn_output else []
     try:
         # The fused graph's contrib ops (Attention, SkipLayerNormalization) have no ONNX shape inference: their
         # outputs are float32, which the quantizer is told instead of inferring.
         extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
-        quantize_dynamic(str(source), str(partial), weight_type=QuantType.QInt8, extra_options=extra)
-        _write_metadata(partial, read_metadata(source))
+        quantize_dynamic(
+            str(source), str(partial), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep,
+            extra_options=extra,
+        )  # fmt: skip
+        _write_metadata(partial, {**read_metadata(source), "multitask_int8_scheme": INT8_SCHEMES[keep_ffn_output]})
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
-    logger.info("Wrote %s", target)
+    logger.info("Wrote %s (%s)", target, INT8_SCHEMES[keep_ffn_output])
     return target
 
 
@@ -241,9 +268,11 @@ def load_onnx_model(
     check_weights(folder)
     if path.is_file():
         model = OnnxMultiTaskModel(path, threads=threads)
-        if model.metadata.get("multitask_weights_sha256") == weights_digest(folder):
+        current = model.metadata.get("multitask_weights_sha256") == weights_digest(folder)
+        if current and (not int8 or model.metadata.get("multitask_int8_scheme") in INT8_SCHEMES.values()):
             return model
-        logger.info("Exporting %s to ONNX again: its weights changed since %s was written", folder, path)
+        reason = "its weights changed" if not current else "it records no quantization recipe"
+        logger.info("Exporting %s to ONNX again: %s since %s was written", folder, reason, path)
     else:
         logger.info("Exporting %s to ONNX (first use)", folder)
     export(folder, int8=int8, trust_remote_code=trust_remote_code)
@@ -340,14 +369,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", help="A train.py output folder.")
     parser.add_argument("--int8", action="store_true", help="Also write onnx/model_int8.onnx (dynamic int8).")
+    parser.add_argument(
+        "--int8_keep_ffn_output", action="store_true",
+        help="With --int8: keep the feed-forward down-projections float32 (slower; closer to float32 on the worst text).",
+    )  # fmt: skip
     parser.add_argument("--no_optimize", action="store_true", help="Skip onnxruntime's transformer fusions.")
     parser.add_argument("--trust_remote_code", action="store_true", help="Build the model from the folder's code.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s - %(name)s - %(message)s", stream=sys.stderr)
     try:
+        if args.int8_keep_ffn_output and not args.int8:
+            raise ValueError("--int8_keep_ffn_output changes the int8 graph: add --int8.")
         path = export(
-            args.model_dir, int8=args.int8, trust_remote_code=args.trust_remote_code, optimize=not args.no_optimize
-        )
+            args.model_dir, int8=args.int8, trust_remote_code=args.trust_remote_code, optimize=not args.no_optimize,
+            int8_keep_ffn_output=args.int8_keep_ffn_output,
+        )  # fmt: skip
     except (ValueError, OSError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1

@@ -35,7 +35,7 @@ PAUSE_SECONDS = 0.05  # input that pauses this long ends the current window earl
 MODEL_TYPE = "multitask_sentence_encoder"
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "onnx-int8")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,16 +132,20 @@ def load(
     """(model, tokenizer) for `model.predict(texts, tokenizer, ...)`, with either backend.
 
     `backend="onnx"` runs `onnx/model.onnx` of a local folder with onnxruntime (exported there on first use, see
-    onnx_export.py); its `predict` returns the same dicts as `MultiTaskModel.predict`.
+    onnx_export.py); its `predict` returns the same dicts as `MultiTaskModel.predict`. `backend="onnx-int8"` runs
+    its dynamically int8-quantized copy `onnx/model_int8.onnx` instead (faster on CPUs with int8 dot products,
+    close to but not equal to float32: see bench/RESULTS.md).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}.")
-    if backend == "onnx":
+    if backend in ("onnx", "onnx-int8"):
         import onnx_export
 
         if device not in (None, "cpu"):
-            raise ValueError(f"--backend onnx runs on the CPU (onnxruntime's CPU provider); got --device {device}.")
-        model = onnx_export.load_onnx_model(model_name_or_path, trust_remote_code=trust_remote_code)
+            raise ValueError(f"--backend {backend} runs on the CPU (onnxruntime's CPU provider); got --device {device}.")
+        model = onnx_export.load_onnx_model(
+            model_name_or_path, trust_remote_code=trust_remote_code, int8=backend == "onnx-int8"
+        )
     else:
         model = load_model(model_name_or_path, trust_remote_code, device)
     return model, load_tokenizer(model_name_or_path, trust_remote_code)
@@ -256,7 +260,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available).")
     parser.add_argument(
         "--backend", default="torch", choices=BACKENDS,
-        help="torch, or onnx: onnxruntime on MODEL/onnx/model.onnx (exported there on first use; CPU).",
+        help="torch; onnx: onnxruntime on MODEL/onnx/model.onnx (exported there on first use; CPU); onnx-int8: its "
+        "dynamically int8-quantized copy MODEL/onnx/model_int8.onnx (faster, not bit-equal).",
     )  # fmt: skip
     parser.add_argument(
         "--trust_remote_code", action="store_true",

@@ -72,7 +72,7 @@ def setting(device: str) -> dict:
         "transformers": transformers.__version__,
     }
     versions["accelerate"] = accelerate.__version__
-    for name in ("datasets", "sentence_transformers"):
+    for name in ("datasets", "sentence_transformers", "onnxruntime"):
         try:
             versions[name] = __import__(name).__version__
         except ImportError:

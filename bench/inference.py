@@ -13,19 +13,25 @@ Runs (`--runs`):
                 `--st_onnx_python` (`make st-onnx-venv` builds it: optimum-onnx with transformers 4.57), served by
                 bench/st_onnx_worker.py; it takes its turn in the rounds like the others (its timing includes one
                 request line to the worker). Its memory column is the worker's own peak RSS.
+  st_onnx_backend_int8  the same on sentence-transformers' own int8 copy of that graph
+                (export_dynamic_quantized_onnx_model(model, "avx512_vnni", ...), as its efficiency docs show), in a
+                worker of its own: the int8 counterpart of ours_onnx_int8.
   ours_embed    MultiTaskModel.predict(texts, tokenizer, batch_size, return_embeddings=True): embeddings plus both
                 tasks' labels, per-text dicts (the product path; it does more than st_encode).
   ours_onnx     the same through onnx_export.OnnxMultiTaskModel.predict: one ONNX graph (encoder, pooling, both
                 heads) exported by onnx_export.py, fused by onnxruntime's transformer optimizer.
-  ours_onnx_int8  ours_onnx on the dynamically int8-quantized graph; its cost is reported as the agreement of its
-                labels and embeddings with the float32 graph's.
+  ours_onnx_int8  ours_onnx on the dynamically int8-quantized graph (`--backend onnx-int8`); its cost here is the
+                agreement of its labels and embeddings with the float32 graph's (untrained heads; a trained model's
+                accuracy on every evaluation set: bench/quantization.py).
   single_task   AutoModelForSequenceClassification on the same encoder, the same length-sorted batches and per-text
                 {"label", "score"} output: what one classifier per task costs.
   ours_both     MultiTaskModel.predict(texts, tokenizer, batch_size): both tasks' labels from one encoder pass.
 
 Every run first handles one batch untimed, then the runs take turns (`--repeats` rounds) so that a change in
 machine load hits all of them alike; the table gives the median pass. Heads are untrained: speed is the same.
-onnxruntime uses one intra-op thread per visible core; torch keeps its default (also one per core).
+onnxruntime uses one intra-op thread per visible core; torch keeps its default (also one per core). The float32
+bound printed with the table is the encoder's linear-layer FLOPs per pass (length-sorted batches, padded as ours are)
+over torch's float32 matmul speed at the feed-forward shape on this CPU: no float32 run can go much faster.
 
     python bench/inference.py --repeats 3 --out bench/RESULTS.md
     python bench/inference.py --runs st_encode st_onnx ours_embed ours_onnx ours_onnx_int8 --repeats 3
@@ -53,7 +59,7 @@ from common import PeakMemory, free_memory, markdown_table, now, report, resolve
 
 logger = logging.getLogger("bench")
 RUNS = ("st_encode", "st_onnx", "ours_embed", "ours_onnx", "ours_onnx_int8", "single_task", "ours_both")
-EXTRA_RUNS = ("st_onnx_backend",)  # needs --st_onnx_python
+EXTRA_RUNS = ("st_onnx_backend", "st_onnx_backend_int8")  # need --st_onnx_python
 ONNX_RUNS = {"ours_onnx", "ours_onnx_int8"}
 
 
@@ -108,15 +114,19 @@ class StOnnxBackend:
     """bench/st_onnx_worker.py in another interpreter: `SentenceTransformer(encoder, backend="onnx")` encoding the
     texts on request. Calling it encodes every text once and returns the worker's reply."""
 
-    def __init__(self, python: str, encoder_path: str, texts: list[str], batch_size: int, work: Path):
+    def __init__(
+        self, python: str, encoder_path: str, texts: list[str], batch_size: int, work: Path, int8: bool = False
+    ):
         import json
         import subprocess
 
         self.json = json
+        self.name = "st_onnx_backend_int8" if int8 else "st_onnx_backend"
         texts_file = work / "texts.json"
         texts_file.write_text(json.dumps(texts), encoding="utf-8")
         worker = Path(__file__).with_name("st_onnx_worker.py")
         command = [python, str(worker), encoder_path, str(texts_file), "--batch_size", str(batch_size)]
+        command += ["--int8", str(work / "st_int8")] if int8 else []
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._read()
         self.work = work
@@ -141,7 +151,7 @@ class StOnnxBackend:
         return self.last
 
     def embeddings(self, n: int) -> np.ndarray:
-        path = self.work / "st_onnx_backend.npy"
+        path = self.work / f"{self.name}.npy"
         self._ask({"op": "embed", "n": n, "path": str(path)})
         return np.load(path)
 
@@ -182,7 +192,7 @@ def build_runs(
     texts: list[str] | None = None, st_onnx_python: str | None = None,
 ):  # fmt: skip
     """name -> a function of the texts; each model loaded once, in eval mode, on the device. Also returns the
-    models the checks need (`ours`, `onnx`, `onnx_int8`, `st_onnx_backend`).
+    models the checks need (`ours`, `onnx`, `onnx_int8`, `st_onnx_backend`, `st_onnx_backend_int8`).
 
     Weights are float32 whatever dtype the checkpoint was saved in (transformers v5 otherwise keeps the saved
     dtype, e.g. a float16 copy made to travel light).
@@ -224,14 +234,18 @@ def build_runs(
         st_onnx = SentenceTransformer(encoder_path, device="cpu", model_kwargs=model_kwargs)
         st_onnx[0].model = OrtEncoder(str(path), st_onnx[0].model.config)
         runs["st_onnx"] = lambda texts: st_onnx.encode(texts, batch_size=batch_size, show_progress_bar=False)
-    if "st_onnx_backend" in names:
+    for name in EXTRA_RUNS:
+        if name not in names:
+            continue
         if not st_onnx_python:
             raise ValueError(
-                "--runs st_onnx_backend needs --st_onnx_python: the interpreter of an environment with "
+                f"--runs {name} needs --st_onnx_python: the interpreter of an environment with "
                 "sentence-transformers' ONNX backend (make st-onnx-venv; then .venv-st-onnx/bin/python)."
             )
-        backend = models["st_onnx_backend"] = StOnnxBackend(st_onnx_python, encoder_path, texts, batch_size, work)
-        runs["st_onnx_backend"] = backend
+        folder = work / name
+        folder.mkdir()
+        quantized = name == "st_onnx_backend_int8"
+        runs[name] = models[name] = StOnnxBackend(st_onnx_python, encoder_path, texts, batch_size, folder, quantized)
     if "single_task" in names:
         single = AutoModelForSequenceClassification.from_pretrained(
             encoder_path, num_labels=2, attn_implementation=attn, dtype=torch.float32
@@ -279,22 +293,55 @@ def onnx_parity(models: dict, tokenizer, texts: list[str], batch_size: int) -> d
     return worst
 
 
-def int8_agreement(runs: dict, texts: list[str]) -> dict | None:
+def int8_agreement(runs: dict, texts: list[str], models: dict | None = None) -> dict | None:
     """What int8 costs: the share of texts whose label it keeps, per task, and the cosine of its embeddings to the
-    float32 graph's (untrained heads: a trained model's margins are larger, so label agreement is a lower bound
-    only in spirit; the embedding cosine is the model-independent figure)."""
-    if not {"ours_onnx", "ours_onnx_int8"} <= set(runs):
-        return None
-    full, int8 = runs["ours_onnx"](texts), runs["ours_onnx_int8"](texts)
-    tasks = [k for k in full[0] if k != "embedding"]
-    agreement = {
-        f"label_agreement.{t}": float(np.mean([a[t]["label"] == b[t]["label"] for a, b in zip(full, int8)]))
-        for t in tasks
+    float32 graph's (untrained heads, whose labels flip on small changes: bench/quantization.py measures a trained
+    model's accuracy; the embedding cosine is the model-independent figure). With `st_onnx_backend_int8` and
+    `st_encode`, the same cosine for sentence-transformers' int8 copy against its float32 encode()."""
+    agreement = {}
+    if {"ours_onnx", "ours_onnx_int8"} <= set(runs):
+        full, int8 = runs["ours_onnx"](texts), runs["ours_onnx_int8"](texts)
+        tasks = [k for k in full[0] if k != "embedding"]
+        for t in tasks:
+            agreement[f"label_agreement.{t}"] = float(
+                np.mean([a[t]["label"] == b[t]["label"] for a, b in zip(full, int8)])
+            )
+        cosine = (_normalised([r["embedding"] for r in full]) * _normalised([r["embedding"] for r in int8])).sum(-1)
+        agreement.update({"embedding_cosine_mean": float(cosine.mean()), "embedding_cosine_min": float(cosine.min())})
+    if models and "st_onnx_backend_int8" in models and "st_encode" in runs:
+        theirs = _normalised(models["st_onnx_backend_int8"].embeddings(len(texts)))
+        cosine = (_normalised(runs["st_encode"](texts)) * theirs).sum(-1)
+        agreement.update(
+            {"st_embedding_cosine_mean": float(cosine.mean()), "st_embedding_cosine_min": float(cosine.min())}
+        )
+    return agreement or None
+
+
+def fp32_bound(tokenizer, texts: list[str], batch_size: int, encoder_path: str) -> dict:
+    """The encoder's linear-layer FLOPs per pass over `texts` (length-sorted batches, each padded to its longest, as
+    ours are), torch's float32 matmul speed on this CPU at the feed-forward shape of an average batch, and the
+    texts/s those two allow: attention, LayerNorm, tokenising and the rest only lower it."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(encoder_path)
+    hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    lengths = sorted((len(ids) for ids in tokenizer(texts, truncation=True)["input_ids"]), reverse=True)
+    tokens = sum(lengths[s] * len(lengths[s : s + batch_size]) for s in range(0, len(lengths), batch_size))
+    flop = 2 * tokens * layers * (4 * hidden * hidden + 2 * hidden * inner)
+    rows = max(1, round(tokens / max(1, -(-len(lengths) // batch_size))))
+    x, w = torch.randn(rows, hidden), torch.randn(inner, hidden)
+    for _ in range(5):
+        torch.nn.functional.linear(x, w)
+    repeats, started = 50, now()
+    for _ in range(repeats):
+        torch.nn.functional.linear(x, w)
+    gflops = 2 * rows * hidden * inner * repeats / (now() - started) / 1e9
+    return {
+        "padded_tokens": tokens,
+        "linear_gflop_per_pass": flop / 1e9,
+        "matmul_gflops": gflops,
+        "texts_per_second_bound": len(texts) * gflops * 1e9 / flop,
     }
-    a, b = _normalised([r["embedding"] for r in full]), _normalised([r["embedding"] for r in int8])
-    cosine = (a * b).sum(-1)
-    agreement.update({"embedding_cosine_mean": float(cosine.mean()), "embedding_cosine_min": float(cosine.min())})
-    return agreement
 
 
 def stream_cli(
@@ -411,6 +458,137 @@ def stream_main(args, texts: list[str], encoder_path: str, info: dict) -> dict:
     return result
 
 
+def time_runs(runs: dict, texts: list[str], repeats: int, device: str) -> tuple[dict, dict]:
+    """Seconds of each pass and (peak, growth) memory per run, the runs taking turns for `repeats` rounds."""
+    seconds = {name: [] for name in runs}
+    peaks = {name: (0.0, 0.0) for name in runs}  # (peak, growth during the pass)
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            free_memory(device)
+            with PeakMemory(device) as memory:
+                started = now()
+                fn(texts)
+                common.synchronize(device)
+                seconds[name].append(now() - started)
+            peaks[name] = max(peaks[name], (memory.peak_mb, memory.growth_mb))
+            if name in EXTRA_RUNS:  # another process: its own peak RSS, no growth figure
+                peaks[name] = (fn.last["peak_rss_mb"], None)
+    return seconds, peaks
+
+
+# (numerator run, denominator run, ratio name) of texts per second.
+RATIOS = (
+    ("ours_embed", "st_encode", "embeddings_per_second_ours_vs_st"),
+    ("ours_onnx", "st_encode", "embeddings_per_second_ours_onnx_vs_st"),
+    ("ours_onnx", "st_onnx", "embeddings_per_second_ours_onnx_vs_st_onnx"),
+    ("ours_onnx", "st_onnx_backend", "embeddings_per_second_ours_onnx_vs_st_onnx_backend"),
+    ("st_onnx_backend", "st_encode", "embeddings_per_second_st_onnx_backend_vs_st"),
+    ("ours_onnx", "ours_embed", "embeddings_per_second_ours_onnx_vs_ours_torch"),
+    ("ours_onnx_int8", "ours_onnx", "embeddings_per_second_int8_vs_ours_onnx"),
+    ("ours_onnx_int8", "st_encode", "embeddings_per_second_ours_onnx_int8_vs_st"),
+    ("ours_onnx_int8", "st_onnx_backend_int8", "embeddings_per_second_ours_onnx_int8_vs_st_onnx_backend_int8"),
+    ("st_onnx_backend_int8", "st_encode", "embeddings_per_second_st_onnx_backend_int8_vs_st"),
+)
+
+
+def ratios_of(by_name: dict) -> dict[str, float]:
+    ratios = {
+        key: by_name[ours]["texts_per_second"] / by_name[theirs]["texts_per_second"]
+        for ours, theirs, key in RATIOS
+        if {ours, theirs} <= set(by_name)
+    }
+    if {"ours_both", "single_task"} <= set(by_name):
+        ratios["time_both_tasks_vs_single_task"] = (
+            by_name["ours_both"]["seconds_median"] / by_name["single_task"]["seconds_median"]
+        )
+    return ratios
+
+
+def notes_of(args, info: dict, texts: list[str], runs: dict, by_name: dict, ratios: dict, checks: dict) -> list:
+    """The lines printed above the table: setting, ratios, agreement checks, the float32 bound, workers."""
+    agreement, parity, int8, bound = (checks[k] for k in ("agreement", "parity", "int8", "bound"))
+    return [
+        f"{len(texts)} texts (SST-2 validation + TREC test), batch size {args.batch_size}, median of {args.repeats} "
+        f"passes, encoder {args.encoder}, attention {args.attn_implementation}",
+        "ratios: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items()),
+        None
+        if not agreement
+        else "normalised embeddings vs sentence-transformers': max |diff| "
+        + ", ".join(f"{k} {v:.1e}" for k, v in agreement.items()),
+        None
+        if parity is None
+        else "ONNX graph vs torch, max |diff| on 4 padded batches: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in parity.items()),
+        None
+        if int8 is None
+        else "int8 vs float32 (untrained heads): " + ", ".join(f"{k} {v:.4f}" for k, v in int8.items()),
+        f"float32 bound: {bound['linear_gflop_per_pass']:.0f} GFLOP of linear layers per pass ({bound['padded_tokens']} "
+        f"padded tokens), torch float32 matmul {bound['matmul_gflops']:.0f} GFLOP/s at the feed-forward shape: at "
+        f"most {bound['texts_per_second_bound']:.0f} texts/s"
+        + (
+            f" ({bound['texts_per_second_bound'] / by_name['st_encode']['texts_per_second']:.2f}x st_encode)"
+            if "st_encode" in by_name
+            else ""
+        ),
+        "memory: every model stays loaded in one process, so each peak counts them all; growth is the pass's own"
+        + ("; the st_onnx_backend runs are other processes (their own peaks)" if set(EXTRA_RUNS) & set(runs) else ""),
+        *(f"{name}: " + json.dumps(info[name]) for name in EXTRA_RUNS if name in info),
+        args.note,
+    ]
+
+
+def summarise(args, device: str, info: dict, texts: list[str], runs: dict, seconds: dict, peaks: dict, checks: dict):
+    """The results, ratios, table and notes of one run of the benchmark; printed, and appended to --out."""
+    agreement, parity, int8, bound = (checks[k] for k in ("agreement", "parity", "int8", "bound"))
+    results = []
+    for name in runs:
+        median = statistics.median(seconds[name])
+        results.append(
+            {
+                "run": name,
+                "texts": len(texts),
+                "seconds_median": median,
+                "seconds_min": min(seconds[name]),
+                "seconds_all": seconds[name],
+                "texts_per_second": len(texts) / median,
+                "peak_memory_mb": peaks[name][0],
+                "memory_growth_mb": peaks[name][1],
+            }
+        )
+    by_name = {r["run"]: r for r in results}
+    ratios = ratios_of(by_name)
+    relative = {
+        name: "st_encode" for name in ("st_encode", "st_onnx", *EXTRA_RUNS, "ours_embed", "ours_onnx", "ours_onnx_int8")
+    }
+    relative.update(ours_both="single_task", single_task="single_task")
+    rows = []
+    for r in results:
+        base = by_name.get(relative[r["run"]])
+        rows.append(
+            [
+                f"`{r['run']}`",
+                r["texts_per_second"],
+                r["seconds_median"],
+                f"{r['texts_per_second'] / base['texts_per_second']:.2f}x `{base['run']}`" if base else None,
+                r["peak_memory_mb"],
+                r["memory_growth_mb"],
+            ]
+        )
+    mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
+    table = markdown_table(["run", "texts/s", "s per pass (median)", "speed vs", mem, "growth in pass MiB"], rows)
+    result = {"benchmark": "inference", "device": device, "setting": info, "results": results, "ratios": ratios}
+    result["embedding_max_abs_diff_vs_st"] = agreement
+    result["onnx_max_abs_diff_vs_torch"] = parity
+    result["int8_agreement"] = int8
+    result["fp32_bound"] = bound
+    for r in results:
+        r["linear_gflops_per_second"] = bound["linear_gflop_per_pass"] / r["seconds_median"]
+    result["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "note")}
+    notes = notes_of(args, info, texts, runs, by_name, ratios, checks)
+    report(f"Inference ({device})", table, result, args.out, notes)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.common_arguments(parser)
@@ -419,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--st_onnx_python",
         default=None,
         help="Python of an environment with sentence-transformers' ONNX backend (make st-onnx-venv), for "
-        "--runs st_onnx_backend.",
+        "--runs st_onnx_backend / st_onnx_backend_int8.",
     )
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="Timed passes over all texts per run.")
@@ -456,109 +634,19 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
         agreement = embedding_agreement(runs, texts, models)
         parity = onnx_parity(models, tokenizer, texts, args.batch_size)
-        int8 = int8_agreement(runs, texts)
+        int8 = int8_agreement(runs, texts, models)
+        bound = fp32_bound(tokenizer, texts, args.batch_size, encoder_path)
         longest = sorted(texts, key=len, reverse=True)[: args.batch_size]
         for fn in runs.values():
             fn(longest)  # untimed: threads, allocator and kernels warm up
 
-        seconds = {name: [] for name in runs}
-        peaks = {name: (0.0, 0.0) for name in runs}  # (peak, growth during the pass)
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
-                free_memory(device)
-                with PeakMemory(device) as memory:
-                    started = now()
-                    fn(texts)
-                    common.synchronize(device)
-                    seconds[name].append(now() - started)
-                peaks[name] = max(peaks[name], (memory.peak_mb, memory.growth_mb))
-                if name == "st_onnx_backend":  # another process: its own peak RSS, no growth figure
-                    peaks[name] = (fn.last["peak_rss_mb"], None)
-        if "st_onnx_backend" in models:
-            info["st_onnx_backend"] = models["st_onnx_backend"].info
-            models["st_onnx_backend"].close()
-
-    results = []
-    for name in runs:
-        median = statistics.median(seconds[name])
-        results.append(
-            {
-                "run": name,
-                "texts": len(texts),
-                "seconds_median": median,
-                "seconds_min": min(seconds[name]),
-                "seconds_all": seconds[name],
-                "texts_per_second": len(texts) / median,
-                "peak_memory_mb": peaks[name][0],
-                "memory_growth_mb": peaks[name][1],
-            }
-        )
-    by_name = {r["run"]: r for r in results}
-    ratios = {}
-    for ours, theirs, key in (
-        ("ours_embed", "st_encode", "embeddings_per_second_ours_vs_st"),
-        ("ours_onnx", "st_encode", "embeddings_per_second_ours_onnx_vs_st"),
-        ("ours_onnx", "st_onnx", "embeddings_per_second_ours_onnx_vs_st_onnx"),
-        ("ours_onnx", "st_onnx_backend", "embeddings_per_second_ours_onnx_vs_st_onnx_backend"),
-        ("st_onnx_backend", "st_encode", "embeddings_per_second_st_onnx_backend_vs_st"),
-        ("ours_onnx", "ours_embed", "embeddings_per_second_ours_onnx_vs_ours_torch"),
-        ("ours_onnx_int8", "ours_onnx", "embeddings_per_second_int8_vs_ours_onnx"),
-    ):
-        if {ours, theirs} <= set(by_name):
-            ratios[key] = by_name[ours]["texts_per_second"] / by_name[theirs]["texts_per_second"]
-    if {"ours_both", "single_task"} <= set(by_name):
-        ratios["time_both_tasks_vs_single_task"] = (
-            by_name["ours_both"]["seconds_median"] / by_name["single_task"]["seconds_median"]
-        )
-    relative = {
-        name: "st_encode"
-        for name in ("st_encode", "st_onnx", "st_onnx_backend", "ours_embed", "ours_onnx", "ours_onnx_int8")
-    }
-    relative.update(ours_both="single_task", single_task="single_task")
-    rows = []
-    for r in results:
-        base = by_name.get(relative[r["run"]])
-        rows.append(
-            [
-                f"`{r['run']}`",
-                r["texts_per_second"],
-                r["seconds_median"],
-                f"{r['texts_per_second'] / base['texts_per_second']:.2f}x `{base['run']}`" if base else None,
-                r["peak_memory_mb"],
-                r["memory_growth_mb"],
-            ]
-        )
-    mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
-    table = markdown_table(["run", "texts/s", "s per pass (median)", "speed vs", mem, "growth in pass MiB"], rows)
-    result = {"benchmark": "inference", "device": device, "setting": info, "results": results, "ratios": ratios}
-    result["embedding_max_abs_diff_vs_st"] = agreement
-    result["onnx_max_abs_diff_vs_torch"] = parity
-    result["int8_agreement"] = int8
-    result["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "note")}
-    notes = [
-        f"{len(texts)} texts (SST-2 validation + TREC test), batch size {args.batch_size}, median of {args.repeats} "
-        f"passes, encoder {args.encoder}, attention {args.attn_implementation}",
-        "ratios: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items()),
-        None
-        if not agreement
-        else "normalised embeddings vs sentence-transformers': max |diff| "
-        + ", ".join(f"{k} {v:.1e}" for k, v in agreement.items()),
-        None
-        if parity is None
-        else "ONNX graph vs torch, max |diff| on 4 padded batches: "
-        + ", ".join(f"{k} {v:.1e}" for k, v in parity.items()),
-        None
-        if int8 is None
-        else "int8 vs float32 graph (untrained heads): " + ", ".join(f"{k} {v:.4f}" for k, v in int8.items()),
-        "memory: every model stays loaded in one process, so each peak counts them all; growth is the pass's own"
-        + ("; st_onnx_backend runs in its own process (its peak alone)" if "st_onnx_backend" in runs else ""),
-        None
-        if "st_onnx_backend" not in info
-        else "st_onnx_backend: " + json.dumps(info["st_onnx_backend"]),
-        args.note,
-    ]
-    report(f"Inference ({device})", table, result, args.out, notes)
-    return result
+        seconds, peaks = time_runs(runs, texts, args.repeats, device)
+        for name in EXTRA_RUNS:
+            if name in models:
+                info[name] = models[name].info
+                models[name].close()
+    checks = {"agreement": agreement, "parity": parity, "int8": int8, "bound": bound}
+    return summarise(args, device, info, texts, runs, seconds, peaks, checks)
 
 
 if __name__ == "__main__":

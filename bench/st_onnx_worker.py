@@ -1,4 +1,5 @@
-"""`SentenceTransformer(encoder, backend="onnx")` for bench/inference.py's `st_onnx_backend` run, in a second
+"""`SentenceTransformer(encoder, backend="onnx")` for bench/inference.py's `st_onnx_backend` run (and, with `--int8 DIR`,
+its int8 copy made by sentence-transformers' `export_dynamic_quantized_onnx_model` for `st_onnx_backend_int8`), in a second
 interpreter: that backend needs optimum-onnx, whose release requires transformers < 4.58, so it cannot share this
 repository's environment (transformers 5). Build that environment with `make st-onnx-venv`.
 
@@ -28,6 +29,10 @@ def main() -> int:
     parser.add_argument("texts", help="A JSON file holding the list of texts.")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=64, help="Longest texts encoded once, untimed.")
+    parser.add_argument(
+        "--int8", metavar="DIR", default=None,
+        help="Quantize with export_dynamic_quantized_onnx_model(model, 'avx512_vnni', DIR) and encode with that file.",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import numpy as np
@@ -37,6 +42,13 @@ def main() -> int:
     with open(args.texts, encoding="utf-8") as f:
         texts = json.load(f)
     model = SentenceTransformer(args.encoder, backend="onnx", device="cpu")
+    if args.int8:
+        from sentence_transformers import export_dynamic_quantized_onnx_model
+
+        model.save_pretrained(args.int8)
+        export_dynamic_quantized_onnx_model(model, "avx512_vnni", args.int8)
+        file_name = "onnx/model_qint8_avx512_vnni.onnx"
+        model = SentenceTransformer(args.int8, backend="onnx", device="cpu", model_kwargs={"file_name": file_name})
     model.encode(sorted(texts, key=len, reverse=True)[: args.warmup], batch_size=args.batch_size)
 
     def versions() -> dict:

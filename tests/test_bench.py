@@ -196,6 +196,7 @@ def test_inference_compares_like_with_like(tiny_encoder_dir, shared_data_dir):
         "embeddings_per_second_ours_onnx_vs_st_onnx",
         "embeddings_per_second_ours_onnx_vs_ours_torch",
         "embeddings_per_second_int8_vs_ours_onnx",
+        "embeddings_per_second_ours_onnx_int8_vs_st",
         "time_both_tasks_vs_single_task",
     }
     # Same encoder, same pooling: our embeddings (torch and ONNX) and the ONNX stand-in's are sentence-transformers'.
@@ -203,11 +204,19 @@ def test_inference_compares_like_with_like(tiny_encoder_dir, shared_data_dir):
     assert max(result["embedding_max_abs_diff_vs_st"].values()) < 1e-4
     assert max(result["onnx_max_abs_diff_vs_torch"].values()) <= 1e-4
     assert set(result["int8_agreement"]) >= {"label_agreement.sentiment", "embedding_cosine_mean"}
+    # The float32 bound: linear-layer FLOPs over the padded batches, over a measured matmul speed.
+    bound = result["fp32_bound"]
+    assert bound["padded_tokens"] >= sum(len(t.split()) for t in inference.load_texts(str(shared_data_dir), 40))
+    assert bound["matmul_gflops"] > 0 and bound["texts_per_second_bound"] > 0
+    for r in result["results"]:
+        assert r["linear_gflops_per_second"] == pytest.approx(bound["linear_gflop_per_pass"] / r["seconds_median"])
 
 
 # What bench/st_onnx_worker.py imports, for a test environment without optimum-onnx: sentence-transformers' API with
 # mean pooling done by transformers, so its embeddings are sentence-transformers' own.
 FAKE_ST_ONNX = """
+import os
+
 import torch
 from transformers import AutoModel, AutoTokenizer
 
@@ -215,9 +224,15 @@ __version__ = "fake"
 
 
 class SentenceTransformer:
-    def __init__(self, path, backend="torch", device="cpu"):
+    def __init__(self, path, backend="torch", device="cpu", model_kwargs=None):
         assert backend == "onnx"
+        if model_kwargs:  # the int8 file export_dynamic_quantized_onnx_model wrote
+            assert os.path.isfile(os.path.join(path, model_kwargs["file_name"]))
         self.tokenizer, self.auto_model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    def save_pretrained(self, path):
+        self.tokenizer.save_pretrained(path)
+        self.auto_model.save_pretrained(path)
 
     def __getitem__(self, i):
         return self
@@ -228,6 +243,12 @@ class SentenceTransformer:
         hidden = self.auto_model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).float()
         return ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+
+
+def export_dynamic_quantized_onnx_model(model, quantization_config, model_name_or_path):
+    assert quantization_config == "avx512_vnni"
+    os.makedirs(os.path.join(model_name_or_path, "onnx"), exist_ok=True)
+    open(os.path.join(model_name_or_path, "onnx", "model_qint8_avx512_vnni.onnx"), "w").close()
 """
 
 
@@ -258,6 +279,18 @@ def test_inference_runs_sentence_transformers_onnx_backend_in_a_second_interpret
     assert result["setting"]["st_onnx_backend"]["versions"]["optimum"] == "fake"
     # The worker's embeddings come back through its .npy file: the same maths as sentence-transformers' encode().
     assert result["embedding_max_abs_diff_vs_st"]["st_onnx_backend"] < 1e-4
+
+    # Its int8 copy, in a worker of its own, against ours.
+    argv[argv.index("st_onnx_backend")] = "st_onnx_backend_int8"
+    result = inference.main(argv + ["ours_onnx", "ours_onnx_int8", "--st_onnx_python", sys.executable])
+    assert [r["run"] for r in result["results"]] == ["st_encode", "st_onnx_backend_int8", "ours_onnx", "ours_onnx_int8"]
+    assert {
+        "embeddings_per_second_st_onnx_backend_int8_vs_st",
+        "embeddings_per_second_ours_onnx_int8_vs_st_onnx_backend_int8",
+    } <= set(result["ratios"])
+    assert set(result["setting"]) >= {"st_onnx_backend_int8"}
+    # The fake "int8" copy is the float model: its embeddings are sentence-transformers' own.
+    assert result["int8_agreement"]["st_embedding_cosine_min"] > 0.9999
 
 
 def test_inference_says_how_to_build_the_second_environment_when_the_worker_fails(
@@ -321,3 +354,30 @@ def test_eval_order_shares_the_inputs_of_a_gold_set_and_its_qmark_free_view(tiny
     assert result["rows_seen"]["shared"] < result["rows_seen"]["sorted_distinct"]
     assert result["max_metric_difference"] < 1e-5
     assert set(result["metrics"]) >= {"eval_question_gold_f1_pos", "eval_question_gold_noqm_f1_pos"}
+
+
+def test_quantization_scores_every_eval_set_of_each_graph(tiny_encoder_dir, shared_data_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    import data as mtdata
+    import quantization
+    from modeling_multitask import MultiTaskModel
+
+    tasks = [t.to_config() for t in mtdata.get_tasks(["sentiment", "question"])]
+    folder = tmp_path / "run"
+    MultiTaskModel.from_encoder(str(tiny_encoder_dir), tasks=tasks).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_encoder_dir).save_pretrained(folder)
+    argv = [str(folder), "--data_dir", str(shared_data_dir), "--max_texts", "32", "--batch_size", "16"]
+    result = quantization.main(argv + ["--repeats", "1"])
+    assert not (folder / "onnx").exists()  # the graphs are made from a copy
+    by_graph = {r["graph"]: r for r in result["results"]}
+    assert list(by_graph) == ["float32", "int8", "int8_keep_ffn_output"]
+    sets = {"sentiment", "question_gold", "question_gold_noqm", "question_swda", "question_swda_noqm"}
+    for r in by_graph.values():
+        assert set(r["scores"]) == sets and r["texts_per_second"] > 0
+        assert r["scores"]["sentiment"]["metric"] == "accuracy" and r["scores"]["question_swda"]["metric"] == "f1_pos"
+        assert all(0 <= s["value"] <= 1 for s in r["scores"].values())
+    assert by_graph["float32"]["embedding_cosine_min"] == pytest.approx(1.0)
+    assert by_graph["float32"]["same_labels"] == 1.0 and by_graph["float32"]["speed_vs_float32"] == 1.0
+    for name in ("int8", "int8_keep_ffn_output"):
+        assert 0.9 < by_graph[name]["embedding_cosine_min"] < 1.0  # quantized, and still the same embedding

@@ -149,6 +149,8 @@ def test_a_failed_check_leaves_no_file(model_dir, tmp_path, monkeypatch):
 
 
 def test_int8_export_runs_and_stays_close(model_dir, tmp_path):
+    import onnx
+
     import onnx_export
 
     folder = tmp_path / "run"
@@ -157,11 +159,53 @@ def test_int8_export_runs_and_stays_close(model_dir, tmp_path):
     full = onnx_export.OnnxMultiTaskModel(folder / "onnx" / "model.onnx")
     int8 = onnx_export.OnnxMultiTaskModel(folder / "onnx" / "model_int8.onnx")
     assert int8.tasks == full.tasks
+    assert int8.metadata["multitask_int8_scheme"] == onnx_export.INT8_SCHEMES[False]
+    ops = {n.op_type for n in onnx.load(str(folder / "onnx" / "model_int8.onnx")).graph.node}
+    assert "MatMul" not in ops and "DynamicQuantizeLinear" in ops  # every MatMul quantized
     ids = np.array([[2, 10, 11, 12, 3], [2, 13, 3, 0, 0]])
     mask = (ids > 0).astype(np.int64)
     a, b = full(ids, mask)["embeddings"], int8(ids, mask)["embeddings"]
     cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     assert 0.9 < cosine.min() and not np.array_equal(a, b)  # quantized, and still the same embedding
+
+
+def test_int8_can_keep_the_feed_forward_outputs_float(model_dir, tmp_path):
+    import onnx
+
+    import onnx_export
+
+    full = onnx_export.export(shutil.copytree(model_dir, tmp_path / "run"))
+    graph = onnx.load(str(full)).graph
+    kept = onnx_export.ffn_output_matmuls(graph)
+    gelu = {o for n in graph.node if n.op_type in onnx_export.GELU_OPS for o in n.output}
+    assert gelu and len(kept) == json.loads((model_dir / "config.json").read_text())["encoder"]["num_hidden_layers"]
+    assert all(n.input[0] in gelu for n in graph.node if n.name in kept)
+    target = onnx_export.quantize(full, full.with_name("kept.onnx"), keep_ffn_output=True)
+    quantized = onnx.load(str(target)).graph.node
+    assert sorted(n.name for n in quantized if n.op_type == "MatMul") == sorted(kept)  # only these stay float
+    assert onnx_export.read_metadata(target)["multitask_int8_scheme"] == onnx_export.INT8_SCHEMES[True]
+
+
+def test_backend_onnx_int8_quantizes_on_first_use_and_again_for_a_file_without_a_recipe(model_dir, tmp_path):
+    import onnx_export
+    from predict import load
+
+    folder = tmp_path / "run"
+    shutil.copytree(model_dir, folder, ignore=shutil.ignore_patterns("onnx"))
+    model, tokenizer = load(folder, backend="onnx-int8")
+    assert model.path == folder / "onnx" / "model_int8.onnx"
+    results = model.predict(TEXTS, tokenizer, return_embeddings=True)
+    assert [sorted(r) for r in results] == [["embedding", "question", "sentiment"]] * len(TEXTS)
+    # A file quantized by an earlier version (no recipe in its metadata) is made again.
+    path = folder / "onnx" / "model_int8.onnx"
+    metadata = onnx_export.read_metadata(path)
+    del metadata["multitask_int8_scheme"]
+    onnx_export._write_metadata(path, metadata)
+    assert "multitask_int8_scheme" not in onnx_export.read_metadata(path)
+    again, _ = load(folder, backend="onnx-int8")
+    assert again.metadata["multitask_int8_scheme"] == onnx_export.INT8_SCHEMES[False]
+    with pytest.raises(ValueError, match="--backend onnx-int8 runs on the CPU"):
+        load(folder, backend="onnx-int8", device="cuda")
 
 
 def test_cli_refuses_what_is_not_a_model_folder(tmp_path, capsys):
