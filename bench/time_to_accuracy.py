@@ -95,7 +95,6 @@ def stock_accuracy(prediction) -> dict[str, float]:
 
 def run_one(args, spec: tt.RunSpec, device: str, tokenizer, encoder_path, prepared: dict) -> dict:
     import outputs
-    import train
 
     free_memory(device)
     with tempfile.TemporaryDirectory() as output_dir, PeakMemory(device) as memory:

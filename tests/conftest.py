@@ -36,6 +36,24 @@ TINY_ENCODER = dict(
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+@pytest.fixture(autouse=True)
+def library_logging_restored():
+    """Each test starts with datasets' and transformers' progress bars and verbosity as the previous test found them:
+    the benchmarks' `quiet_libraries()` turns them off process-wide, which would silence (and so hide from) the tests
+    that check what a run prints."""
+    import datasets
+    import transformers
+
+    hf = transformers.utils.logging
+    bars, hf_bars, verbosity = datasets.is_progress_bar_enabled(), hf.is_progress_bar_enabled(), hf.get_verbosity()
+    yield
+    if bars != datasets.is_progress_bar_enabled():
+        (datasets.enable_progress_bars if bars else datasets.disable_progress_bars)()
+    if hf_bars != hf.is_progress_bar_enabled():
+        (hf.enable_progress_bar if hf_bars else hf.disable_progress_bar)()
+    hf.set_verbosity(verbosity)
+
+
 def _vocab() -> list[str]:
     from collections import Counter
 
