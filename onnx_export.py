@@ -227,6 +227,13 @@ def ffn_output_matmuls(graph) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[0] in gelu_outputs]
 
 
+class QuantizerChatter(logging.Filter):
+    """Drops what onnxruntime's quantizer logs per tensor (and its advice to pre-process) through the root logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"onnxruntime{os.sep}quantization" not in record.pathname
+
+
 def quantize(source: Path, target: Path, keep_ffn_output: bool = False) -> Path:
     """Dynamic int8 quantization of every MatMul and attention projection: weights int8 with one scale per output
     channel (symmetric), activations uint8 with one scale per batch, computed on the fly; the recipe of
@@ -237,6 +244,9 @@ def quantize(source: Path, target: Path, keep_ffn_output: bool = False) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     partial = target.with_name(f".{target.name}.partial")
+    root = logging.getLogger()
+    chatter = QuantizerChatter()  # one line per tensor, on the root logger
+    root.addFilter(chatter)
     keep = ffn_output_matmuls(onnx.load(str(source), load_external_data=False).graph) if keep_ffn_output else []
     try:
         # The fused graph's contrib ops (Attention, SkipLayerNormalization) have no ONNX shape inference: their
@@ -249,6 +259,7 @@ def quantize(source: Path, target: Path, keep_ffn_output: bool = False) -> Path:
         _write_metadata(partial, {**read_metadata(source), "multitask_int8_scheme": INT8_SCHEMES[keep_ffn_output]})
         os.replace(partial, target)
     finally:
+        root.removeFilter(chatter)
         partial.unlink(missing_ok=True)
     logger.info("Wrote %s (%s)", target, INT8_SCHEMES[keep_ffn_output])
     return target
