@@ -2,8 +2,8 @@
 
     python onnx_export.py runs/quick            # writes runs/quick/onnx/model.onnx
     python onnx_export.py runs/quick --int8     # also runs/quick/onnx/model_int8.onnx (dynamic int8 quantization)
-    python predict.py runs/quick "is this any good" --backend onnx-int8   # the int8 graph (exported on first use)
     python predict.py runs/quick "is this any good" --backend onnx   # exports on first use, then reuses the file
+    python predict.py runs/quick "is this any good" --backend onnx-int8   # the int8 graph (made on first use)
 
 The graph takes `input_ids`, `attention_mask` (and `token_type_ids` where the encoder has them), each
 `(batch, seq)` with both axes dynamic, and returns `embeddings` `(batch, hidden)` and one `logits.<task>`
@@ -244,10 +244,10 @@ def quantize(source: Path, target: Path, keep_ffn_output: bool = False) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     partial = target.with_name(f".{target.name}.partial")
+    keep = ffn_output_matmuls(onnx.load(str(source), load_external_data=False).graph) if keep_ffn_output else []
     root = logging.getLogger()
     chatter = QuantizerChatter()  # one line per tensor, on the root logger
     root.addFilter(chatter)
-    keep = ffn_output_matmuls(onnx.load(str(source), load_external_data=False).graph) if keep_ffn_output else []
     try:
         # The fused graph's contrib ops (Attention, SkipLayerNormalization) have no ONNX shape inference: their
         # outputs are float32, which the quantizer is told instead of inferring.
@@ -382,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8", action="store_true", help="Also write onnx/model_int8.onnx (dynamic int8).")
     parser.add_argument(
         "--int8_keep_ffn_output", action="store_true",
-        help="With --int8: keep the feed-forward down-projections float32 (slower; closer to float32 on the worst text).",
+        help="With --int8: keep the feed-forward down-projections float32 (slower; closer to float32 on the "
+        "worst text).",
     )  # fmt: skip
     parser.add_argument("--no_optimize", action="store_true", help="Skip onnxruntime's transformer fusions.")
     parser.add_argument("--trust_remote_code", action="store_true", help="Build the model from the folder's code.")

@@ -142,7 +142,7 @@ def load(
         import onnx_export
 
         if device not in (None, "cpu"):
-            raise ValueError(f"--backend {backend} runs on the CPU (onnxruntime's CPU provider); got --device {device}.")
+            raise ValueError(f"--backend {backend} runs on onnxruntime's CPU provider, not --device {device}.")
         model = onnx_export.load_onnx_model(
             model_name_or_path, trust_remote_code=trust_remote_code, int8=backend == "onnx-int8"
         )

@@ -522,9 +522,9 @@ def notes_of(args, info: dict, texts: list[str], runs: dict, by_name: dict, rati
         None
         if int8 is None
         else "int8 vs float32 (untrained heads): " + ", ".join(f"{k} {v:.4f}" for k, v in int8.items()),
-        f"float32 bound: {bound['linear_gflop_per_pass']:.0f} GFLOP of linear layers per pass ({bound['padded_tokens']} "
-        f"padded tokens), torch float32 matmul {bound['matmul_gflops']:.0f} GFLOP/s at the feed-forward shape: at "
-        f"most {bound['texts_per_second_bound']:.0f} texts/s"
+        f"float32 bound: {bound['linear_gflop_per_pass']:.0f} GFLOP of linear layers per pass "
+        f"({bound['padded_tokens']} padded tokens), torch float32 matmul {bound['matmul_gflops']:.0f} GFLOP/s at the "
+        f"feed-forward shape: at most {bound['texts_per_second_bound']:.0f} texts/s"
         + (
             f" ({bound['texts_per_second_bound'] / by_name['st_encode']['texts_per_second']:.2f}x st_encode)"
             if "st_encode" in by_name

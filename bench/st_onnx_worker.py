@@ -1,6 +1,6 @@
-"""`SentenceTransformer(encoder, backend="onnx")` for bench/inference.py's `st_onnx_backend` run (and, with `--int8 DIR`,
-its int8 copy made by sentence-transformers' `export_dynamic_quantized_onnx_model` for `st_onnx_backend_int8`), in a second
-interpreter: that backend needs optimum-onnx, whose release requires transformers < 4.58, so it cannot share this
+"""`SentenceTransformer(encoder, backend="onnx")` for bench/inference.py's `st_onnx_backend` run (with `--int8 DIR`,
+its int8 copy made by sentence-transformers' `export_dynamic_quantized_onnx_model`: `st_onnx_backend_int8`), in a
+second interpreter: that backend needs optimum-onnx, whose release requires transformers < 4.58, so it cannot share this
 repository's environment (transformers 5). Build that environment with `make st-onnx-venv`.
 
 Protocol (one JSON object per line): it loads the model (optimum exports the encoder to ONNX, untimed), encodes the

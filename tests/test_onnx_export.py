@@ -210,7 +210,7 @@ def test_backend_onnx_int8_quantizes_on_first_use_and_again_for_a_file_without_a
     assert "multitask_int8_scheme" not in onnx_export.read_metadata(path)
     again, _ = load(folder, backend="onnx-int8")
     assert again.metadata["multitask_int8_scheme"] == onnx_export.INT8_SCHEMES[False]
-    with pytest.raises(ValueError, match="--backend onnx-int8 runs on the CPU"):
+    with pytest.raises(ValueError, match="--backend onnx-int8 runs on onnxruntime.s CPU provider, not --device cuda"):
         load(folder, backend="onnx-int8", device="cuda")
 
 
