@@ -63,20 +63,20 @@ def eval_sets(task_names: list[str], data_dir: str) -> list[tuple[str, str, list
     return sets
 
 
-def headline(task: str, gold: list[int], predicted: list[int]) -> tuple[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
-
+def headline(task: str, gold: list[int], predicted: list[int], num_labels: int) -> tuple[str, float]:
+    """The task's headline metric (f1_pos for question, accuracy otherwise), from the metric module training uses."""
     import data as mtdata
+    from outputs import classification_metric
 
-    if mtdata.TASKS[task].headline_metric == "f1_pos":
-        return "f1_pos", float(f1_score(gold, predicted, pos_label=1, zero_division=0))
-    return "accuracy", float(accuracy_score(gold, predicted))
+    metric = mtdata.TASKS[task].headline_metric
+    scores = classification_metric().compute(predictions=predicted, references=gold, num_labels=num_labels)
+    return metric, float(scores[metric])
 
 
-def label_ids(model, results: list[dict], task: str) -> list[int]:
-    (spec,) = [t for t in model.tasks if t["name"] == task]
+def label_ids(spec: dict, results: list[dict]) -> list[int]:
+    """Class ids of a task's predicted labels (`spec`: the task's entry in the graph's metadata)."""
     ids = {label: i for i, label in spec["id2label"].items()}
-    return [ids[r[task]["label"]] for r in results]
+    return [ids[r[spec["name"]]["label"]] for r in results]
 
 
 def score(graphs: dict, sets: list, tokenizer, batch_size: int) -> dict:
@@ -84,8 +84,9 @@ def score(graphs: dict, sets: list, tokenizer, batch_size: int) -> dict:
     scores = {name: {} for name in graphs}
     for set_name, task, texts, gold in sets:
         for name, graph in graphs.items():
-            predicted = label_ids(graph, graph.predict(texts, tokenizer, batch_size), task)
-            metric, value = headline(task, gold, predicted)
+            (spec,) = [t for t in graph.tasks if t["name"] == task]
+            predicted = label_ids(spec, graph.predict(texts, tokenizer, batch_size))
+            metric, value = headline(task, gold, predicted, len(spec["id2label"]))
             scores[name][set_name] = {"metric": metric, "value": value}
     return scores
 
