@@ -31,7 +31,8 @@ Every run first handles one batch untimed, then the runs take turns (`--repeats`
 machine load hits all of them alike; the table gives the median pass. Heads are untrained: speed is the same.
 onnxruntime uses one intra-op thread per visible core; torch keeps its default (also one per core). The float32
 bound printed with the table is the encoder's linear-layer FLOPs per pass (length-sorted batches, padded as ours are)
-over torch's float32 matmul speed at the feed-forward shape on this CPU: no float32 run can go much faster.
+over torch's float32 matmul speed at the feed-forward shape on this CPU (CPU runs only): no float32 run can go much
+faster.
 
     python bench/inference.py --repeats 3 --out bench/RESULTS.md
     python bench/inference.py --runs st_encode st_onnx ours_embed ours_onnx ours_onnx_int8 --repeats 3
@@ -504,6 +505,17 @@ def ratios_of(by_name: dict) -> dict[str, float]:
     return ratios
 
 
+def bound_note(bound: dict, by_name: dict) -> str:
+    note = (
+        f"float32 bound: {bound['linear_gflop_per_pass']:.0f} GFLOP of linear layers per pass "
+        f"({bound['padded_tokens']} padded tokens), torch float32 matmul {bound['matmul_gflops']:.0f} GFLOP/s at the "
+        f"feed-forward shape: at most {bound['texts_per_second_bound']:.0f} texts/s"
+    )
+    if "st_encode" in by_name:
+        note += f" ({bound['texts_per_second_bound'] / by_name['st_encode']['texts_per_second']:.2f}x st_encode)"
+    return note
+
+
 def notes_of(args, info: dict, texts: list[str], runs: dict, by_name: dict, ratios: dict, checks: dict) -> list:
     """The lines printed above the table: setting, ratios, agreement checks, the float32 bound, workers."""
     agreement, parity, int8, bound = (checks[k] for k in ("agreement", "parity", "int8", "bound"))
@@ -522,14 +534,7 @@ def notes_of(args, info: dict, texts: list[str], runs: dict, by_name: dict, rati
         None
         if int8 is None
         else "int8 vs float32 (untrained heads): " + ", ".join(f"{k} {v:.4f}" for k, v in int8.items()),
-        f"float32 bound: {bound['linear_gflop_per_pass']:.0f} GFLOP of linear layers per pass "
-        f"({bound['padded_tokens']} padded tokens), torch float32 matmul {bound['matmul_gflops']:.0f} GFLOP/s at the "
-        f"feed-forward shape: at most {bound['texts_per_second_bound']:.0f} texts/s"
-        + (
-            f" ({bound['texts_per_second_bound'] / by_name['st_encode']['texts_per_second']:.2f}x st_encode)"
-            if "st_encode" in by_name
-            else ""
-        ),
+        None if bound is None else bound_note(bound, by_name),
         "memory: every model stays loaded in one process, so each peak counts them all; growth is the pass's own"
         + ("; the st_onnx_backend runs are other processes (their own peaks)" if set(EXTRA_RUNS) & set(runs) else ""),
         *(f"{name}: " + json.dumps(info[name]) for name in EXTRA_RUNS if name in info),
@@ -581,7 +586,7 @@ def summarise(args, device: str, info: dict, texts: list[str], runs: dict, secon
     result["onnx_max_abs_diff_vs_torch"] = parity
     result["int8_agreement"] = int8
     result["fp32_bound"] = bound
-    for r in results:
+    for r in results if bound else ():
         r["linear_gflops_per_second"] = bound["linear_gflop_per_pass"] / r["seconds_median"]
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "note")}
     notes = notes_of(args, info, texts, runs, by_name, ratios, checks)
@@ -635,7 +640,8 @@ def main(argv: list[str] | None = None) -> dict:
         agreement = embedding_agreement(runs, texts, models)
         parity = onnx_parity(models, tokenizer, texts, args.batch_size)
         int8 = int8_agreement(runs, texts, models)
-        bound = fp32_bound(tokenizer, texts, args.batch_size, encoder_path)
+        # A CPU figure: on a GPU the matmul would run elsewhere than the one measured here.
+        bound = fp32_bound(tokenizer, texts, args.batch_size, encoder_path) if device == "cpu" else None
         longest = sorted(texts, key=len, reverse=True)[: args.batch_size]
         for fn in runs.values():
             fn(longest)  # untimed: threads, allocator and kernels warm up
