@@ -214,8 +214,11 @@ def test_backend_onnx_int8_quantizes_on_first_use_and_again_for_a_file_without_a
         load(folder, backend="onnx-int8", device="cuda")
 
 
-def test_cli_refuses_what_is_not_a_model_folder(tmp_path, capsys):
+def test_cli_refuses_what_is_not_a_model_folder(tmp_path, capsys, model_dir):
     import onnx_export
+
+    assert onnx_export.main([str(model_dir), "--int8_keep_ffn_output"]) == 1
+    assert "--int8_keep_ffn_output changes the int8 graph: add --int8." in capsys.readouterr().err
 
     assert onnx_export.main([str(tmp_path / "missing")]) == 1
     assert "is not a local folder" in capsys.readouterr().err
