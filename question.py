@@ -326,25 +326,40 @@ def augment_questions(
 
 
 # Sentence forms that TREC's factoid questions lack but dialogue is full of, filled with verb phrases taken
-# from TREC's how-to questions and short noun phrases from its what/who-is questions. The teacher labels each
-# result; the templates carry no label.
+# from TREC's how-to questions and short noun phrases from its what/who-is questions; a template without a slot is
+# used as it is. The teacher labels each result; the templates carry no label. `yes_no` pairs the request openers
+# ("can you", "will you", "could I") with the same auxiliaries before other subjects ("can I", "will that",
+# "could it") and with negated auxiliaries, `question` holds the short turns of dialogue ("why ?", "how about
+# you ?") and `statement` the answers that follow a question ("yes , I ..."): without them the student reads every
+# modal opening as a request.
 REPHRASE_TEMPLATES = {
     "question": (
         "do you {vp} ?", "did you {vp} ?", "have you ever tried to {vp} ?", "are you going to {vp} ?",
         "should we {vp} ?", "is it hard to {vp} ?", "when do you {vp} ?", "why do you want to {vp} ?",
         "do you have {np} ?", "is {np} included ?", "what about {np} ?", "did you see {np} ?", "where is {np} ?",
         "have you heard of {np} ?", "is that {np} ?", "can I have {np} ?",
+        "why ?", "how much ?", "what for ?", "which one ?", "how come ?", "now what ?", "how about you ?",
+        "what about you ?", "how much is {np} ?",
+    ),
+    "yes_no": (
+        "can I {vp} ?", "can it {vp} ?", "will it be hard to {vp} ?", "will I need {np} ?", "will that be {np} ?",
+        "will that be all ?", "could it be {np} ?", "would that be {np} ?", "can they {vp} ?",
+        "don't you want to {vp} ?", "didn't you {vp} ?", "isn't that {np} ?", "won't it be {np} ?",
+        "aren't you going to {vp} ?", "doesn't it {vp} ?",
     ),
     "request": (
         "can you {vp} ?", "could you {vp} for me ?", "would you {vp} , please ?", "will you {vp} ?",
         "shall we {vp} ?", "why don't we {vp} ?", "how about we {vp} ?", "may I {vp} ?", "would you like to {vp} ?",
         "how about {np} ?", "would you like {np} ?", "could you show me {np} ?", "can you get me {np} ?",
-        "may I have {np} ?", "why not {np} ?",
+        "may I have {np} ?", "why not {np} ?", "why not ?", "can we {vp} ?", "could I {vp} ?",
+        "do you mind if I {vp} ?", "could you tell me {np} ?",
     ),
     "statement": (
         "I want to {vp} .", "we should {vp} .", "let's {vp} .", "you need to {vp} .", "I'd like to {vp} .",
-        "I don't know how to {vp} .", "please {vp} .",
+        "I don't know how to {vp} .", "please {vp} .", "don't {vp} .", "I can {vp} .", "it will be hard to {vp} .",
         "I'd like {np} .", "here is {np} .", "that's {np} .", "I have {np} .", "we need {np} .", "{np} , please .",
+        "that would be {np} .", "it could be {np} .", "yes , I {vp} .", "yes , you can {vp} .", "no , it won't .",
+        "yes , that's {np} .", "no , we don't have {np} .", "yes , of course .",
     ),
 }
 _HOW_TO = re.compile(
@@ -366,6 +381,10 @@ def what_is_noun_phrases(texts: Sequence[str], max_words: int = 6) -> list[str]:
     return list(dict.fromkeys(p for p in phrases if p and len(p.split()) <= max_words))
 
 
+def _slot(template: str) -> str | None:
+    return "vp" if "{vp}" in template else "np" if "{np}" in template else None
+
+
 def rephrase_questions(
     verb_phrases: Sequence[str],
     n: int,
@@ -374,24 +393,23 @@ def rephrase_questions(
     noun_phrases: Sequence[str] = (),
 ) -> tuple[list[str], list[int]]:
     """`n` sentences from REPHRASE_TEMPLATES (kinds drawn evenly) filled with the given phrases, each labelled by
-    `label_fn`. Templates whose slot has no phrases are skipped."""
+    `label_fn`. Templates whose slot has no phrases are skipped; none are made without any phrases."""
     fillers = {"vp": list(verb_phrases), "np": list(noun_phrases)}
+    if n <= 0 or not (verb_phrases or noun_phrases):
+        return [], []
     usable = {
-        kind: [t for t in templates if fillers["vp" if "{vp}" in t else "np"]]
+        kind: [t for t in templates if _slot(t) is None or fillers[_slot(t)]]
         for kind, templates in REPHRASE_TEMPLATES.items()
     }
     usable = {kind: templates for kind, templates in usable.items() if templates}
-    if n <= 0 or not usable:
-        return [], []
     rng = np.random.default_rng(seed)
     kinds = list(usable)
     texts = []
     for _ in range(n):
         templates = usable[kinds[rng.integers(len(kinds))]]
         template = templates[rng.integers(len(templates))]
-        slot = "vp" if "{vp}" in template else "np"
-        phrase = fillers[slot][rng.integers(len(fillers[slot]))]
-        text = template.format(**{slot: phrase})
+        slot = _slot(template)
+        text = template if slot is None else template.format(**{slot: fillers[slot][rng.integers(len(fillers[slot]))]})
         texts.append(text[0].upper() + text[1:])
     return texts, [int(label_fn(t)) for t in texts]
 

@@ -249,13 +249,27 @@ def test_rephrased_rows_are_labelled_by_the_teacher_and_seeded():
         (t.format(vp=vp)[0].upper() + t.format(vp=vp)[1:])
         for kind in question.REPHRASE_TEMPLATES.values()
         for t in kind
-        if "{vp}" in t  # no noun phrases given: those templates are skipped
+        if "{np}" not in t  # no noun phrases given: those templates are skipped
         for vp in ("make a paintball", "find a list of books")
     }
     assert set(texts) <= filled
     with_nouns, _ = rephrase_questions(["make a paintball"], 200, label_fn, seed=0, noun_phrases=["the menu"])
     assert any("the menu" in t for t in with_nouns) and any("make a paintball" in t for t in with_nouns)
     assert rephrase_questions([], 10, label_fn, seed=0) == ([], [])
+
+
+def test_rephrased_rows_pair_each_request_opener_with_a_question_on_the_same_auxiliary():
+    # "can you ...?" is a request under the dialog teacher, "can I / can it ...?" a question: without the pairs the
+    # student reads every modal opening as a request ("Will that be all ?", "Can I help you ?")
+    label_fn = question.question_label_fn("dialog")
+    texts, labels = rephrase_questions(["make a paintball"], 2000, label_fn, seed=0, noun_phrases=["the menu"])
+    by_opening = {}
+    for text, label in zip(texts, labels):
+        by_opening.setdefault(text.split()[0].lower(), set()).add(label)
+    for auxiliary in ("can", "could", "will", "would"):
+        assert by_opening[auxiliary] == {0, 1}, auxiliary
+    assert {"Why ?", "How about you ?", "Will that be all ?"} <= set(texts)  # the slot-free dialogue turns
+    assert all(label_fn(t) == label for t, label in zip(texts, labels))
 
 
 def test_what_is_noun_phrases():
