@@ -381,3 +381,50 @@ def test_quantization_scores_every_eval_set_of_each_graph(tiny_encoder_dir, shar
     assert by_graph["float32"]["same_labels"] == 1.0 and by_graph["float32"]["speed_vs_float32"] == 1.0
     for name in ("int8", "int8_keep_ffn_output"):
         assert 0.9 < by_graph[name]["embedding_cosine_min"] < 1.0  # quantized, and still the same embedding
+
+
+def test_weight_averages_follow_their_definitions():
+    from types import SimpleNamespace
+
+    import torch
+    import weight_averaging
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    averages = weight_averaging.Averages(model, decays=[0.5], tails=[0.5])
+    for step, weight in enumerate([1.0, 2.0, 4.0, 8.0], start=1):
+        with torch.no_grad():
+            model.weight.fill_(weight)
+        averages.on_step_end(None, SimpleNamespace(global_step=step, max_steps=4), None)
+    ema = averages.averages["EMA, decay 0.5"].module.weight.item()
+    assert ema == ((1.0 * 0.5 + 2.0 * 0.5) * 0.5 + 4.0 * 0.5) * 0.5 + 8.0 * 0.5  # starts from the first step's weights
+    assert averages.averages["uniform, last 50% of steps"].module.weight.item() == (4.0 + 8.0) / 2
+    averages.load_into_model("EMA, decay 0.5")
+    assert model.weight.item() == ema
+
+
+def test_weight_averaging_scores_each_average_beside_the_final_weights(
+    tiny_encoder_dir, tiny_data_dir, tmp_path, capsys
+):
+    import weight_averaging
+    from helpers import tiny_argv
+
+    argv = ["--decays", "1e-9,0.9", "--tails", "1e-9", "--out", str(tmp_path / "RESULTS.md")]
+    result = weight_averaging.main(argv + tiny_argv(tiny_encoder_dir, tiny_data_dir, tmp_path / "run"))
+    rows = result["rows"]
+    assert list(rows) == [
+        "final weights (as saved)", "EMA, decay 1e-09", "EMA, decay 0.9", "uniform, last 0% of steps"
+    ]  # fmt: skip
+    assert set(rows["final weights (as saved)"]) == {"sentiment", "question"}
+    # an EMA that forgets at once and a tail of only the last step are the final weights, evaluated again
+    assert rows["EMA, decay 1e-09"] == rows["final weights (as saved)"]
+    assert rows["uniform, last 0% of steps"] == rows["final weights (as saved)"]
+    assert bench_json(capsys.readouterr().out)["rows"] == rows
+    assert "| EMA, decay 0.9 |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_weight_averaging_refuses_a_decay_outside_zero_one(capsys):
+    import weight_averaging
+
+    with pytest.raises(SystemExit):
+        weight_averaging.main(["configs/quick.yaml", "--decays", "0.99,1.5"])
+    assert "--decays 0.99,1.5: '1.5' must be a number in (0, 1)" in capsys.readouterr().err

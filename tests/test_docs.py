@@ -207,6 +207,13 @@ def test_documented_commands_use_real_flags_and_files(invocation, monkeypatch):
         at = args.index("--")
         check_train_flags(args[at + 1 :], where)
         args = args[:at]
+    if program == "bench/weight_averaging.py":  # its own flags, then everything else goes to train.py
+        try:
+            _, train_args = load_script(path).parse_args(args)
+        except SystemExit as err:
+            pytest.fail(f"{where}: {program} rejects its arguments {args} (exit {err.code})")
+        check_train_flags(train_args, where)
+        return
     check_argparse_program(path, args, where, monkeypatch)
 
 
