@@ -253,7 +253,10 @@ class QuestionArguments:
     )
     question_rephrase_rows: int = field(
         default=0,
-        metadata={"help": "Extra rows of dialogue forms (yes/no questions, requests, statements) from TREC how-tos."},
+        metadata={
+            "help": "Extra rows of dialogue forms (questions and short turns, yes/no questions, requests, statements "
+            "and answers; question.REPHRASE_TEMPLATES) filled with TREC phrases."
+        },
     )
     question_declarative_rows: int = field(
         default=0, metadata={"help": "Extra rows of source statements closed with '?' (declarative questions)."}
