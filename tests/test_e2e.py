@@ -254,6 +254,11 @@ def test_accelerate_launch_with_the_packaged_encoder(tiny_data_dir, tmp_path):
         "--output_dir", str(out),
         "--max_train_samples", "256",
         "--question_pool_per_source", "100",
+        # the config's built rows scaled to this pool (quick.yaml: 500 / 1,500 / 2,000 beside 5,000 pool rows):
+        # at full size they would be 95% of the question rows, and 12 steps would learn their label balance only
+        "--question_trap_rows", "20",
+        "--question_rephrase_rows", "60",
+        "--question_declarative_rows", "80",
         "--max_eval_samples", "100",
         "--max_steps", "12",
         "--per_device_train_batch_size", "16",
