@@ -60,7 +60,8 @@ def numbers(parser, flag: str, text: str, valid, where: str) -> list[float]:
 
 
 class Averages(TrainerCallback):
-    """name -> AveragedModel, each updated after every optimizer step from its first step on."""
+    """name -> AveragedModel, updated after every optimizer step: an EMA from the first step on, a tail average
+    from the step that opens its last share of `state.max_steps`."""
 
     def __init__(self, model: torch.nn.Module, decays: list[float], tails: list[float]):
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -101,9 +102,9 @@ def headlines(metrics_by_set: dict[str, dict], eval_tasks: dict[str, str]) -> di
 def main(argv: list[str] | None = None) -> dict:
     args, train_argv = parse_args(argv)
     import train
+    from outputs import split_eval_metrics
 
     info = setting("cuda" if torch.cuda.is_available() else "cpu")  # the load average before the run
-    from outputs import split_eval_metrics
 
     built = {}
     build_trainer = train.build_trainer
