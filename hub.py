@@ -189,6 +189,15 @@ def _freezing(freeze: list[str], unfreeze: list[str]) -> str:
     return text + (", then unfreeze " + ", ".join(f"`{f}`" for f in unfreeze) if unfreeze else "")
 
 
+def _learning_rates(recipe: dict) -> str:
+    text = f"{recipe['learning_rate']:g}"
+    if recipe.get("layerwise_lr_decay", 1.0) != 1.0:
+        text += f", layer-wise decay {recipe['layerwise_lr_decay']:g} per encoder layer down from the top"
+    if recipe.get("head_learning_rate") is not None:
+        text += f"; heads {recipe['head_learning_rate']:g}"
+    return text
+
+
 def _recipe_rows(metrics: dict, config: dict) -> list[tuple[str, str]]:
     recipe, train = metrics["recipe"], metrics["train"]
     epochs = metrics["epochs"][-1]["epoch"] if metrics["epochs"] else None
@@ -230,7 +239,7 @@ def _recipe_rows(metrics: dict, config: dict) -> list[tuple[str, str]]:
         *([("Row caps", ", ".join(caps))] if caps else []),
         ("Length", length),
         ("Batch size", f"{recipe['per_device_train_batch_size']} per device x {recipe['num_processes']} process(es)"),
-        ("Learning rate", f"{recipe['learning_rate']:g}"),
+        ("Learning rate", _learning_rates(recipe)),
         ("Seed", str(recipe["seed"])),
         *([("Mixed precision", precision)] if precision is not None else []),
         *([("Distributed", distributed)] if distributed is not None else []),
