@@ -334,7 +334,9 @@ def augment_questions(
 # ("can you", "will you", "could I") with the same auxiliaries before other subjects ("can I", "will that",
 # "could it") and with negated auxiliaries, `question` holds the short turns of dialogue ("why ?", "how about
 # you ?") and `statement` the answers that follow a question ("yes , I ..."): without them the student reads every
-# modal opening as a request.
+# modal opening as a request. `embedded` holds statements with a wh-word inside (relative clauses, indirect
+# questions, "what I want is ..."), some with the fillers of speech: the sources' statements seldom have one, and
+# joined rows ("... . Who is ... ?") would otherwise teach that a wh-word anywhere makes a question.
 REPHRASE_TEMPLATES = {
     "question": (
         "do you {vp} ?", "did you {vp} ?", "have you ever tried to {vp} ?", "are you going to {vp} ?",
@@ -363,6 +365,15 @@ REPHRASE_TEMPLATES = {
         "I'd like {np} .", "here is {np} .", "that's {np} .", "I have {np} .", "we need {np} .", "{np} , please .",
         "that would be {np} .", "it could be {np} .", "yes , I {vp} .", "yes , you can {vp} .", "no , it won't .",
         "yes , that's {np} .", "no , we don't have {np} .", "yes , of course .",
+    ),
+    "embedded": (
+        "I don't know what {np} is .", "I wonder who {np} is .", "I asked him what {np} was .",
+        "I know people who {vp} .", "I have a friend who , uh , tried to {vp} .", "we met a couple who wanted to {vp} .",
+        "it was my brother who wanted to {vp} .", "that's why I want to {vp} .", "which is why we {vp} .",
+        "which is {np} , I guess .", "what I want is {np} .", "what I'd like to do is {vp} .",
+        "I don't know how they {vp} .", "it depends on where you {vp} .", "I remember when we used to {vp} .",
+        "you know , that's what they do .", "I mean , when I was young , we used to {vp} .",
+        "so , uh , what I've seen is {np} .",
     ),
 }
 _HOW_TO = re.compile(

@@ -272,6 +272,22 @@ def test_rephrased_rows_pair_each_request_opener_with_a_question_on_the_same_aux
     assert all(label_fn(t) == label for t, label in zip(texts, labels))
 
 
+@pytest.mark.parametrize("teacher", ["dialog", "switchboard", "heuristic"])
+def test_rephrased_statements_with_a_wh_word_inside_are_statements_to_every_teacher(teacher):
+    # Joined rows ("... . Who is ... ?") put wh-words mid-turn in questions; these rows put them in statements
+    # ("I have a friend who ...", "what I want is ..."). Each teacher still labels them itself.
+    label_fn = question.question_label_fn(teacher)
+    texts, labels = rephrase_questions(["make a paintball"], 1000, label_fn, seed=0, noun_phrases=["the menu"])
+    embedded = {
+        (t.format(vp="make a paintball", np="the menu")[0].upper() + t.format(vp="make a paintball", np="the menu")[1:])
+        for t in question.REPHRASE_TEMPLATES["embedded"]
+    }
+    drawn = [(t, label) for t, label in zip(texts, labels) if t in embedded]
+    assert 150 < len(drawn) < 250  # one kind of five, drawn evenly
+    assert {t for t, _ in drawn} == embedded and not any(label for _, label in drawn)
+    assert all(set(question._TOKEN.findall(t.lower())) & question.WH_WORDS for t in embedded)
+
+
 def test_what_is_noun_phrases():
     trec = ["What is the capital of France ?", "Who was Galileo ?", "What is the name of the longest river in the "
             "whole wide world ?", "How far is it ?"]
