@@ -215,8 +215,6 @@ def check_training_args(training_args: TrainingArguments, mt_args: MultiTaskArgu
         _number_problem("max_steps", args.max_steps, integer=True),
         _number_problem("task_sampling_temperature", mt_args.task_sampling_temperature, 0, low_open=True),
         _number_problem("loss_weights_learning_rate", mt_args.loss_weights_learning_rate, 0, low_open=True),
-        _number_problem("layerwise_lr_decay", mt_args.layerwise_lr_decay, 0, 1, low_open=True),
-        _number_problem("head_learning_rate", mt_args.head_learning_rate, 0, low_open=True),
     ]
     for strategy, steps in (("logging", "logging_steps"), ("save", "save_steps"), ("eval", "eval_steps")):
         if getattr(args, f"{strategy}_strategy") == "steps":

@@ -246,8 +246,6 @@ def run_metrics(
             "loss_weighting": mt_args.loss_weighting,
             "per_device_train_batch_size": training_args.per_device_train_batch_size,
             "learning_rate": training_args.learning_rate,
-            "layerwise_lr_decay": mt_args.layerwise_lr_decay,
-            "head_learning_rate": mt_args.head_learning_rate,
             "num_processes": training_args.world_size,
             **trainer.precision_and_distribution(),
             "max_train_samples": data_args.max_train_samples,

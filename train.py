@@ -206,16 +206,6 @@ class MultiTaskArguments:
     task_weights: list[str] = field(
         default_factory=list, metadata={"help": "Static loss weights as name=weight (YAML: a mapping); default 1."}
     )
-    layerwise_lr_decay: float = field(
-        default=1.0,
-        metadata={
-            "help": "Layer-wise learning-rate decay: the top encoder layer trains at --learning_rate, each layer "
-            "below at this factor times the one above, the embeddings one step below the lowest layer; 1: off."
-        },
-    )
-    head_learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate of the task heads; unset: --learning_rate."}
-    )
     freeze: list[str] = field(
         default_factory=list,
         metadata={

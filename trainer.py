@@ -1,11 +1,10 @@
 """`MultiTaskTrainer`: the `Trainer` of a multi-task run (train.py builds it; bench/ builds it directly).
 
 It adds a task-interleaving batch sampler, per-task training statistics, metrics per eval set (each a head),
-evaluation in length-sorted batches, each distinct input once, with named progress bars, separate learning rates
-(the uncertainty loss weights, the heads, layer-wise decay over the encoder), the `--cuda_graphs` training step
-(cuda_graphs.py), the precision and distribution that accelerate really uses (`precision_and_distribution`) and a
-stop at the first non-finite loss or gradient norm (checks.NonFiniteWatch). Checkpoints hold no pickle and appear
-atomically (checkpoints.py).
+evaluation in length-sorted batches, each distinct input once, with named progress bars, a separate learning rate for the uncertainty loss
+weights, the `--cuda_graphs` training step (cuda_graphs.py), the precision and distribution that accelerate
+really uses (`precision_and_distribution`) and a stop at the first non-finite loss or gradient norm
+(checks.NonFiniteWatch). Checkpoints hold no pickle and appear atomically (checkpoints.py).
 """
 
 from __future__ import annotations
@@ -28,46 +27,10 @@ from transformers.trainer_utils import EvalPrediction, has_length
 import checkpoints
 import checks
 import cuda_graphs
-import freezing
 from sampler import MultiTaskBatchSampler, make_batch_sampler
 
 if TYPE_CHECKING:  # train.py imports this module
     from train import MultiTaskArguments
-
-
-def learning_rate_scales(model, layerwise_decay: float, head_lr: float | None, lr: float) -> dict[int, float]:
-    """id(parameter) -> factor on the learning rate, for the parameters that do not train at `lr`.
-
-    Layer-wise decay (`layerwise_decay` < 1): the top encoder layer keeps `lr`, layer i of n gets
-    `lr * decay**(n - 1 - i)`, and every other encoder weight (the embeddings) one factor below layer 0. The heads
-    get `head_lr` when it is set. Empty when neither option is on."""
-    scales: dict[int, float] = {}
-    if layerwise_decay != 1.0:
-        layers = freezing.encoder_layers(model)
-        depth = len(layers)
-        for p in model.encoder.parameters():
-            scales[id(p)] = layerwise_decay**depth
-        for i, layer in enumerate(layers):
-            for p in layer.parameters():
-                scales[id(p)] = layerwise_decay ** (depth - 1 - i)
-    if head_lr is not None:
-        for p in model.heads.parameters():
-            scales[id(p)] = head_lr / lr
-    return {k: v for k, v in scales.items() if v != 1.0}
-
-
-def split_param_groups(optimizer: torch.optim.Optimizer, scales: dict[int, float]) -> None:
-    """Split each parameter group of a fresh optimizer into one group per learning-rate factor in `scales`
-    (parameters not in it keep the group's rate); every other setting of the group (weight decay) is kept."""
-    groups = optimizer.param_groups
-    optimizer.param_groups = []
-    for group in groups:
-        by_scale: dict[float, list] = {}
-        for p in group["params"]:
-            by_scale.setdefault(scales.get(id(p), 1.0), []).append(p)
-        # The rate the Trainer logs is the first group's: keep the groups at the base rate first.
-        for scale, params in sorted(by_scale.items(), key=lambda item: (item[0] != 1.0, -item[0])):
-            optimizer.add_param_group({**group, "params": params, "lr": group["lr"] * scale})
 
 
 class _TaskStatsCallback(TrainerCallback):
@@ -252,11 +215,6 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         opt_model = self.model if model is None else model
-        scales = learning_rate_scales(
-            opt_model, self.mt_args.layerwise_lr_decay, self.mt_args.head_learning_rate, self.args.learning_rate
-        )
-        if scales:
-            split_param_groups(optimizer, scales)
         log_vars = [p for n, p in opt_model.named_parameters() if n.endswith("loss_log_vars") and p.requires_grad]
         if log_vars and self.mt_args.loss_weights_learning_rate is not None:
             held = {id(p) for p in log_vars}

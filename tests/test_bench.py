@@ -4,6 +4,7 @@ themselves are only meaningful on a quiet machine, see docs/performance.md)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -428,3 +429,67 @@ def test_weight_averaging_refuses_a_decay_outside_zero_one(capsys):
     with pytest.raises(SystemExit):
         weight_averaging.main(["configs/quick.yaml", "--decays", "0.99,1.5"])
     assert "--decays 0.99,1.5: '1.5' must be a number in (0, 1)" in capsys.readouterr().err
+
+
+def test_learning_rates_give_each_layer_and_the_heads_their_rate(tiny_encoder_dir, tiny_data_dir, tmp_path):
+    import learning_rates
+    from helpers import tiny_argv
+
+    import freezing
+
+    flags = ["--max_steps", "2", "--learning_rate", "1e-4", "--weight_decay", "0.01"]
+    argv = ["--layerwise_lr_decay", "0.5", "--head_learning_rate", "3e-3"]
+    built = learning_rates.main(argv + tiny_argv(tiny_encoder_dir, tiny_data_dir, tmp_path / "run", *flags))
+    trainer = built["trainer"]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    rate = {id(p): g["initial_lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    layers = freezing.encoder_layers(model)
+    depth = len(layers)
+    assert depth >= 2
+    for i, layer in enumerate(layers):  # the top layer at the base rate, halved per layer down
+        params = list(layer.parameters())
+        assert [rate[id(p)] for p in params] == pytest.approx([1e-4 * 0.5 ** (depth - 1 - i)] * len(params))
+    embeddings = [rate[id(p)] for p in model.encoder.embeddings.parameters()]
+    assert embeddings == pytest.approx([1e-4 * 0.5**depth] * len(embeddings))
+    heads = [rate[id(p)] for p in model.heads.parameters()]
+    assert heads == pytest.approx([3e-3] * len(heads))
+    # Splitting keeps the Trainer's weight decay per parameter (none on biases, norms, embeddings).
+    decayed = set(trainer.get_decay_parameter_names(model))
+    assert 0 < len(decayed) < len(rate) == sum(1 for p in model.parameters() if p.requires_grad)
+    for name, p in model.named_parameters():
+        assert decay[id(p)] == (0.01 if name in decayed else 0.0), name
+    assert trainer.optimizer.param_groups[0]["initial_lr"] == pytest.approx(1e-4)  # the logged rate is the base
+    # The run's card and metrics.json say so.
+    card = (tmp_path / "run" / "README.md").read_text(encoding="utf-8")
+    assert "| Learning rate | 0.0001, layer-wise decay 0.5 per encoder layer down from the top; heads 0.003 |" in card
+    recipe = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))["recipe"]
+    assert (recipe["layerwise_lr_decay"], recipe["head_learning_rate"]) == (0.5, 3e-3)
+    assert built["metrics"]["recipe"] == recipe
+
+
+def test_a_plain_train_run_has_one_rate_and_says_so(monkeypatch, tiny_encoder_dir, tiny_data_dir, tmp_path):
+    from helpers import run_main, tiny_argv
+
+    argv = tiny_argv(tiny_encoder_dir, tiny_data_dir, tmp_path / "run", "--max_steps", "1", "--learning_rate", "1e-4")
+    trainer, _ = run_main(monkeypatch, argv)
+    assert [g["initial_lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-4, 1e-4])
+    assert "| Learning rate | 0.0001 |" in (tmp_path / "run" / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--layerwise_lr_decay", "0"], r"--layerwise_lr_decay 0.0 must be in \(0, 1\]"),
+        (["--layerwise_lr_decay", "1.2"], r"--layerwise_lr_decay 1.2 must be in \(0, 1\]"),
+        (["--head_learning_rate=-1e-3"], r"--head_learning_rate -0.001 must be a positive number"),
+        ([], r"nothing to change"),
+    ],
+)
+def test_learning_rates_refuses_bad_settings_before_training(tmp_path, capsys, flags, message):
+    import learning_rates
+
+    with pytest.raises(SystemExit):
+        learning_rates.main(["configs/quick.yaml", "--output_dir", str(tmp_path / "run"), *flags])
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()

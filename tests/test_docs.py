@@ -207,7 +207,7 @@ def test_documented_commands_use_real_flags_and_files(invocation, monkeypatch):
         at = args.index("--")
         check_train_flags(args[at + 1 :], where)
         args = args[:at]
-    if program == "bench/weight_averaging.py":  # its own flags, then everything else goes to train.py
+    if program in ("bench/weight_averaging.py", "bench/learning_rates.py"):  # own flags, the rest to train.py
         try:
             _, train_args = load_script(path).parse_args(args)
         except SystemExit as err:

@@ -3,14 +3,12 @@ loss weights it trains and logs."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 from helpers import run_main, tiny_argv
 
-import freezing
 import train
 from modeling_multitask import MultiTaskOutput
 
@@ -105,43 +103,6 @@ def test_loss_weights_learning_rate(monkeypatch, tmp_path, tiny_encoder_dir, tin
     assert small < 5e-4 < 0.02 < large
 
 
-def test_layerwise_decay_and_head_learning_rate_set_each_group(monkeypatch, tmp_path, tiny_encoder_dir, tiny_data_dir):
-    argv = tiny_argv(tiny_encoder_dir, tiny_data_dir, tmp_path / "run", "--max_steps", "2", "--learning_rate", "1e-4")
-    flags = ["--layerwise_lr_decay", "0.5", "--head_learning_rate", "3e-3", "--weight_decay", "0.01"]
-    trainer, _ = run_main(monkeypatch, [*argv, *flags])
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    rate = {id(p): g["initial_lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
-    decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
-    layers = freezing.encoder_layers(model)
-    depth = len(layers)
-    assert depth >= 2
-    for i, layer in enumerate(layers):  # top layer at the base rate, halved per layer down
-        assert [rate[id(p)] for p in layer.parameters()] == pytest.approx([1e-4 * 0.5 ** (depth - 1 - i)] * 16)
-    embeddings = [rate[id(p)] for p in model.encoder.embeddings.parameters()]
-    assert embeddings == pytest.approx([1e-4 * 0.5**depth] * len(embeddings))
-    assert [rate[id(p)] for p in model.heads.parameters()] == pytest.approx([3e-3] * 4)
-    # Splitting keeps each parameter's weight decay: the Trainer's choice (no decay on biases, norms, embeddings).
-    decayed = set(trainer.get_decay_parameter_names(model))
-    assert 0 < len(decayed) < len(rate)
-    for name, p in model.named_parameters():
-        assert decay[id(p)] == (0.01 if name in decayed else 0.0), name
-    assert len(rate) == sum(1 for p in model.parameters() if p.requires_grad)  # each parameter in one group
-    assert trainer.optimizer.param_groups[0]["initial_lr"] == pytest.approx(1e-4)  # the logged rate is the base
-    assert trainer.state.log_history[0]["learning_rate"] <= 1e-4
-    # The run's card and metrics.json say so.
-    card = (tmp_path / "run" / "README.md").read_text(encoding="utf-8")
-    assert "| Learning rate | 0.0001, layer-wise decay 0.5 per encoder layer down from the top; heads 0.003 |" in card
-    recipe = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))["recipe"]
-    assert (recipe["layerwise_lr_decay"], recipe["head_learning_rate"]) == (0.5, 3e-3)
-
-
-def test_learning_rate_groups_are_one_per_weight_decay_when_off(monkeypatch, tmp_path, tiny_encoder_dir, tiny_data_dir):
-    argv = tiny_argv(tiny_encoder_dir, tiny_data_dir, tmp_path / "run", "--max_steps", "1", "--learning_rate", "1e-4")
-    trainer, _ = run_main(monkeypatch, argv)
-    assert [g["initial_lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-4, 1e-4])
-    assert "| Learning rate | 0.0001 |" in (tmp_path / "run" / "README.md").read_text(encoding="utf-8")
-
-
 def test_static_weights_from_yaml_are_logged(monkeypatch, tmp_path, tiny_encoder_dir, tiny_data_dir):
     config = tmp_path / "weights.yaml"
     config.write_text("task_weights:\n  sentiment: 2.0\n  question: 0.5\n", encoding="utf-8")
@@ -160,9 +121,6 @@ def test_static_weights_from_yaml_are_logged(monkeypatch, tmp_path, tiny_encoder
         (["--task_weights", "topic=2"], r"task_weights names unknown tasks \['topic'\]"),
         (["--task_weights", "question=-1"], r"task_weights\['question'\]=-1.0 must be a finite number >= 0"),
         (["--loss_weights_learning_rate", "0"], r"loss_weights_learning_rate must be > 0"),
-        (["--layerwise_lr_decay", "0"], r"layerwise_lr_decay=0\.0 must be > 0"),
-        (["--layerwise_lr_decay", "1.2"], r"layerwise_lr_decay=1\.2 must be <= 1"),
-        (["--head_learning_rate=-1e-3"], r"head_learning_rate=-0\.001 must be > 0"),
     ],
 )
 def test_bad_weight_settings_raise(tmp_path, tiny_encoder_dir, tiny_data_dir, flags, message):
