@@ -190,6 +190,7 @@ def _freezing(freeze: list[str], unfreeze: list[str]) -> str:
 
 
 def _learning_rates(recipe: dict) -> str:
+    # Runs of bench/learning_rates.py record a layer-wise decay and a head rate in the recipe; train.py's do not.
     text = f"{recipe['learning_rate']:g}"
     if recipe.get("layerwise_lr_decay", 1.0) != 1.0:
         text += f", layer-wise decay {recipe['layerwise_lr_decay']:g} per encoder layer down from the top"

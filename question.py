@@ -255,7 +255,7 @@ class QuestionArguments:
         default=0,
         metadata={
             "help": "Extra rows of dialogue forms (questions and short turns, yes/no questions, requests, statements "
-            "and answers; question.REPHRASE_TEMPLATES) filled with TREC phrases."
+            "and answers, statements with a wh-word inside; question.REPHRASE_TEMPLATES) filled with TREC phrases."
         },
     )
     question_declarative_rows: int = field(
