@@ -7,6 +7,7 @@ the exact command, the hardware and the library versions to FILE (bench/RESULTS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -218,6 +219,30 @@ def report(title: str, table: str, result: dict, out: str | None, notes: list[st
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:
             f.write("\n" + text)
+
+
+@contextlib.contextmanager
+def replaced(module, **attributes):
+    """Swap attributes of `module` (e.g. train.build_trainer) for the block, then put the originals back."""
+    originals = {name: getattr(module, name) for name in attributes}
+    for name, value in attributes.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(module, name, value)
+
+
+def headlines(metrics_by_set: dict[str, dict], eval_tasks: dict[str, str]) -> dict[str, float]:
+    """set -> its headline metric (question-class F1 for question sets, accuracy otherwise)."""
+    import data as mtdata
+
+    out = {}
+    for name, values in metrics_by_set.items():
+        task = mtdata.TASKS.get(eval_tasks[name])
+        out[name] = values[task.headline_metric if task else "accuracy"]
+    return out
 
 
 def quiet_libraries() -> None:

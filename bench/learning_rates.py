@@ -5,7 +5,8 @@ noise: bench/RESULTS.md, "The quick config's optimisation knobs").
 Layer-wise decay `d`: the top encoder layer trains at `--learning_rate`, layer i of n at `lr * d**(n - 1 - i)`,
 every other encoder weight (the embeddings) at `lr * d**n`. `--head_learning_rate` sets the heads' rate. Each of
 the Trainer's parameter groups (with and without weight decay) is split by rate, so the schedule scales every
-rate alike. The run's output folder is train.py's; its metrics.json recipe and card name both settings.
+rate alike. The run's output folder is train.py's; its metrics.json recipe and card name both settings, and the
+script prints the headline figure of every eval set.
 
     python bench/learning_rates.py configs/quick.yaml --data_dir ../shared/data --output_dir runs/llrd \
         --layerwise_lr_decay 0.8
@@ -20,6 +21,7 @@ import math
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
+from common import headlines, markdown_table, replaced, report, setting
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, train_argv = parse_args(argv)
     import train
 
+    info = setting("cuda" if torch.cuda.is_available() else "cpu")  # the load average before the run
     built = {}
     build_trainer, run_metrics = train.build_trainer, train.run_metrics
 
@@ -88,10 +91,11 @@ def main(argv: list[str] | None = None) -> dict:
             fresh = trainer.optimizer is None
             optimizer = create_optimizer(*call_args, **call_kwargs)
             if fresh:
-                lr = trainer.args.learning_rate
                 opt_model = (call_args[0] if call_args else call_kwargs.get("model")) or trainer.model
-                scales = learning_rate_scales(opt_model, args.layerwise_lr_decay, args.head_learning_rate, lr)
-                split_param_groups(optimizer, scales)
+                lr = trainer.args.learning_rate
+                split_param_groups(
+                    optimizer, learning_rate_scales(opt_model, args.layerwise_lr_decay, args.head_learning_rate, lr)
+                )
             return optimizer
 
         trainer.create_optimizer = create_optimizer_with_rates
@@ -104,13 +108,15 @@ def main(argv: list[str] | None = None) -> dict:
         metrics["recipe"]["head_learning_rate"] = args.head_learning_rate
         return metrics
 
-    train.build_trainer, train.run_metrics = build_trainer_with_rates, run_metrics_with_rates
-    try:
+    with replaced(train, build_trainer=build_trainer_with_rates, run_metrics=run_metrics_with_rates):
         metrics = train.main(train_argv)
-    finally:
-        train.build_trainer, train.run_metrics = build_trainer, run_metrics
-    built["metrics"] = metrics
-    return built
+    trainer = built["trainer"]
+    scores = headlines(metrics["final"], trainer.eval_tasks)
+    rates = f"layer-wise decay {args.layerwise_lr_decay:g}, head rate {args.head_learning_rate or 'as the encoder'}"
+    table = markdown_table(["learning rates", *scores], [[rates, *(f"{v:.4f}" for v in scores.values())]])
+    result = {"setting": info, "scores": scores, "recipe": metrics["recipe"]}
+    report("Learning rates per parameter group", table, result, None, [f"steps: {trainer.state.global_step}"])
+    return {**result, "trainer": trainer}
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import logging
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
-from common import markdown_table, report, setting
+from common import headlines, markdown_table, replaced, report, setting
 from transformers import TrainerCallback
 
 logger = logging.getLogger("bench.weight_averaging")
@@ -88,17 +88,6 @@ class Averages(TrainerCallback):
             target.copy_(source)
 
 
-def headlines(metrics_by_set: dict[str, dict], eval_tasks: dict[str, str]) -> dict[str, float]:
-    """set -> its headline metric (question-class F1 for question sets, accuracy otherwise)."""
-    import data as mtdata
-
-    out = {}
-    for name, values in metrics_by_set.items():
-        task = mtdata.TASKS.get(eval_tasks[name])
-        out[name] = values[task.headline_metric if task else "accuracy"]
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
     args, train_argv = parse_args(argv)
     import train
@@ -116,11 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
         built["trainer"] = trainer
         return trainer
 
-    train.build_trainer = build_trainer_with_averages
-    try:
+    with replaced(train, build_trainer=build_trainer_with_averages):
         metrics = train.main(train_argv)
-    finally:
-        train.build_trainer = build_trainer
     trainer, averages = built["trainer"], built["averages"]
     eval_names = list(metrics["final"])
     rows = {"final weights (as saved)": headlines(metrics["final"], trainer.eval_tasks)}

@@ -431,7 +431,7 @@ def test_weight_averaging_refuses_a_decay_outside_zero_one(capsys):
     assert "--decays 0.99,1.5: '1.5' must be a number in (0, 1)" in capsys.readouterr().err
 
 
-def test_learning_rates_give_each_layer_and_the_heads_their_rate(tiny_encoder_dir, tiny_data_dir, tmp_path):
+def test_learning_rates_give_each_layer_and_the_heads_their_rate(tiny_encoder_dir, tiny_data_dir, tmp_path, capsys):
     import learning_rates
     from helpers import tiny_argv
 
@@ -463,9 +463,15 @@ def test_learning_rates_give_each_layer_and_the_heads_their_rate(tiny_encoder_di
     # The run's card and metrics.json say so.
     card = (tmp_path / "run" / "README.md").read_text(encoding="utf-8")
     assert "| Learning rate | 0.0001, layer-wise decay 0.5 per encoder layer down from the top; heads 0.003 |" in card
-    recipe = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))["recipe"]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))
+    recipe = saved["recipe"]
     assert (recipe["layerwise_lr_decay"], recipe["head_learning_rate"]) == (0.5, 3e-3)
-    assert built["metrics"]["recipe"] == recipe
+    assert built["recipe"] == recipe
+    # It prints the run's own headline figures (accuracy for sentiment, question-class F1 for question sets).
+    printed = bench_json(capsys.readouterr().out)
+    assert printed["scores"] == pytest.approx(
+        {"sentiment": saved["final"]["sentiment"]["accuracy"], "question": saved["final"]["question"]["f1_pos"]}
+    )
 
 
 def test_a_plain_train_run_has_one_rate_and_says_so(monkeypatch, tiny_encoder_dir, tiny_data_dir, tmp_path):

@@ -278,10 +278,8 @@ def test_rephrased_statements_with_a_wh_word_inside_are_statements_to_every_teac
     # ("I have a friend who ...", "what I want is ..."). Each teacher still labels them itself.
     label_fn = question.question_label_fn(teacher)
     texts, labels = rephrase_questions(["make a paintball"], 1000, label_fn, seed=0, noun_phrases=["the menu"])
-    embedded = {
-        (t.format(vp="make a paintball", np="the menu")[0].upper() + t.format(vp="make a paintball", np="the menu")[1:])
-        for t in question.REPHRASE_TEMPLATES["embedded"]
-    }
+    filled = (t.format(vp="make a paintball", np="the menu") for t in question.REPHRASE_TEMPLATES["embedded"])
+    embedded = {text[0].upper() + text[1:] for text in filled}
     drawn = [(t, label) for t, label in zip(texts, labels) if t in embedded]
     assert 150 < len(drawn) < 250  # one kind of five, drawn evenly
     assert {t for t, _ in drawn} == embedded and not any(label for _, label in drawn)
