@@ -251,13 +251,6 @@ class QuestionArguments:
     question_trap_rows: int = field(
         default=0, metadata={"help": "Extra rows that open like a question but the teacher calls statements."}
     )
-    question_wh_inside_rows: int = field(
-        default=0,
-        metadata={
-            "help": "Extra rows of source statements with a wh-word after their first word (relative clauses, "
-            "indirect questions: 'wallace , who wrote braveheart , ...'), which the teacher calls statements."
-        },
-    )
     question_rephrase_rows: int = field(
         default=0,
         metadata={
@@ -291,7 +284,6 @@ class QuestionArguments:
             )
         for name in (
             "question_trap_rows",
-            "question_wh_inside_rows",
             "question_rephrase_rows",
             "question_declarative_rows",
             "question_backchannel_rows",
@@ -460,26 +452,6 @@ def mine_traps(
     return traps, [0] * len(traps)
 
 
-def mine_wh_inside(
-    texts: Sequence[str], n: int, label_fn: Callable[[str], int], seed: int, exclude: Sequence[str] = ()
-) -> tuple[list[str], list[int]]:
-    """Up to `n` texts with a wh-word after their first word that the teacher labels a statement: relative
-    clauses and indirect questions ("wallace , who wrote braveheart , ...", "how the film knows what 's unique").
-    TREC questions lose their `?` and are lowercased in training, so without these rows a wh-word after a comma
-    reads as a question."""
-    if n <= 0:
-        return [], []
-    skip = set(exclude)
-    found = []
-    for text in texts:
-        words = _TOKEN.findall(text.lower())
-        inside = len(words) > 1 and words[0] not in WH_WORDS and any(w in WH_WORDS for w in words[1:])
-        if inside and text not in skip and not label_fn(text):
-            found.append(text)
-    keep = np.sort(np.random.default_rng([seed, 3]).permutation(len(found))[:n])
-    return [found[i] for i in keep], [0] * len(keep)
-
-
 # Backchannels: the listener's short turns. Those phrased as questions are where the two conventions part:
 # DailyDialog's acts call "really ?" a question, Switchboard's a backchannel (SWBD-DAMSL `bh`). Neither SST-2 nor
 # TREC holds any, so without these rows every teacher gives the student the same labels.
@@ -571,9 +543,6 @@ class QuestionPool:
     ) -> tuple[list[str], list[int]]:
         args, label_fn = self.args, self.label_fn
         traps = mine_traps(source_texts, args.question_trap_rows, label_fn, seed, exclude=pool)
-        inside = mine_wh_inside(
-            source_texts, args.question_wh_inside_rows, label_fn, seed, exclude=list(pool) + traps[0]
-        )
         rephrased = rephrase_questions(
             how_to_verb_phrases(source_texts),
             args.question_rephrase_rows,
@@ -581,8 +550,7 @@ class QuestionPool:
             seed,
             noun_phrases=what_is_noun_phrases(source_texts),
         )
-        texts = texts + traps[0] + inside[0] + rephrased[0]
-        labels = labels + traps[1] + inside[1] + rephrased[1]
+        texts, labels = texts + traps[0] + rephrased[0], labels + traps[1] + rephrased[1]
         texts, labels = combine_sentences(texts, labels, args.question_combine_prob, seed)
         texts = augment_questions(
             texts,

@@ -116,7 +116,7 @@ def test_no_gold_text_or_label_reaches_training_with_any_teacher(tiny_data_dir, 
     utterance is a training row, and the pool's hold-out is labelled by the chosen teacher."""
     options = QuestionArguments(
         question_pool_per_source=100, question_holdout_fraction=0.2, question_teacher=teacher,
-        question_trap_rows=20, question_rephrase_rows=20, question_declarative_rows=20, question_wh_inside_rows=20,
+        question_trap_rows=20, question_rephrase_rows=20, question_declarative_rows=20,
     )  # fmt: skip
     tasks = mtdata.get_tasks(["question"], pools={"question": question.QuestionPool(options)})
     mt = mtdata.build_data(tasks, tiny_tokenizer, data_args(tiny_data_dir))
@@ -136,7 +136,7 @@ def test_training_rows_do_not_depend_on_the_gold_sets(tiny_data_dir, tiny_tokeni
     options = QuestionArguments(
         question_pool_per_source=100, question_holdout_fraction=0.2, question_teacher=teacher,
         question_trap_rows=20, question_rephrase_rows=20, question_declarative_rows=20, question_backchannel_rows=20,
-        question_wh_inside_rows=20, question_strip_qmark_prob=0.3, question_combine_prob=0.3,
+        question_strip_qmark_prob=0.3, question_combine_prob=0.3,
     )  # fmt: skip
     tasks = mtdata.get_tasks(["sentiment", "question"], pools={"question": question.QuestionPool(options)})
     built = {}

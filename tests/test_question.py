@@ -19,7 +19,6 @@ from question import (
     is_question_dialog,
     is_question_heuristic,
     mine_traps,
-    mine_wh_inside,
     rephrase_questions,
 )
 from train import ROOT
@@ -305,19 +304,6 @@ def test_mined_traps_open_like_questions_but_are_statements():
     assert any(t.startswith("is") for t in two)  # one of each opening kind when both exist
 
 
-def test_mined_wh_inside_rows_are_statements_with_a_wh_word_after_the_first():
-    label_fn = question.question_label_fn("dialog")
-    texts = ["wallace , who wrote braveheart , is here .", "a film that knows what it wants .", "who wrote it ?",
-             "what a film !", "the end .", "so , how are you ?", "I wonder what time it is ."]
-    rows, labels = mine_wh_inside(texts, 10, label_fn, seed=0, exclude=["I wonder what time it is ."])
-    # Not "who wrote it ?" (wh-word first), "so , how are you ?" (a question), "what a film !" (wh first) or "the end .".
-    assert sorted(rows) == ["a film that knows what it wants .", "wallace , who wrote braveheart , is here ."]
-    assert labels == [0, 0]
-    one, _ = mine_wh_inside(texts, 1, label_fn, seed=0)
-    assert len(one) == 1 and one == mine_wh_inside(texts, 1, label_fn, seed=0)[0]
-    assert mine_wh_inside(texts, 0, label_fn, seed=0) == ([], [])
-
-
 # ---- build_data and the arguments ----
 
 
@@ -345,17 +331,6 @@ def test_build_data_with_dialog_teacher_and_extras(tiny_data_dir, tiny_tokenizer
     assert extra.eval_sets["question_gold"]["labels"] == plain.eval_sets["question_gold"]["labels"]
 
 
-def test_wh_inside_rows_add_teacher_statements_and_leave_other_rows_alone(tiny_data_dir, tiny_tokenizer):
-    plain = _build(tiny_data_dir, tiny_tokenizer, question_teacher="dialog", question_trap_rows=10)
-    extra = _build(tiny_data_dir, tiny_tokenizer, question_teacher="dialog", question_trap_rows=10,
-                   question_wh_inside_rows=5)
-    added = extra.task_sizes[0] - plain.task_sizes[0]
-    assert 0 < added <= 5  # as many as the tiny sources hold, up to 5
-    labels = Counter(extra.train["labels"][:])
-    assert labels[0] - Counter(plain.train["labels"][:])[0] == added  # every added row is a statement
-    assert extra.eval_texts["question"] == plain.eval_texts["question"]
-
-
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -363,7 +338,6 @@ def test_wh_inside_rows_add_teacher_statements_and_leave_other_rows_alone(tiny_d
         ("question_strip_period_prob", -0.1, "question_strip_period_prob must be in"),
         ("question_rephrase_rows", -1, "question_rephrase_rows must be a number of rows >= 0"),
         ("question_trap_rows", -5, "question_trap_rows must be a number of rows >= 0"),
-        ("question_wh_inside_rows", -4, "question_wh_inside_rows must be a number of rows >= 0"),
         ("question_declarative_rows", -2, "question_declarative_rows must be a number of rows >= 0"),
         ("question_backchannel_rows", -3, "question_backchannel_rows must be a number of rows >= 0"),
     ],
