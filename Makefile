@@ -15,18 +15,30 @@ CONFIG ?= configs/quick.yaml
 LAUNCH_CONFIG ?= configs/accelerate/one_process.yaml
 PYTEST_ARGS ?= -q
 ST_ONNX_VENV ?= .venv-st-onnx
+SEEDS ?= 42 1 2
+SOUP_DIR ?= runs/soup
 
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 TORCH_SOURCE := $(if $(strip $(TORCH_INDEX)),--index-url $(TORCH_INDEX))
 
-.PHONY: train test venv lock st-onnx-venv
+.PHONY: train test soup venv lock st-onnx-venv
 
 train: $(VENV)/.installed
 	$(OFFLINE) $(BIN)/accelerate launch --config_file $(LAUNCH_CONFIG) train.py $(CONFIG) --data_dir $(DATA_DIR)
 
 test: $(VENV)/.installed
 	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The main job once per seed of $(SEEDS), into $(SOUP_DIR)/seed<N>, then the uniform average of the runs' weights,
+# scored beside each run and saved as a model folder, $(SOUP_DIR)/model (bench/seed_soup.py, bench/RESULTS.md).
+soup: $(VENV)/.installed
+	for seed in $(SEEDS); do \
+	  $(OFFLINE) $(BIN)/accelerate launch --config_file $(LAUNCH_CONFIG) train.py $(CONFIG) --data_dir $(DATA_DIR) \
+	    --seed $$seed --output_dir $(SOUP_DIR)/seed$$seed || exit 1; \
+	done
+	$(OFFLINE) $(BIN)/python bench/seed_soup.py $(foreach s,$(SEEDS),$(SOUP_DIR)/seed$(s)) --data_dir $(DATA_DIR) \
+	  --save_dir $(SOUP_DIR)/model
 
 venv: $(VENV)/.installed
 

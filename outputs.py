@@ -248,6 +248,7 @@ def run_metrics(
             "learning_rate": training_args.learning_rate,
             "num_processes": training_args.world_size,
             **trainer.precision_and_distribution(),
+            "max_seq_length": data_args.max_seq_length,
             "max_train_samples": data_args.max_train_samples,
             "max_eval_samples": data_args.max_eval_samples,
             "max_gold_eval_samples": getattr(data_args, "max_gold_eval_samples", None),

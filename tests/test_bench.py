@@ -499,3 +499,87 @@ def test_learning_rates_refuses_bad_settings_before_training(tmp_path, capsys, f
         learning_rates.main(["configs/quick.yaml", "--output_dir", str(tmp_path / "run"), *flags])
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def two_seed_runs(tiny_encoder_dir, tiny_data_dir, tmp_path_factory):
+    """Two tiny runs of one recipe, seeds 0 and 1, each scored by train.py on the whole of every eval set."""
+    import train
+    from helpers import tiny_argv
+
+    folder = tmp_path_factory.mktemp("seeds")
+    runs = []
+    for seed in (0, 1):
+        out = folder / f"seed{seed}"
+        flags = ["--seed", str(seed), "--max_eval_samples", "1000", "--gold_eval", "true"]
+        train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, out, *flags))
+        runs.append(out)
+    return runs
+
+
+def test_seed_soup_scores_each_run_as_train_py_did_and_saves_the_average(
+    two_seed_runs, tiny_data_dir, tmp_path, capsys
+):
+    import seed_soup
+    import torch
+    from predict import load_model
+    from safetensors.torch import load_file
+
+    save_dir = tmp_path / "soup"
+    argv = [*map(str, two_seed_runs), "--data_dir", str(tiny_data_dir), "--save_dir", str(save_dir)]
+    result = seed_soup.main([*argv, "--out", str(tmp_path / "RESULTS.md")])
+    sets = ["sentiment", "question_gold", "question_gold_noqm", "question_swda", "question_swda_noqm"]
+    assert result["max_length"] == 32  # from the runs' metrics.json
+    assert list(result["headline"]["soup"]) == sets
+    # Each run's row is what train.py measured for it (same sets, truncation and metric module).
+    for folder, heads in zip(two_seed_runs, result["headline"]["runs"].values()):
+        final = json.loads((folder / "metrics.json").read_text())["final"]
+        expected = [final[s]["accuracy" if s == "sentiment" else "f1_pos"] for s in sets]
+        assert heads == pytest.approx(expected, abs=1e-9)
+    # The saved soup is the average of the runs' weights, loads as a model, and carries the figures measured here.
+    runs = [load_file(str(f / "model.safetensors")) for f in two_seed_runs]
+    soup = load_file(str(save_dir / "model.safetensors"))
+    for name in ("heads.sentiment.weight", "encoder.encoder.layer.0.attention.self.query.weight"):
+        assert not torch.equal(runs[0][name], runs[1][name])
+        assert torch.allclose(soup[name], (runs[0][name] + runs[1][name]) / 2, atol=1e-6)
+    record = json.loads((save_dir / "soup.json").read_text())
+    assert record["averaged_runs"] == [str(f) for f in two_seed_runs] and record["metrics"] == result["soup"]
+    assert (save_dir / "manifest.json").is_file() and not (save_dir / "metrics.json").exists()
+    model = load_model(save_dir, device="cpu")
+    assert sorted(model.config.task_names) == ["question", "sentiment"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".soup")] == []  # no temporary folder left
+    assert bench_json(capsys.readouterr().out)["headline"] == result["headline"]
+    assert "| soup of 2 |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_seed_soup_refuses_runs_it_cannot_average(two_seed_runs, tiny_encoder_dir, tiny_data_dir, tmp_path, capsys):
+    import shutil
+
+    import seed_soup
+    import train
+    from helpers import tiny_argv
+
+    data = ["--data_dir", str(tiny_data_dir)]
+    with pytest.raises(SystemExit):
+        seed_soup.main([str(two_seed_runs[0]), *data])
+    assert "give two or more run folders" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        seed_soup.main([*map(str, two_seed_runs), *data, "--save_dir", str(two_seed_runs[0])])
+    assert "exists; name a new folder" in capsys.readouterr().err
+    # Another recipe: a sentiment-only run cannot be averaged with two-task runs.
+    alone = tmp_path / "alone"
+    train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, alone, "--tasks", "sentiment"))
+    with pytest.raises(ValueError, match=f"{alone}: tasks .* differ from"):
+        seed_soup.main([str(two_seed_runs[0]), str(alone), *data])
+    # A run folder without its max_seq_length: the flag is asked for, and nothing is saved.
+    old = tmp_path / "old"
+    shutil.copytree(two_seed_runs[1], old)
+    metrics = json.loads((old / "metrics.json").read_text())
+    del metrics["recipe"]["max_seq_length"]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match=f"{old}: metrics.json does not record max_seq_length; pass --max_length"):
+        seed_soup.main([str(two_seed_runs[0]), str(old), *data, "--save_dir", str(tmp_path / "soup")])
+    assert not (tmp_path / "soup").exists()
+    (old / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=f"{old}: not a finished train.py run"):
+        seed_soup.main([str(two_seed_runs[0]), str(old), *data, "--max_length", "32"])

@@ -85,6 +85,7 @@ def test_metrics_record_the_runs_own_teacher_pool_options_and_setup(one_epoch_ru
     recipe = metrics["recipe"]
     assert (recipe["mixed_precision"], recipe["distributed_type"], recipe["num_processes"]) == ("no", "NO", 1)
     assert recipe["max_gold_eval_samples"] == 40 and recipe["max_eval_samples"] == 32
+    assert recipe["max_seq_length"] == 32  # tiny_argv's: the value bench/seed_soup.py scores with
     held = metrics["eval_sets"]["question"]
     assert (held["dataset"], held["split"], held["labels"]) == ("question-pool-heldout", "heldout", "teacher")
     assert "`dialog` teacher" in held["dataset_name"]

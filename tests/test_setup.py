@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # make's own variables, and the Makefile's (make exports command-line variables to its recipes).
 MAKE_ENV = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}
-MAKE_ENV |= {"PYTHON", "VENV", "TORCH_INDEX", "DATA_DIR", "CONFIG", "PYTEST_ARGS"}
+MAKE_ENV |= {"PYTHON", "VENV", "TORCH_INDEX", "DATA_DIR", "CONFIG", "PYTEST_ARGS", "SEEDS", "SOUP_DIR"}
 TRAIN_COMMAND = "accelerate launch --config_file configs/accelerate/one_process.yaml train.py configs/quick.yaml --data_dir ../shared/data"
 
 
@@ -65,6 +65,18 @@ def test_make_train_runs_the_readme_main_job_in_the_venv(tmp_path):
         f"HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false {venv}/bin/{TRAIN_COMMAND}"
     )
     assert f"`{TRAIN_COMMAND}`" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_make_soup_trains_the_main_job_once_per_seed_then_averages_the_runs(tmp_path):
+    venv = tmp_path / "venv"
+    lines = make_dry_run("soup", f"VENV={venv}", "SEEDS=7 8", "SOUP_DIR=out/soup")
+    recipes = " ".join(lines[lines.index(f"touch {venv}/.installed") + 1 :]).replace(" \\ ", " ")
+    offline = "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false"
+    assert recipes == (
+        f"for seed in 7 8; do {offline} {venv}/bin/{TRAIN_COMMAND} --seed $seed --output_dir out/soup/seed$seed "
+        f"|| exit 1; done {offline} {venv}/bin/python bench/seed_soup.py out/soup/seed7 out/soup/seed8 "
+        "--data_dir ../shared/data --save_dir out/soup/model"
+    )
 
 
 def test_an_installed_venv_is_reused_and_torch_index_picks_the_build(tmp_path):

@@ -1,0 +1,263 @@
+"""Seed soups: the uniform average of the weights of several train.py runs of one recipe that differ only in
+`--seed`, scored beside each run on every evaluation set of the built-in tasks.
+
+Runs of one recipe start from the same pretrained encoder and, after fine-tuning, still lie close enough that the
+average of their weights is a working model of its own (a "uniform model soup", Wortsman et al., 2022): one
+model, one forward pass, no ensemble to serve. Every set is scored the same way for each run and for the soup
+(argmax of the head, the texts truncated to the runs' `max_seq_length`, the local metric module), so the rows
+compare like with like and a run's row matches its own metrics.json.
+
+    python bench/seed_soup.py runs/seed42 runs/seed1 runs/seed2 --data_dir ../shared/data
+    python bench/seed_soup.py runs/seed42 runs/seed1 runs/seed2 --data_dir ../shared/data --save_dir runs/soup
+
+`--save_dir` writes the soup as a model folder (config.json, model.safetensors, the remote-code files, the
+tokenizer, `soup.json` with the runs it averages and the figures measured here, and manifest.json), which
+predict.py, `from_pretrained`, `pipeline()` and `hub.py export-st` / `push` take like a train.py folder. It has no
+model card and no metrics.json: those describe one training run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import common  # noqa: F401  (puts the repository root on sys.path)
+import numpy as np
+import torch
+from common import markdown_table, report, setting
+
+logger = logging.getLogger("bench.seed_soup")
+
+REMOTE_CODE_FILES = ("modeling_multitask.py", "pipeline_multitask.py")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="Output folders of finished train.py runs of one recipe (two or more).")
+    parser.add_argument("--data_dir", required=True, help="The data mirror the runs were scored on (../shared/data).")
+    parser.add_argument(
+        "--max_length",
+        type=int,
+        default=None,
+        help="Truncate texts to this many tokens (default: the runs' max_seq_length, from their metrics.json).",
+    )
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--save_dir", default=None, help="Write the soup here as a model folder (must not exist).")
+    parser.add_argument("--out", help="Append the markdown report to this file (bench/RESULTS.md).")
+    parser.add_argument("--note", default="", help="Written beside the results (e.g. 'loaded machine').")
+    args = parser.parse_args(argv)
+    if len(args.runs) < 2:
+        parser.error(f"give two or more run folders to average, got {len(args.runs)}.")
+    if len({Path(r).resolve() for r in args.runs}) < len(args.runs):
+        parser.error("a run folder is named twice; each run counts once in the average.")
+    if args.save_dir and Path(args.save_dir).exists():
+        parser.error(f"--save_dir {args.save_dir} exists; name a new folder (nothing there is replaced).")
+    return args
+
+
+def read_run(folder: Path) -> dict:
+    """The run's model (this repository's class, safetensors only, no folder code), tokenizer and metrics.json."""
+    from predict import load_model, load_tokenizer
+
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise ValueError(
+            f"{folder}: not a finished train.py run (config.json and model.safetensors are needed); pass the "
+            f"--output_dir of a run that saved its model."
+        )
+    metrics_path = folder / "metrics.json"
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    model = load_model(folder, device="cpu")
+    return {"folder": folder, "model": model, "tokenizer": load_tokenizer(folder), "metrics": metrics}
+
+
+def check_same_recipe(runs: list[dict]) -> None:
+    """The runs must share tasks, labels and every tensor's name and shape; the first difference is named."""
+    first = runs[0]
+    tasks = [(t["name"], t["num_labels"]) for t in first["model"].config.tasks]
+    weights = {k: v.shape for k, v in first["model"].state_dict().items()}
+    for run in runs[1:]:
+        other = [(t["name"], t["num_labels"]) for t in run["model"].config.tasks]
+        if other != tasks:
+            raise ValueError(
+                f"{run['folder']}: tasks {other} differ from {first['folder']}'s {tasks}; a soup averages runs of "
+                f"one recipe (same tasks and labels, other seeds)."
+            )
+        state = run["model"].state_dict()
+        for name, shape in weights.items():
+            if name not in state or state[name].shape != shape:
+                found = "missing" if name not in state else f"shape {tuple(state[name].shape)}"
+                raise ValueError(
+                    f"{run['folder']}: weight {name} is {found}, {first['folder']} has shape {tuple(shape)}; the "
+                    f"runs must share the encoder and heads (same --encoder and tasks)."
+                )
+        extra = sorted(set(state) - set(weights))
+        if extra:
+            raise ValueError(f"{run['folder']}: weight {extra[0]} is not in {first['folder']}; same encoder needed.")
+
+
+def max_length_of(runs: list[dict], given: int | None) -> int:
+    if given is not None:
+        return given
+    lengths = {run["metrics"].get("recipe", {}).get("max_seq_length") for run in runs}
+    if None in lengths:
+        missing = next(r["folder"] for r in runs if r["metrics"].get("recipe", {}).get("max_seq_length") is None)
+        raise ValueError(
+            f"{missing}: metrics.json does not record max_seq_length; pass --max_length (the runs' value)."
+        )
+    if len(lengths) > 1:
+        raise ValueError(f"the runs were trained with different max_seq_length {sorted(lengths)}; pass --max_length.")
+    return lengths.pop()
+
+
+def average_weights(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform average of float tensors (summed in float32, cast back); other tensors (integer buffers such as
+    position ids) must be equal in every run and are kept as they are."""
+    averaged = {}
+    for name, first in state_dicts[0].items():
+        if first.is_floating_point():
+            total = sum(sd[name].float() for sd in state_dicts)
+            averaged[name] = (total / len(state_dicts)).to(first.dtype)
+        elif all(torch.equal(sd[name], first) for sd in state_dicts[1:]):
+            averaged[name] = first.clone()
+        else:
+            raise ValueError(f"the runs differ in the non-float tensor {name}, which cannot be averaged.")
+    return averaged
+
+
+def eval_sets(task_names: list[str], data_dir: str) -> dict[str, dict]:
+    """name -> {"task", "texts", "labels"} for every eval set of the built-in tasks among `task_names`."""
+    import data as mtdata
+
+    sets = {}
+    for task_name in task_names:
+        task = mtdata.TASKS.get(task_name)
+        if task is None:
+            logger.warning("task %r is not built in; its evaluation set is not scored here.", task_name)
+            continue
+        for source in task.eval:
+            texts, labels = mtdata._read_source(source.source, task, data_dir)
+            sets[source.name] = {"task": task_name, "texts": list(texts), "labels": list(labels)}
+    return sets
+
+
+@torch.no_grad()
+def score(model, tokenizer, sets: dict[str, dict], max_length: int, batch_size: int, metric) -> dict[str, dict]:
+    """Each set's metrics (the local metric module: accuracy, F1, the positive class's P/R/F1) from the argmax of
+    its task's head; batches sorted by length to cut padding."""
+    model.eval()
+    out = {}
+    for name, rows in sets.items():
+        texts = rows["texts"]
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        predictions = np.zeros(len(texts), dtype=int)
+        num_labels = 2
+        for start in range(0, len(texts), batch_size):
+            index = order[start : start + batch_size]
+            batch = tokenizer(
+                [texts[i] for i in index], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task=rows["task"]
+            ).logits
+            num_labels = logits.shape[-1]
+            predictions[index] = logits.argmax(-1).numpy()
+        out[name] = metric.compute(
+            predictions=predictions.tolist(), references=[int(x) for x in rows["labels"]], num_labels=num_labels
+        )
+    return out
+
+
+def headline(name: str, values: dict, sets: dict[str, dict]) -> float:
+    import data as mtdata
+
+    task = mtdata.TASKS[sets[name]["task"]]
+    return values[task.headline_metric]
+
+
+def save_soup(save_dir: Path, first: dict, weights: dict[str, torch.Tensor], record: dict) -> None:
+    """The soup as a model folder, built in a temporary folder beside `save_dir` and moved into place whole."""
+    from safetensors.torch import save_file
+
+    import checkpoints
+
+    save_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.", dir=save_dir.parent))
+    try:
+        shutil.copy2(first["folder"] / "config.json", tmp / "config.json")
+        for name in REMOTE_CODE_FILES:
+            if (first["folder"] / name).is_file():
+                shutil.copy2(first["folder"] / name, tmp / name)
+        first["tokenizer"].save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
+        (tmp / "soup.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        checkpoints.write_manifest(tmp)
+        tmp.rename(save_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    args = parse_args(argv)
+    measured_in = setting("cpu")  # before the work: the load average at start
+    from outputs import classification_metric
+
+    runs = [read_run(Path(folder)) for folder in args.runs]
+    check_same_recipe(runs)
+    max_length = max_length_of(runs, args.max_length)
+    sets = eval_sets(runs[0]["model"].config.task_names, args.data_dir)
+    if not sets:
+        raise ValueError("the runs have no built-in task with an evaluation set to score.")
+    metric = classification_metric()
+
+    rows = {}
+    for run in runs:
+        seed = run["metrics"].get("recipe", {}).get("seed")
+        label = f"{run['folder'].name} (seed {seed})" if seed is not None else run["folder"].name
+        logger.info("scoring %s", label)
+        rows[label] = score(run["model"], run["tokenizer"], sets, max_length, args.batch_size, metric)
+    soup_model = runs[0]["model"]
+    weights = average_weights([run["model"].state_dict() for run in runs])
+    soup_model.load_state_dict(weights)
+    logger.info("scoring the soup of %d runs", len(runs))
+    soup = score(soup_model, runs[0]["tokenizer"], sets, max_length, args.batch_size, metric)
+
+    names = list(sets)
+    heads = {label: [headline(n, values[n], sets) for n in names] for label, values in rows.items()}
+    mean = np.mean(list(heads.values()), axis=0).tolist()
+    heads_soup = [headline(n, soup[n], sets) for n in names]
+    table = markdown_table(
+        ["weights", *names],
+        [[label, *(f"{v:.4f}" for v in values)] for label, values in heads.items()]
+        + [
+            ["mean of the runs", *(f"{v:.4f}" for v in mean)],
+            [f"soup of {len(runs)}", *(f"{v:.4f}" for v in heads_soup)],
+        ],
+    )
+    result = {
+        "runs": [str(run["folder"]) for run in runs],
+        "max_length": max_length,
+        "headline": {"runs": heads, "mean": dict(zip(names, mean)), "soup": dict(zip(names, heads_soup))},
+        "soup": soup,
+        "setting": measured_in,
+    }
+    notes = [
+        f"headline per set: accuracy, or the question class's F1 for question sets; texts cut at {max_length} tokens"
+    ]
+    if args.note:
+        notes.append(args.note)
+    report(f"Seed soup of {len(runs)} runs", table, result, args.out, notes)
+    if args.save_dir:
+        record = {"averaged_runs": result["runs"], "max_length": max_length, "metrics": soup, "data_dir": args.data_dir}
+        save_soup(Path(args.save_dir), runs[0], weights, record)
+        logger.info("soup saved to %s", args.save_dir)
+    return result
+
+
+if __name__ == "__main__":
+    main()
