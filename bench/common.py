@@ -245,6 +245,25 @@ def headlines(metrics_by_set: dict[str, dict], eval_tasks: dict[str, str]) -> di
     return out
 
 
+@torch.no_grad()
+def head_predictions(model, tokenizer, texts, task: str, batch_size: int = 128, max_length: int = 128):
+    """`task`'s head's class per text (argmax), in input order, as a numpy array; batches sorted by length to cut
+    padding."""
+    import numpy as np
+
+    model.eval()
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.zeros(len(texts), dtype=int)
+    for start in range(0, len(texts), batch_size):
+        index = order[start : start + batch_size]
+        batch = tokenizer(
+            [texts[i] for i in index], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task=task).logits
+        out[index] = logits.argmax(-1).cpu().numpy()
+    return out
+
+
 def quiet_libraries() -> None:
     """The benchmarks print tables; progress bars and load reports would bury them."""
     import datasets

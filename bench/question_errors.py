@@ -19,13 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import data as mtdata  # noqa: E402
 from question import RULES  # noqa: E402
+from common import head_predictions  # noqa: E402
 from modeling_multitask import MultiTaskModel  # noqa: E402
 
 VIEWS = {
@@ -59,20 +60,9 @@ def question_scores(gold: Sequence[int], pred: Sequence[int]) -> str:
     return f"F1 {f1:.3f} (P {precision:.3f}, R {recall:.3f})"
 
 
-@torch.no_grad()
 def predict(model: MultiTaskModel, tokenizer, texts: Sequence[str], batch_size: int = 128, max_length: int = 128):
-    """The question head's class per text (argmax), in input order; batches sorted by length to cut padding."""
-    model.eval()
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    out = np.zeros(len(texts), dtype=int)
-    for start in range(0, len(texts), batch_size):
-        index = order[start : start + batch_size]
-        batch = tokenizer(
-            [texts[i] for i in index], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task="question").logits
-        out[index] = logits.argmax(-1).numpy()
-    return out
+    """The question head's class per text (argmax), in input order."""
+    return head_predictions(model, tokenizer, texts, "question", batch_size, max_length)
 
 
 def report(name: str, texts, gold, model, rule, rule_name: str, limit: int, seed: int) -> str:

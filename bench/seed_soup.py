@@ -28,7 +28,7 @@ from pathlib import Path
 import common  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 import torch
-from common import markdown_table, report, setting
+from common import head_predictions, headlines, markdown_table, report, setting
 
 logger = logging.getLogger("bench.seed_soup")
 
@@ -144,38 +144,26 @@ def eval_sets(task_names: list[str], data_dir: str) -> dict[str, dict]:
     return sets
 
 
-@torch.no_grad()
 def score(model, tokenizer, sets: dict[str, dict], max_length: int, batch_size: int, metric) -> dict[str, dict]:
     """Each set's metrics (the local metric module: accuracy, F1, the positive class's P/R/F1) from the argmax of
-    its task's head; batches sorted by length to cut padding."""
-    model.eval()
-    out = {}
-    for name, rows in sets.items():
-        texts = rows["texts"]
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        predictions = np.zeros(len(texts), dtype=int)
-        num_labels = 2
-        for start in range(0, len(texts), batch_size):
-            index = order[start : start + batch_size]
-            batch = tokenizer(
-                [texts[i] for i in index], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-            )
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task=rows["task"]
-            ).logits
-            num_labels = logits.shape[-1]
-            predictions[index] = logits.argmax(-1).numpy()
-        out[name] = metric.compute(
-            predictions=predictions.tolist(), references=[int(x) for x in rows["labels"]], num_labels=num_labels
+    its task's head. Each distinct text of a task is run once: a gold set and its `?`-free view share most texts."""
+    num_labels = {t["name"]: t["num_labels"] for t in model.config.tasks}
+    texts_by_task: dict[str, dict[str, None]] = {}
+    for rows in sets.values():
+        texts_by_task.setdefault(rows["task"], {}).update(dict.fromkeys(rows["texts"]))
+    predicted = {}
+    for task, texts in texts_by_task.items():
+        unique = list(texts)
+        labels = head_predictions(model, tokenizer, unique, task, batch_size, max_length)
+        predicted[task] = dict(zip(unique, labels.tolist()))
+    return {
+        name: metric.compute(
+            predictions=[predicted[rows["task"]][t] for t in rows["texts"]],
+            references=[int(x) for x in rows["labels"]],
+            num_labels=num_labels[rows["task"]],
         )
-    return out
-
-
-def headline(name: str, values: dict, sets: dict[str, dict]) -> float:
-    import data as mtdata
-
-    task = mtdata.TASKS[sets[name]["task"]]
-    return values[task.headline_metric]
+        for name, rows in sets.items()
+    }
 
 
 def save_soup(save_dir: Path, first: dict, weights: dict[str, torch.Tensor], record: dict) -> None:
@@ -227,10 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("scoring the soup of %d runs", len(runs))
     soup = score(soup_model, runs[0]["tokenizer"], sets, max_length, args.batch_size, metric)
 
-    names = list(sets)
-    heads = {label: [headline(n, values[n], sets) for n in names] for label, values in rows.items()}
+    names, tasks = list(sets), {name: rows["task"] for name, rows in sets.items()}
+    heads = {label: list(headlines(values, tasks).values()) for label, values in rows.items()}
     mean = np.mean(list(heads.values()), axis=0).tolist()
-    heads_soup = [headline(n, soup[n], sets) for n in names]
+    heads_soup = list(headlines(soup, tasks).values())
     table = markdown_table(
         ["weights", *names],
         [[label, *(f"{v:.4f}" for v in values)] for label, values in heads.items()]

@@ -566,6 +566,9 @@ def test_seed_soup_refuses_runs_it_cannot_average(two_seed_runs, tiny_encoder_di
     with pytest.raises(SystemExit):
         seed_soup.main([*map(str, two_seed_runs), *data, "--save_dir", str(two_seed_runs[0])])
     assert "exists; name a new folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        seed_soup.main([str(two_seed_runs[0]), str(two_seed_runs[0]) + "/", *data])
+    assert "a run folder is named twice" in capsys.readouterr().err
     # Another recipe: a sentiment-only run cannot be averaged with two-task runs.
     alone = tmp_path / "alone"
     train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, alone, "--tasks", "sentiment"))
@@ -580,6 +583,10 @@ def test_seed_soup_refuses_runs_it_cannot_average(two_seed_runs, tiny_encoder_di
     with pytest.raises(ValueError, match=f"{old}: metrics.json does not record max_seq_length; pass --max_length"):
         seed_soup.main([str(two_seed_runs[0]), str(old), *data, "--save_dir", str(tmp_path / "soup")])
     assert not (tmp_path / "soup").exists()
+    metrics["recipe"]["max_seq_length"] = 64
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match=r"different max_seq_length \[32, 64\]; pass --max_length"):
+        seed_soup.main([str(two_seed_runs[0]), str(old), *data])
     (old / "model.safetensors").unlink()
     with pytest.raises(ValueError, match=f"{old}: not a finished train.py run"):
         seed_soup.main([str(two_seed_runs[0]), str(old), *data, "--max_length", "32"])
