@@ -8,6 +8,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -101,7 +102,32 @@ def test_readme_quick_start_is_the_two_make_commands_and_ci_runs_make_test():
     commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
     assert commands == ["make train", "make test"]
     ci = [line for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
-    assert [line for line in ci if "make" in line] == ['make test VENV="${CI_VENV:-$(mktemp -d)/venv}"']
+    assert [line for line in ci if "make " in line] == ['make test VENV="$CI_VENV"']
+
+
+@pytest.mark.parametrize("make_rc", [0, 3])
+def test_ci_run_removes_its_temporary_venv_and_keeps_a_given_one(tmp_path, make_rc):
+    # A stand-in `make` records the VENV it was given and creates it (as the real one does, 2 GB); .ci/run must
+    # delete a venv it made itself on exit, pass or fail, and leave one named by CI_VENV in place.
+    fake_bin, scratch = tmp_path / "bin", tmp_path / "scratch"
+    fake_bin.mkdir(), scratch.mkdir()
+    (fake_bin / "make").write_text(
+        '#!/bin/sh\nfor a; do case "$a" in VENV=*) mkdir -p "${a#VENV=}"; echo "${a#VENV=}" > "$LOG";; esac; done\n'
+        f"exit {make_rc}\n",
+        encoding="utf-8",
+    )
+    (fake_bin / "make").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "TMPDIR": str(scratch), "LOG": str(tmp_path / "v")}
+    env.pop("CI_VENV", None)
+    done = subprocess.run(["bash", str(ROOT / ".ci" / "run")], env=env, capture_output=True, text=True)
+    assert done.returncode == make_rc, done.stderr
+    venv = Path((tmp_path / "v").read_text(encoding="utf-8").strip())
+    assert venv.name == "venv" and venv.parent.parent == scratch
+    assert list(scratch.iterdir()) == [], "the temporary venv was left behind"
+
+    kept = tmp_path / "kept" / "venv"
+    done = subprocess.run(["bash", str(ROOT / ".ci" / "run")], env={**env, "CI_VENV": str(kept)}, capture_output=True)
+    assert done.returncode == make_rc and kept.is_dir()
 
 
 def test_lock_pins_every_requirement_at_the_installed_version():
