@@ -199,6 +199,35 @@ def _learning_rates(recipe: dict) -> str:
     return text
 
 
+def _seeds(seed) -> str:
+    """A run's seed, or a seed soup's list of them."""
+    if isinstance(seed, list):
+        return ", ".join(map(str, seed)) + f": {len(seed)} runs, their weights averaged (a seed soup)"
+    return str(seed)
+
+
+def _training_time(train: dict, seed) -> str:
+    if isinstance(seed, list):
+        return f"{_duration(train.get('wall_seconds'))}, the {len(seed)} runs together"
+    return f"{_duration(train.get('wall_seconds'))} (train loss {_fmt(train.get('train_loss'))})"
+
+
+def _soup_table(metrics: dict) -> dict | None:
+    """For a seed soup's folder (bench/seed_soup.py): each run's headline figure per eval set, their mean and the
+    soup's, so the card shows what averaging did."""
+    soup = metrics.get("soup")
+    if not soup:
+        return None
+    names = list(soup["runs"][0]["headline"])
+    tasks = {t["name"]: t for t in metrics["tasks"]}
+    values = [[run["headline"][n] for n in names] for run in soup["runs"]]
+    averaged = [metrics["final"][n][headline_metric(tasks.get(metrics["eval_sets"][n]["task"], {}))] for n in names]
+    rows = [[f"seed {run['seed']}", *map(_fmt, v)] for run, v in zip(soup["runs"], values)]
+    rows.append(["mean of the runs", *(_fmt(sum(col) / len(col)) for col in zip(*values))])
+    rows.append([f"**soup of {len(values)}**", *(f"**{_fmt(v)}**" for v in averaged)])
+    return {"count": len(values), "header": ["weights", *(f"`{n}`" for n in names)], "rows": rows}
+
+
 def _recipe_rows(metrics: dict, config: dict) -> list[tuple[str, str]]:
     recipe, train = metrics["recipe"], metrics["train"]
     epochs = metrics["epochs"][-1]["epoch"] if metrics["epochs"] else None
@@ -241,11 +270,11 @@ def _recipe_rows(metrics: dict, config: dict) -> list[tuple[str, str]]:
         ("Length", length),
         ("Batch size", f"{recipe['per_device_train_batch_size']} per device x {recipe['num_processes']} process(es)"),
         ("Learning rate", _learning_rates(recipe)),
-        ("Seed", str(recipe["seed"])),
+        ("Seed", _seeds(recipe["seed"])),
         *([("Mixed precision", precision)] if precision is not None else []),
         *([("Distributed", distributed)] if distributed is not None else []),
         ("Hardware", recipe["hardware"]),
-        ("Training time", f"{_duration(train.get('wall_seconds'))} (train loss {_fmt(train.get('train_loss'))})"),
+        ("Training time", _training_time(train, recipe["seed"])),
         ("Software", ", ".join(f"{k} {v}" for k, v in recipe.get("versions", {}).items())),
     ]
     lora = recipe.get("lora")
@@ -405,6 +434,7 @@ def card_context(metrics: dict, config: dict, model_id: str, folder: Path, image
         "has_question_task": any(t["name"] == "question" for t in tasks),
         "has_sentiment_task": any(t["name"] == "sentiment" for t in tasks),
         "example_texts": ["is this any good", "a gorgeous film ."],
+        "soup": _soup_table(metrics),
     }
 
 

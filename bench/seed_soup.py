@@ -11,9 +11,11 @@ compare like with like and a run's row matches its own metrics.json.
     python bench/seed_soup.py runs/seed42 runs/seed1 runs/seed2 --data_dir ../shared/data --save_dir runs/soup
 
 `--save_dir` writes the soup as a model folder (config.json, model.safetensors, the remote-code files, the
-tokenizer, `soup.json` with the runs it averages and the figures measured here, and manifest.json), which
-predict.py, `from_pretrained`, `pipeline()` and `hub.py export-st` / `push` take like a train.py folder. It has no
-model card and no metrics.json: those describe one training run.
+tokenizer, metrics.json, the model card README.md and manifest.json), which predict.py, `from_pretrained`,
+`pipeline()` and `hub.py card` / `export-st` / `push` take like a train.py folder. Its metrics.json has a run's
+layout with the soup's own figures as `final`, the rules scored on the same sets, and `soup` (each run's folder,
+seed and figures) in place of the before-training figures and curves, which belong to each run; the card shows
+the runs' table and the recipe with every seed.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def read_run(folder: Path) -> dict:
         )
     metrics_path = folder / "metrics.json"
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    if "soup" in metrics:
+        made_of = " ".join(run["folder"] for run in metrics["soup"]["runs"])
+        raise ValueError(f"{folder} is a seed soup, not a training run; average the runs it was made from: {made_of}")
     model = load_model(folder, device="cpu")
     return {"folder": folder, "model": model, "tokenizer": load_tokenizer(folder), "metrics": metrics}
 
@@ -166,11 +171,58 @@ def score(model, tokenizer, sets: dict[str, dict], max_length: int, batch_size: 
     }
 
 
-def save_soup(save_dir: Path, first: dict, weights: dict[str, torch.Tensor], record: dict) -> None:
-    """The soup as a model folder, built in a temporary folder beside `save_dir` and moved into place whole."""
+EVAL_CAPS = ("max_eval_samples", "max_gold_eval_samples")
+
+
+def soup_metrics(runs: list[dict], sets: dict[str, dict], soup: dict, heads: dict, metric, max_length: int) -> dict:
+    """metrics.json of the soup's folder, in a run's layout so the model card and `hub.py` read it alike: the first
+    run's task and eval-set records (the recipe is shared), the soup's figures as `final`, the rules scored on the
+    same sets, and `soup`: each run's folder, seed and figures. No `before` or `epochs`: those are each run's own."""
+    import question
+
+    first = runs[0]["metrics"]
+    eval_sets = {}
+    for name, rows in sets.items():
+        entry = {k: v for k, v in first["eval_sets"].get(name, {"task": rows["task"]}).items() if k != "capped"}
+        eval_sets[name] = {**entry, "rows": len(rows["texts"])}  # scored whole here, whatever cap the runs had
+    questions = {name: rows for name, rows in sets.items() if rows["task"] == "question"}
+    heuristics = question.rule_metrics(
+        metric,
+        {n: r["texts"] for n, r in questions.items()},
+        {n: [int(x) for x in r["labels"]] for n, r in questions.items()},
+    )
+    seeds = [run["metrics"]["recipe"].get("seed") for run in runs]
+    walls = [run["metrics"].get("train", {}).get("wall_seconds") for run in runs]
+    train = {k: v for k, v in first["train"].items() if k not in ("train_loss", "wall_seconds")}
+    train["wall_seconds"] = sum(walls) if None not in walls else None  # the runs' training, all together
+    names = list(sets)
+    return {
+        "tasks": first["tasks"],
+        "eval_sets": eval_sets,
+        "before": {},
+        "epochs": [],
+        "final": soup,
+        "heuristics": heuristics,
+        "train": train,
+        # The soup was scored on whole sets: the runs' evaluation caps do not describe it.
+        "recipe": {**first["recipe"], "seed": seeds, "max_seq_length": max_length, **dict.fromkeys(EVAL_CAPS)},
+        "soup": {
+            "runs": [
+                {"folder": str(run["folder"]), "seed": seed, "headline": dict(zip(names, values))}
+                for run, seed, values in zip(runs, seeds, heads.values())
+            ],
+            "headline": "accuracy, or the question class's F1 for question sets",
+        },
+    }
+
+
+def save_soup(save_dir: Path, first: dict, weights: dict[str, torch.Tensor], metrics: dict) -> None:
+    """The soup as a model folder (weights, config, code, tokenizer, metrics.json, the card), built in a temporary
+    folder beside `save_dir` and moved into place whole."""
     from safetensors.torch import save_file
 
     import checkpoints
+    import hub
 
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.", dir=save_dir.parent))
@@ -181,7 +233,8 @@ def save_soup(save_dir: Path, first: dict, weights: dict[str, torch.Tensor], rec
                 shutil.copy2(first["folder"] / name, tmp / name)
         first["tokenizer"].save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
-        (tmp / "soup.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        hub.render_card(tmp, model_id=str(save_dir.resolve()))
         checkpoints.write_manifest(tmp)
         tmp.rename(save_dir)
     except BaseException:
@@ -198,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [read_run(Path(folder)) for folder in args.runs]
     check_same_recipe(runs)
     max_length = max_length_of(runs, args.max_length)
+    if args.save_dir and "tasks" not in runs[0]["metrics"]:
+        raise ValueError(f"{runs[0]['folder']}: no metrics.json; the soup's folder and card are built from it.")
     sets = eval_sets(runs[0]["model"].config.task_names, args.data_dir)
     if not sets:
         raise ValueError("the runs have no built-in task with an evaluation set to score.")
@@ -241,8 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         notes.append(args.note)
     report(f"Seed soup of {len(runs)} runs", table, result, args.out, notes)
     if args.save_dir:
-        record = {"averaged_runs": result["runs"], "max_length": max_length, "metrics": soup, "data_dir": args.data_dir}
-        save_soup(Path(args.save_dir), runs[0], weights, record)
+        save_soup(Path(args.save_dir), runs[0], weights, soup_metrics(runs, sets, soup, heads, metric, max_length))
         logger.info("soup saved to %s", args.save_dir)
     return result
 

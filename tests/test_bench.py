@@ -542,14 +542,56 @@ def test_seed_soup_scores_each_run_as_train_py_did_and_saves_the_average(
     for name in ("heads.sentiment.weight", "encoder.encoder.layer.0.attention.self.query.weight"):
         assert not torch.equal(runs[0][name], runs[1][name])
         assert torch.allclose(soup[name], (runs[0][name] + runs[1][name]) / 2, atol=1e-6)
-    record = json.loads((save_dir / "soup.json").read_text())
-    assert record["averaged_runs"] == [str(f) for f in two_seed_runs] and record["metrics"] == result["soup"]
-    assert (save_dir / "manifest.json").is_file() and not (save_dir / "metrics.json").exists()
+    metrics = json.loads((save_dir / "metrics.json").read_text())
+    assert metrics["final"] == result["soup"] and metrics["recipe"]["seed"] == [0, 1]
+    assert [r["folder"] for r in metrics["soup"]["runs"]] == [str(f) for f in two_seed_runs]
+    for folder, run in zip(two_seed_runs, metrics["soup"]["runs"]):
+        assert list(run["headline"].values()) == result["headline"]["runs"][f"{folder.name} (seed {run['seed']})"]
+    assert metrics["before"] == {} and metrics["epochs"] == []  # each run's own, not the soup's
+    # The rules are scored on the sets the soup was scored on, as train.py scores them beside a run.
+    run_rules = json.loads((two_seed_runs[0] / "metrics.json").read_text())["heuristics"]
+    assert set(metrics["heuristics"]) == {s for s in sets if s.startswith("question")}
+    assert metrics["heuristics"]["question_swda"] == run_rules["question_swda"]
+    manifest = json.loads((save_dir / "manifest.json").read_text())["files"]
+    assert {"README.md", "metrics.json", "model.safetensors", "config.json"} <= set(manifest)
     model = load_model(save_dir, device="cpu")
     assert sorted(model.config.task_names) == ["question", "sentiment"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".soup")] == []  # no temporary folder left
     assert bench_json(capsys.readouterr().out)["headline"] == result["headline"]
     assert "| soup of 2 |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_seed_soup_card_shows_the_runs_and_the_soup_not_a_training_run(two_seed_runs, tiny_data_dir, tmp_path):
+    import hub
+    import seed_soup
+    import yaml
+
+    save_dir = tmp_path / "soup"
+    seed_soup.main([*map(str, two_seed_runs), "--data_dir", str(tiny_data_dir), "--save_dir", str(save_dir)])
+    metrics = json.loads((save_dir / "metrics.json").read_text())
+    card = (save_dir / "README.md").read_text(encoding="utf-8")
+    assert "uniform average of 2 fine-tuning runs" in card
+    assert "| Seed | 0, 1: 2 runs, their weights averaged (a seed soup) |" in card
+    assert f'model = AutoModel.from_pretrained("{save_dir.resolve()}"' in card  # the final folder, not the temporary
+    # The runs' table: each run's figure, their mean, the soup's; then the soup on every set, without "before".
+    sst2 = [run["headline"]["sentiment"] for run in metrics["soup"]["runs"]]
+    row = next(line for line in card.splitlines() if line.startswith("| **soup of 2** |"))
+    assert row.split(" | ")[1] == f"**{metrics['final']['sentiment']['accuracy']:.4f}**"
+    assert f"| mean of the runs | {sum(sst2) / 2:.4f} |" in card
+    assert "max_eval_samples" not in card  # the runs' evaluation cap (1,000 rows); the soup is scored on whole sets
+    assert "Accuracy before" not in card and "### Training curves" not in card and "training_args.json" not in card
+    assert "one soup of 2 seeds" in card and "one run with one seed" not in card
+    # The Hub metadata's results are the soup's own.
+    header = yaml.safe_load(card.split("---\n")[1])
+    values = [m["value"] for r in header["model-index"][0]["results"] for m in r["metrics"]]
+    assert metrics["final"]["sentiment"]["accuracy"] in values
+    # hub.py card (and push, which re-renders for the repo id) renders the same page from the folder.
+    hub.render_card(save_dir, model_id="me/soup", output=tmp_path / "again.md")
+    again = (tmp_path / "again.md").read_text(encoding="utf-8")
+    assert again == card.replace(str(save_dir.resolve()), "me/soup").replace(f"# {save_dir.name}\n", "# soup\n")
+    # A soup is not a run: averaging it again with its own runs would weight them twice.
+    with pytest.raises(ValueError, match=f"{save_dir} is a seed soup, not a training run; average the runs"):
+        seed_soup.main([str(save_dir), *map(str, two_seed_runs), "--data_dir", str(tiny_data_dir)])
 
 
 def test_seed_soup_refuses_runs_it_cannot_average(two_seed_runs, tiny_encoder_dir, tiny_data_dir, tmp_path, capsys):
