@@ -580,6 +580,7 @@ def test_seed_soup_card_shows_the_runs_and_the_soup_not_a_training_run(two_seed_
     assert f"| mean of the runs | {sum(sst2) / 2:.4f} |" in card
     assert "max_eval_samples" not in card  # the runs' evaluation cap (1,000 rows); the soup is scored on whole sets
     assert "Accuracy before" not in card and "### Training curves" not in card and "training_args.json" not in card
+    assert "After fine-tuning and averaging, each task's headline figure" in card
     assert "one soup of 2 seeds" in card and "one run with one seed" not in card
     # The Hub metadata's results are the soup's own.
     header = yaml.safe_load(card.split("---\n")[1])
