@@ -15,6 +15,7 @@ padded tokens the model saw and the largest metric difference to the first way.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -38,7 +39,7 @@ LABELS = {
 }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.common_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=128, help="per_device_eval_batch_size (quick.yaml: 128).")
@@ -53,10 +54,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="The gold sets of the round, evaluated in this order.",
     )
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS), help="The first is the baseline.")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    common.quiet_libraries()
-    common.apply_threads(args.threads)
+
+def build_trainer(args: argparse.Namespace, encoder_path: str, names: list[str]):
+    """The question task's gold sets `names` (tokenized as train.py does) and a MultiTaskTrainer that evaluates them
+    with the packaged encoder and fresh heads; returns (trainer, the sets by name)."""
     from transformers import AutoTokenizer, TrainingArguments
 
     import data as mtdata
@@ -65,8 +68,6 @@ def main(argv: list[str] | None = None) -> dict:
     from modeling_multitask import MultiTaskModel
     from outputs import build_compute_metrics
 
-    encoder_path = resolve_encoder(args.encoder)
-    info = setting("cpu")
     tokenizer = AutoTokenizer.from_pretrained(encoder_path)
     tasks = mtdata.get_tasks(["question"], {}, {"question": question.QuestionPool(question.QuestionArguments())})
     data_args = train.DataArguments(
@@ -74,10 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_gold_eval_samples=args.max_rows,
     )  # fmt: skip
     mt = mtdata.build_data(tasks, tokenizer, data_args, seed=args.seed)
-    names = list(dict.fromkeys(args.gold_set))
     gold = {name: mt.eval_sets[name] for name in names}
-    rows = sum(len(gold[name]) for name in names)
-    real = sum(len(ids) for name in names for ids in gold[name]["input_ids"])  # tokens without padding
     model = MultiTaskModel.from_encoder(encoder_path, tasks=[t.to_config() for t in tasks], attn_implementation="sdpa")
     trainer = train.MultiTaskTrainer(
         model=model,
@@ -94,6 +92,19 @@ def main(argv: list[str] | None = None) -> dict:
         eval_tasks=dict.fromkeys(names, "question"),
         mt_args=train.MultiTaskArguments(),
     )
+    return trainer, gold
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    common.quiet_libraries()
+    common.apply_threads(args.threads)
+    encoder_path = resolve_encoder(args.encoder)
+    info = setting("cpu")
+    names = list(dict.fromkeys(args.gold_set))
+    trainer, gold = build_trainer(args, encoder_path, names)
+    rows = sum(len(gold[name]) for name in names)
+    real = sum(len(ids) for name in names for ids in gold[name]["input_ids"])  # tokens without padding
     ways = {way: WAYS[way] for way in args.ways}
     base = args.ways[0]
     padded, seen, current = {}, {}, [base]
@@ -116,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
             started = time.perf_counter()
             metrics[way] = trainer.evaluate()
             seconds[way].append(time.perf_counter() - started)
+    shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # the Trainer's output_dir: evaluation writes nothing
     keys = [k for k in metrics[base] if k.endswith(("_loss", "_accuracy", "_f1", "_f1_pos"))]
     diff = max(abs(metrics[base][k] - metrics[way][k]) for k in keys for way in ways)
     median = {way: statistics.median(seconds[way]) for way in ways}
@@ -144,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     report("Gold-set evaluation: order and distinct inputs", table, result, args.out, notes)
     return result
+
 
 if __name__ == "__main__":
     main()

@@ -329,11 +329,17 @@ def test_inference_texts_are_sst2_validation_and_trec_test(shared_data_dir):
     assert texts == sst2 + trec
 
 
-def test_eval_order_reports_the_same_metrics_with_less_padding(tiny_encoder_dir, tiny_data_dir, capsys):
+def test_eval_order_reports_the_same_metrics_with_less_padding(tiny_encoder_dir, tiny_data_dir, capsys, tmp_path):
+    import tempfile
+
     import eval_order
 
-    argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(tiny_data_dir), "--max_rows", "60"]
-    result = eval_order.main(argv + ["--batch_size", "8", "--max_seq_length", "32"])
+    (tmp_path / "temp").mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+        argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(tiny_data_dir), "--max_rows", "60"]
+        result = eval_order.main(argv + ["--batch_size", "8", "--max_seq_length", "32"])
+    assert list((tmp_path / "temp").iterdir()) == []  # the Trainer's scratch output_dir is removed
     assert result["rows"] == 60  # the gold set, capped by max_gold_eval_samples
     assert result["max_metric_difference"] < 1e-5
     assert result["padded_tokens"]["sorted"] < result["padded_tokens"]["unsorted"]
