@@ -165,7 +165,7 @@ def run_one(args, spec: tt.RunSpec, device: str, tokenizer, encoder_path, prepar
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.common_arguments(parser)
     parser.add_argument("--runs", nargs="+", default=["stock", "ours"])
@@ -190,39 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile_mode", default=None)
     parser.add_argument("--pad_to_multiple_of", type=int, default=None)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    common.quiet_libraries()
-    common.apply_threads(args.threads)
-    device = resolve_device(args.device)
-    specs = [tt.parse_run(name, args) for name in args.runs]
-    if device == "cpu" and any(s.tf32 for s in specs):
-        raise ValueError("tf32 is a GPU setting; drop it (and --tf32) on CPU.")
-    encoder_path = resolve_encoder(args.encoder)
-    info = setting(device)
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-    prepared = {"ours": tt.ours_data(args, tokenizer, ["sentiment"], args.max_eval_samples)}
-    bases = {s.base for s in specs}
-    if "stock" in bases:
-        prepared["stock"] = tt.stock_data(args, tokenizer)
-        prepared["stock_eval"] = stock_eval_data(args, tokenizer)
-        tt.check_same_rows(prepared["stock"], prepared["ours"].train)
-        tt.check_same_rows(prepared["stock_eval"], prepared["ours"].eval_sets["sentiment"], "SST-2 validation")
-    if "two_task" in bases:
-        prepared["two_task"] = tt.ours_data(args, tokenizer, ["sentiment", "question"], args.max_eval_samples)
-    if args.max_steps is None:
-        args.max_steps = prepared["ours"].task_sizes[0] // args.batch_size
-
-    results = []
-    for spec in specs:
-        logger.warning("run %s ...", spec.name)
-        results.append(
-            common.guarded(spec.name, lambda: run_one(args, spec, device, tokenizer, encoder_path, prepared), device)
-        )
-        logger.warning("run %s: reached %s", spec.name, results[-1].get("reached", results[-1].get("error")))
+def results_table(results: list[dict], args: argparse.Namespace, device: str) -> str:
+    """One row per run: when it reached the target, its speed-up over the stock run, best/final accuracy, memory."""
 
     def when(r) -> str:
         if r["reached"]:
@@ -255,7 +227,44 @@ def main(argv: list[str] | None = None) -> dict:
         )
     mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
     columns = ["run", f"time to {args.target}", "x stock", "best acc", "final acc", "steps", mem]
-    table = markdown_table(columns, rows)
+    return markdown_table(columns, rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    common.quiet_libraries()
+    common.apply_threads(args.threads)
+    device = resolve_device(args.device)
+    specs = [tt.parse_run(name, args) for name in args.runs]
+    if device == "cpu" and any(s.tf32 for s in specs):
+        raise ValueError("tf32 is a GPU setting; drop it (and --tf32) on CPU.")
+    encoder_path = resolve_encoder(args.encoder)
+    info = setting(device)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+    prepared = {"ours": tt.ours_data(args, tokenizer, ["sentiment"], args.max_eval_samples)}
+    bases = {s.base for s in specs}
+    if "stock" in bases:
+        prepared["stock"] = tt.stock_data(args, tokenizer)
+        prepared["stock_eval"] = stock_eval_data(args, tokenizer)
+        tt.check_same_rows(prepared["stock"], prepared["ours"].train)
+        tt.check_same_rows(prepared["stock_eval"], prepared["ours"].eval_sets["sentiment"], "SST-2 validation")
+    if "two_task" in bases:
+        prepared["two_task"] = tt.ours_data(args, tokenizer, ["sentiment", "question"], args.max_eval_samples)
+    if args.max_steps is None:
+        args.max_steps = prepared["ours"].task_sizes[0] // args.batch_size
+
+    results = []
+    for spec in specs:
+        logger.warning("run %s ...", spec.name)
+        results.append(
+            common.guarded(spec.name, lambda: run_one(args, spec, device, tokenizer, encoder_path, prepared), device)
+        )
+        logger.warning("run %s: reached %s", spec.name, results[-1].get("reached", results[-1].get("error")))
+
+    table = results_table(results, args, device)
     result = {"benchmark": "time_to_accuracy", "device": device, "setting": info, "results": results}
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "note")}
     notes = [
