@@ -500,7 +500,7 @@ def result_row(args, spec: RunSpec, clock, collator, memory, train_loss: float) 
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.common_arguments(parser)
     parser.add_argument("--runs", nargs="+", default=["stock", "ours", "two_task"])
@@ -530,7 +530,39 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup_steps < 1:
         raise ValueError("--steps and --warmup_steps must be >= 1 (the clock starts at the end of a warm-up step).")
+    return args
 
+
+def results_table(results: list[dict], device: str) -> str:
+    """One row per run: throughput, its ratio to the stock run, step time, padding, shapes, memory, warm-up, loss."""
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([f"`{r['run']}`", f"failed: {r['error']}"] + [None] * 7)
+            continue
+        padding = None if r["padding_share"] is None else f"{100 * r['padding_share']:.0f}%"
+        shapes = None if r["shapes"] is None else f"{r['shapes']} ({r['shapes_first_timed']})"
+        rows.append(
+            [
+                f"`{r['run']}`",
+                r["samples_per_second"],
+                r["ratio_vs_stock"],
+                r["step_ms"],
+                padding,
+                shapes,
+                r["peak_memory_mb"],
+                r["warmup_seconds"],
+                r["train_loss"],
+            ]
+        )
+    mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
+    columns = ["run", "samples/s", "x stock", "ms/step", "padding", "shapes (new when timed)", mem, "warm-up s",
+               "train loss"]  # fmt: skip
+    return markdown_table(columns, rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     common.quiet_libraries()
     common.apply_threads(args.threads)
     device = resolve_device(args.device)
@@ -576,30 +608,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in measured:
         r["ratio_vs_stock"] = r["samples_per_second"] / reference["samples_per_second"] if reference else None
 
-    rows = []
-    for r in results:
-        if "error" in r:
-            rows.append([f"`{r['run']}`", f"failed: {r['error']}"] + [None] * 7)
-            continue
-        padding = None if r["padding_share"] is None else f"{100 * r['padding_share']:.0f}%"
-        shapes = None if r["shapes"] is None else f"{r['shapes']} ({r['shapes_first_timed']})"
-        rows.append(
-            [
-                f"`{r['run']}`",
-                r["samples_per_second"],
-                r["ratio_vs_stock"],
-                r["step_ms"],
-                padding,
-                shapes,
-                r["peak_memory_mb"],
-                r["warmup_seconds"],
-                r["train_loss"],
-            ]
-        )
-    mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
-    columns = ["run", "samples/s", "x stock", "ms/step", "padding", "shapes (new when timed)", mem, "warm-up s",
-               "train loss"]
-    table = markdown_table(columns, rows)
+    table = results_table(results, device)
     result = {"benchmark": "train_throughput", "device": device, "setting": info, "results": results}
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "note")}
     encoder = f"{args.encoder} reshaped by --overhead_probe (random, 8 wide, 1 head)" if args.overhead_probe else args.encoder
