@@ -185,6 +185,11 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def memory_column(device: str) -> str:
+    """The header of a table's peak-memory column: the GPU's allocator peak, or the process's resident set."""
+    return "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
+
+
 def markdown_table(columns: list[str], rows: list[list]) -> str:
     def cell(value) -> str:
         if value is None:

@@ -579,7 +579,7 @@ def summarise(args, device: str, info: dict, texts: list[str], runs: dict, secon
                 r["memory_growth_mb"],
             ]
         )
-    mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
+    mem = common.memory_column(device)
     table = markdown_table(["run", "texts/s", "s per pass (median)", "speed vs", mem, "growth in pass MiB"], rows)
     result = {"benchmark": "inference", "device": device, "setting": info, "results": results, "ratios": ratios}
     result["embedding_max_abs_diff_vs_st"] = agreement

@@ -23,7 +23,7 @@ import tempfile
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 import train_throughput as tt
-from common import PeakMemory, free_memory, markdown_table, now, report, resolve_device, resolve_encoder, setting
+from common import PeakMemory, free_memory, markdown_table, now, report, resolve_encoder, setting
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
@@ -225,19 +225,14 @@ def results_table(results: list[dict], args: argparse.Namespace, device: str) ->
                 r["peak_memory_mb"],
             ]
         )
-    mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
-    columns = ["run", f"time to {args.target}", "x stock", "best acc", "final acc", "steps", mem]
+    memory = common.memory_column(device)
+    columns = ["run", f"time to {args.target}", "x stock", "best acc", "final acc", "steps", memory]
     return markdown_table(columns, rows)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    common.quiet_libraries()
-    common.apply_threads(args.threads)
-    device = resolve_device(args.device)
-    specs = [tt.parse_run(name, args) for name in args.runs]
-    if device == "cpu" and any(s.tf32 for s in specs):
-        raise ValueError("tf32 is a GPU setting; drop it (and --tf32) on CPU.")
+    device, specs = tt.setup_runs(args)
     encoder_path = resolve_encoder(args.encoder)
     info = setting(device)
 

@@ -555,20 +555,26 @@ def results_table(results: list[dict], device: str) -> str:
                 r["train_loss"],
             ]
         )
-    mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
-    columns = ["run", "samples/s", "x stock", "ms/step", "padding", "shapes (new when timed)", mem, "warm-up s",
-               "train loss"]  # fmt: skip
+    columns = ["run", "samples/s", "x stock", "ms/step", "padding", "shapes (new when timed)",
+               common.memory_column(device), "warm-up s", "train loss"]  # fmt: skip
     return markdown_table(columns, rows)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def setup_runs(args: argparse.Namespace) -> tuple[str, list]:
+    """Quiet the libraries, set the threads, pick the device and parse `--runs` (TF32 refused on a CPU); shared
+    with bench/time_to_accuracy.py."""
     common.quiet_libraries()
     common.apply_threads(args.threads)
     device = resolve_device(args.device)
     specs = [parse_run(name, args) for name in args.runs]
     if device == "cpu" and any(s.tf32 for s in specs):
         raise ValueError("tf32 is a GPU setting; drop it (and --tf32) on CPU.")
+    return device, specs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device, specs = setup_runs(args)
     if device == "cpu" and any(s.cuda_graphs for s in specs):
         from trainer import MultiTaskTrainer
 

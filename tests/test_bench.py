@@ -156,6 +156,16 @@ def test_counting_collator_reports_shapes_first_met_in_the_timed_steps():
     assert collator.shapes(warmup=5, steps=2) == (4, 1)
 
 
+@pytest.mark.parametrize("script", ["train_throughput", "time_to_accuracy"])
+def test_training_benchmarks_refuse_tf32_on_a_cpu_before_loading_anything(script, tmp_path):
+    import importlib
+
+    bench = importlib.import_module(script)
+    argv = ["--encoder", str(tmp_path / "no-encoder-here"), "--device", "cpu", "--runs", "ours+tf32"]
+    with pytest.raises(ValueError, match=r"tf32 is a GPU setting; drop it \(and --tf32\) on CPU"):
+        bench.main(argv)
+
+
 def test_time_to_accuracy_stops_at_the_target(tiny_encoder_dir, tiny_data_dir, capsys):
     import time_to_accuracy
 
