@@ -115,19 +115,22 @@ def main(argv: list[str] | None = None) -> dict:
         seen[current[0]] += int(inputs["input_ids"].shape[0])
         return original_step(model, inputs, *rest, **kwargs)
 
-    warm_up = gold[names[0]].select(range(min(256, len(gold[names[0]]))))
-    trainer.evaluate(eval_dataset=warm_up, metric_key_prefix=f"eval_{names[0]}")  # untimed: threads, allocator
-    trainer.prediction_step = counting_step
-    seconds = {way: [] for way in ways}
-    metrics = {}
-    for _ in range(args.repeats):
-        for way, (sort, distinct, shared) in ways.items():
-            trainer.sort_eval_by_length, trainer.deduplicate_eval, trainer.share_eval_logits = sort, distinct, shared
-            current[0], padded[way], seen[way] = way, 0, 0
-            started = time.perf_counter()
-            metrics[way] = trainer.evaluate()
-            seconds[way].append(time.perf_counter() - started)
-    shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # the Trainer's output_dir: evaluation writes nothing
+    try:
+        warm_up = gold[names[0]].select(range(min(256, len(gold[names[0]]))))
+        trainer.evaluate(eval_dataset=warm_up, metric_key_prefix=f"eval_{names[0]}")  # untimed: threads, allocator
+        trainer.prediction_step = counting_step
+        seconds = {way: [] for way in ways}
+        metrics = {}
+        for _ in range(args.repeats):
+            for way, (sort, distinct, shared) in ways.items():
+                trainer.sort_eval_by_length, trainer.deduplicate_eval = sort, distinct
+                trainer.share_eval_logits = shared
+                current[0], padded[way], seen[way] = way, 0, 0
+                started = time.perf_counter()
+                metrics[way] = trainer.evaluate()
+                seconds[way].append(time.perf_counter() - started)
+    finally:  # the Trainer's scratch output_dir (evaluation writes nothing there), on success or failure
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     keys = [k for k in metrics[base] if k.endswith(("_loss", "_accuracy", "_f1", "_f1_pos"))]
     diff = max(abs(metrics[base][k] - metrics[way][k]) for k in keys for way in ways)
     median = {way: statistics.median(seconds[way]) for way in ways}

@@ -359,6 +359,25 @@ def test_eval_order_reports_the_same_metrics_with_less_padding(tiny_encoder_dir,
     assert bench_json(capsys.readouterr().out)["rows"] == 60
 
 
+def test_eval_order_removes_its_scratch_folder_when_an_evaluation_fails(tiny_encoder_dir, tiny_data_dir, tmp_path):
+    import tempfile
+
+    import eval_order
+    from trainer import MultiTaskTrainer
+
+    def broken_evaluate(self, *args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    (tmp_path / "temp").mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+        patch.setattr(MultiTaskTrainer, "evaluate", broken_evaluate)
+        argv = ["--encoder", str(tiny_encoder_dir), "--data_dir", str(tiny_data_dir), "--max_rows", "60"]
+        with pytest.raises(RuntimeError, match="evaluation broke"):
+            eval_order.main(argv + ["--batch_size", "8", "--max_seq_length", "32"])
+    assert list((tmp_path / "temp").iterdir()) == []
+
+
 def test_eval_order_shares_the_inputs_of_a_gold_set_and_its_qmark_free_view(tiny_encoder_dir, tiny_data_dir):
     import eval_order
 
