@@ -91,7 +91,7 @@ _REQUEST_OPENERS = tuple(
     tuple(opener.split())
     for opener in (
         "can you", "could you", "would you", "will you", "won't you", "can we", "could we", "could i",
-        "shall we", "shall i", "why don't", "why not", "how about", "may i", "do you mind",
+        "shall we", "shall i", "why don't", "why not", "how about", "may i", "do you mind", "can i have",
     )
 )
 # A wh-word directly before one of these opens a subordinate or relative clause, not a question: "when we bought
@@ -107,6 +107,13 @@ _EXCLAMATIVE_HOW = frozenset(
     "stupid silly cute cool amazing romantic clever rude thoughtful generous marvelous".split()
 )
 _SENTENCE = re.compile(r"[^.!?]+[.!?]*")
+# The period of a title or of "a.m." ends no sentence: "May I speak to Mr . Smith ?" is one request, not a request
+# and the declarative question "Smith ?".
+_ABBREVIATION = re.compile(r"\b(?:(mr|mrs|ms|dr|prof|st)|(?<![\w.])([ap]) ?\. ?m)\s?\.", re.IGNORECASE)
+
+
+def _unabbreviate(text: str) -> str:
+    return _ABBREVIATION.sub(lambda m: m[1] or m[2] + "m", text)
 _APOSTROPHE = re.compile(r"(\w) ?['’] ?(t|s|re|ve|ll|d|m)\b")  # "don ' t" / "don ’ t" -> "don't"
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)*|n't")
 
@@ -128,6 +135,8 @@ def _clause_kind(words: list[str], later: bool = False) -> str:
     sentence's first clause)."""
     if words[:3] in (["how", "about", "you"], ["how", "about", "yourself"]):
         return "question"  # "how about you ?" hands the question back; "how about a walk ?" suggests
+    if words[:3] == ["may", "i", "help"]:
+        return "question"  # an offer of service, like "can I help you ?"; "may I see your ID ?" asks for something
     if any(tuple(words[: len(opener)]) == opener for opener in _REQUEST_OPENERS):
         return "request"
     if not words:
@@ -171,15 +180,17 @@ def is_question_dialog(text: str) -> bool:
     - leading discourse words are skipped ("well , how far is it"), and a later comma clause can open the
       question ("if I buy two , can I get a discount");
     - a request or suggestion phrased as a question is a directive, not a question: "can you / could you /
-      would you / will you ...", "shall we", "why don't we", "how about", "may I";
+      would you / will you ...", "shall we", "why don't we", "how about", "may I", "can I have";
+    - an offer of service is a question: "may I help you ?", as "can I help you ?";
     - an auxiliary opens a question only before a subject ("is there", "don't you"), not in fragments or
       imperatives ("is pretty funny", "don't worry");
-    - a sentence closed by `.` or `!` is a statement or exclamation, whatever its first word;
+    - a sentence closed by `.` or `!` is a statement or exclamation, whatever its first word (the period of
+      "Mr ." or "a . m ." closes no sentence);
     - a wh-word before a subject pronoun opens a subordinate clause ("when we bought it , ...", "what I see is"),
       and after the first comma who/which/where/when open a relative clause unless an auxiliary follows;
     - "how about you ?" is a question (it hands the question back), unlike "how about a walk ?".
     """
-    return any(_sentence_is_question(s) for s in _SENTENCE.findall(text))
+    return any(_sentence_is_question(s) for s in _SENTENCE.findall(_unabbreviate(text)))
 
 
 # Backchannels phrased as questions: the listener's "really ?", "oh , yeah ?", "is that right ?", "what ?". The
@@ -328,23 +339,23 @@ def augment_questions(
     return out
 
 
-# Sentence forms that TREC's factoid questions lack but dialogue is full of, filled with verb phrases taken
-# from TREC's how-to questions and short noun phrases from its what/who-is questions; a template without a slot is
-# used as it is. The teacher labels each result; the templates carry no label. `yes_no` pairs the request openers
-# ("can you", "will you", "could I") with the same auxiliaries before other subjects ("can I", "will that",
-# "could it") and with negated auxiliaries, `question` holds the short turns of dialogue ("why ?", "how about
-# you ?") and `statement` the answers that follow a question ("yes , I ..."): without them the student reads every
-# modal opening as a request. `embedded` holds statements with a wh-word inside (relative clauses, indirect
-# questions, "what I want is ..."), some with the fillers of speech: the sources' statements seldom have one, and
-# joined rows ("... . Who is ... ?") would otherwise teach that a wh-word anywhere makes a question.
+# Sentence forms that TREC's factoid questions lack but dialogue is full of, filled with verb phrases taken from
+# TREC's how-to questions and short noun phrases from its what/who-is questions; a template without a slot is used as
+# it is. The teacher labels each result; the templates carry no label. `yes_no` pairs the request openers ("can you",
+# "will you", "could I") with the same auxiliaries before other subjects ("can I", "will that", "could it") and with
+# negated auxiliaries, `question` holds the short turns of dialogue ("why ?", "how about you ?") and offers of service
+# ("may I help you ?"), and `statement` the answers that follow a question ("yes , I ..."): without them the student
+# reads every modal opening as a request. `embedded` holds statements with a wh-word inside (relative clauses,
+# indirect questions, "what I want is ..."), some with the fillers of speech: the sources' statements seldom have one,
+# and joined rows ("... . Who is ... ?") would otherwise teach that a wh-word anywhere makes a question.
 REPHRASE_TEMPLATES = {
     "question": (
         "do you {vp} ?", "did you {vp} ?", "have you ever tried to {vp} ?", "are you going to {vp} ?",
         "should we {vp} ?", "is it hard to {vp} ?", "when do you {vp} ?", "why do you want to {vp} ?",
         "do you have {np} ?", "is {np} included ?", "what about {np} ?", "did you see {np} ?", "where is {np} ?",
-        "have you heard of {np} ?", "is that {np} ?", "can I have {np} ?",
-        "why ?", "how much ?", "what for ?", "which one ?", "how come ?", "now what ?", "how about you ?",
-        "what about you ?", "how much is {np} ?",
+        "have you heard of {np} ?", "is that {np} ?", "can I get {np} ?", "may I help you ?",
+        "may I help you with {np} ?", "why ?", "how much ?", "what for ?", "which one ?", "how come ?", "now what ?",
+        "how about you ?", "what about you ?", "how much is {np} ?",
     ),
     "yes_no": (
         "can I {vp} ?", "can it {vp} ?", "will it be hard to {vp} ?", "will I need {np} ?", "will that be {np} ?",
@@ -356,15 +367,17 @@ REPHRASE_TEMPLATES = {
         "can you {vp} ?", "could you {vp} for me ?", "would you {vp} , please ?", "will you {vp} ?",
         "shall we {vp} ?", "why don't we {vp} ?", "how about we {vp} ?", "may I {vp} ?", "would you like to {vp} ?",
         "how about {np} ?", "would you like {np} ?", "could you show me {np} ?", "can you get me {np} ?",
-        "may I have {np} ?", "why not {np} ?", "why not ?", "can we {vp} ?", "could I {vp} ?",
-        "do you mind if I {vp} ?", "could you tell me {np} ?",
+        "may I have {np} ?", "can I have {np} ?", "why not {np} ?", "why not ?", "can we {vp} ?", "could I {vp} ?",
+        "do you mind if I {vp} ?", "could you tell me {np} ?", "can you help me {vp} ?",
+        "could you help me with {np} ?",
     ),
     "statement": (
         "I want to {vp} .", "we should {vp} .", "let's {vp} .", "you need to {vp} .", "I'd like to {vp} .",
         "I don't know how to {vp} .", "please {vp} .", "don't {vp} .", "I can {vp} .", "it will be hard to {vp} .",
         "I'd like {np} .", "here is {np} .", "that's {np} .", "I have {np} .", "we need {np} .", "{np} , please .",
         "that would be {np} .", "it could be {np} .", "yes , I {vp} .", "yes , you can {vp} .", "no , it won't .",
-        "yes , that's {np} .", "no , we don't have {np} .", "yes , of course .",
+        "yes , that's {np} .", "no , we don't have {np} .", "yes , of course .", "thanks for your help .",
+        "let me help you with {np} .",
     ),
     "embedded": (
         "I don't know what {np} is .", "I wonder who {np} is .", "I asked him what {np} was .",

@@ -668,3 +668,46 @@ def test_seed_soup_refuses_runs_it_cannot_average(two_seed_runs, tiny_encoder_di
     (old / "model.safetensors").unlink()
     with pytest.raises(ValueError, match=f"{old}: not a finished train.py run"):
         seed_soup.main([str(two_seed_runs[0]), str(old), *data, "--max_length", "32"])
+
+
+def test_question_rules_scores_every_rule_on_every_gold_set_and_half(tiny_data_dir, capsys):
+    import pandas as pd
+    import question_rules
+    from question import RULES, strip_question_marks
+
+    text = question_rules.main(["--data_dir", str(tiny_data_dir)])
+    assert capsys.readouterr().out.strip() == text.strip()
+    rows = [line for line in text.splitlines()[2:] if line.startswith("| `")]
+    sets = ("DailyDialog", "DailyDialog, even dialogs", "DailyDialog, odd dialogs", "Switchboard")
+    assert [(r.split(" | ")[0], r.split(" | ")[1]) for r in rows] == [(f"| `{n}`", s) for n in RULES for s in sets]
+    dialogs = pd.read_parquet(tiny_data_dir / "dailydialog" / "validation.parquet")
+    odd = dialogs[dialogs["dialog_id"] % 2 == 1]
+    gold = odd["is_question"].astype(int).tolist()
+    f1, _, _ = question_rules.scores(RULES["dialog"], [strip_question_marks(t) for t in odd["text"]], gold)
+    row = next(r for r in rows if r.startswith("| `dialog` | DailyDialog, odd dialogs |"))
+    assert row.split(" | ")[2] == f"{len(odd)} ({sum(gold)})"
+    assert row.split(" | ")[4].startswith(f"{f1:.4f} (")
+    assert 0 < len(odd) < len(dialogs)
+
+
+def test_question_rules_scores_are_the_question_class_f1():
+    import question_rules
+
+    rule = lambda t: t.endswith("?")  # noqa: E731
+    texts = ["a ?", "b ?", "c .", "d ?", "e ."]
+    gold = [1, 0, 1, 1, 0]  # tp 2, fp 1, fn 1
+    assert question_rules.scores(rule, texts, gold) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
+    assert question_rules.scores(rule, ["x ."], [0]) == (0.0, 0.0, 0.0)
+
+
+def test_question_rules_names_the_missing_column(tmp_path, tiny_data_dir):
+    import shutil
+
+    import pandas as pd
+    import question_rules
+
+    shutil.copytree(tiny_data_dir, tmp_path / "data")
+    path = tmp_path / "data" / "dailydialog" / "validation.parquet"
+    pd.read_parquet(path).drop(columns=["dialog_id"]).to_parquet(path)
+    with pytest.raises(ValueError, match=r"validation\.parquet: no column 'dialog_id'"):
+        question_rules.main(["--data_dir", str(tmp_path / "data")])

@@ -105,6 +105,13 @@ DIALOG_TABLE = [
     ("Why don ’ t we meet at 1 ?", False),
     ("Shall we dance ?", False),
     ("May I see your ID , please ?", False),
+    ("Good afternoon . May I help you ?", True),  # an offer of service is a question, as "can I help you ?"
+    ("may I help you with your bags", True),
+    ("Can I have the bill , please ?", False),  # asks for something, as "may I have" and "could I have"
+    ("Can I get a refund ?", True),
+    ("May I speak to Mr . Smith ?", False),  # "Mr ." ends no sentence: not the declarative question "Smith ?"
+    ("Could you come at 9 a . m . tomorrow ?", False),  # nor does "a . m ."
+    ("I'm a man . Are you ?", True),  # a lone "a ." still does
     ("Do you mind if I sit down ?", False),
     ("Don't worry .", False),
     ("don't worry", False),  # imperative: no subject after the auxiliary
@@ -266,9 +273,9 @@ def test_rephrased_rows_pair_each_request_opener_with_a_question_on_the_same_aux
     by_opening = {}
     for text, label in zip(texts, labels):
         by_opening.setdefault(text.split()[0].lower(), set()).add(label)
-    for auxiliary in ("can", "could", "will", "would"):
+    for auxiliary in ("can", "could", "will", "would", "may"):
         assert by_opening[auxiliary] == {0, 1}, auxiliary
-    assert {"Why ?", "How about you ?", "Will that be all ?"} <= set(texts)  # the slot-free dialogue turns
+    assert {"Why ?", "How about you ?", "Will that be all ?", "May I help you ?"} <= set(texts)  # the slot-free dialogue turns
     assert all(label_fn(t) == label for t, label in zip(texts, labels))
 
 
@@ -416,3 +423,4 @@ def test_declarative_rows_keep_their_question_mark_under_noise(tiny_data_dir, ti
     assert more.task_sizes[0] == plain.task_sizes[0] + 30
     with_qmark = [sum(qmark in ids for ids in mt.train["input_ids"]) for mt in (plain, more)]
     assert with_qmark[1] - with_qmark[0] == 30
+
