@@ -246,7 +246,8 @@ class QuestionArguments:
         default=0.1, metadata={"help": "Share of the question pool held out as its validation split."}
     )
     question_strip_qmark_prob: float = field(
-        default=0.0, metadata={"help": "Share of training questions whose '?' is removed (label kept)."}
+        default=0.0,
+        metadata={"help": "Share of training rows with a '?' (questions, requests) whose '?' is removed (label kept)."},
     )
     question_lowercase_prob: float = field(default=0.0, metadata={"help": "Share of training texts lowercased."})
     question_teacher: Literal["heuristic", "dialog", "switchboard"] = field(
@@ -321,15 +322,17 @@ class QuestionArguments:
 def augment_questions(
     texts: list[str], labels: list[int], strip_prob: float, lower_prob: float, seed: int, period_prob: float = 0.0
 ):
-    """Noise the training text of heuristic-labelled questions so the student must learn syntax, not '?'.
+    """Noise the training text of teacher-labelled rows so the student must learn syntax, not '?'.
 
     Labels are kept from the original text (the teacher saw the punctuation; the student does not always).
+    `strip_prob` removes the '?' of any row that holds one, questions and requests alike ("can you pass the salt"
+    stays a request without its mark).
     `period_prob` drops the closing `.`/`!` of statements, so that `.` is no cue either.
     """
     rng = np.random.default_rng(seed)
     out = []
     for text, label in zip(texts, labels):
-        if label == 1 and strip_prob > 0 and rng.random() < strip_prob:
+        if "?" in text and strip_prob > 0 and rng.random() < strip_prob:
             text = strip_question_marks(text) or text
         if label == 0 and period_prob > 0 and rng.random() < period_prob:
             text = text.rstrip().rstrip(".!").rstrip() or text

@@ -424,3 +424,15 @@ def test_declarative_rows_keep_their_question_mark_under_noise(tiny_data_dir, ti
     with_qmark = [sum(qmark in ids for ids in mt.train["input_ids"]) for mt in (plain, more)]
     assert with_qmark[1] - with_qmark[0] == 30
 
+
+def test_strip_qmark_takes_the_mark_from_requests_as_from_questions_and_keeps_each_label():
+    # Unpunctuated speech drops the '?' of a request too: "can you pass the salt" must stay a request for the student.
+    rows = ["can you pass the salt ?", "what is it ?", "a fine film ."] * 100
+    labels = [0, 1, 0] * 100
+    texts = augment_questions(rows, labels, strip_prob=0.5, lower_prob=0.0, seed=3)
+    assert texts == augment_questions(rows, labels, strip_prob=0.5, lower_prob=0.0, seed=3)
+    for original in ("can you pass the salt ?", "what is it ?"):
+        noised = [t for t, r in zip(texts, rows) if r == original]
+        assert set(noised) == {original, original.removesuffix(" ?")}
+        assert 30 < sum("?" not in t for t in noised) < 70  # about half of the 100
+    assert all(t == "a fine film ." for t, r in zip(texts, rows) if r == "a fine film .")  # nothing to strip
