@@ -250,6 +250,19 @@ def headlines(metrics_by_set: dict[str, dict], eval_tasks: dict[str, str]) -> di
     return out
 
 
+def question_class_scores(gold, pred) -> tuple[float, float, float]:
+    """F1, precision and recall of the positive (question) class; 0.0 where a denominator is 0."""
+    import numpy as np
+
+    gold, pred = np.asarray(gold, dtype=int), np.asarray(pred, dtype=int)
+    tp = int(((pred == 1) & (gold == 1)).sum())
+    predicted, positives = int(pred.sum()), int(gold.sum())
+    precision = tp / predicted if predicted else 0.0
+    recall = tp / positives if positives else 0.0
+    f1 = 2 * tp / (predicted + positives) if predicted + positives else 0.0
+    return f1, precision, recall
+
+
 @torch.no_grad()
 def head_predictions(model, tokenizer, texts, task: str, batch_size: int = 128, max_length: int = 128):
     """`task`'s head's class per text (argmax), in input order, as a numpy array; batches sorted by length to cut

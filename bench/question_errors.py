@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import data as mtdata  # noqa: E402
 from question import RULES  # noqa: E402
-from common import head_predictions  # noqa: E402
+from common import head_predictions, question_class_scores  # noqa: E402
 from modeling_multitask import MultiTaskModel  # noqa: E402
 
 VIEWS = {
@@ -52,11 +52,7 @@ def disagreements(gold: Sequence[int], model: Sequence[int], rule: Sequence[int]
 
 def question_scores(gold: Sequence[int], pred: Sequence[int]) -> str:
     """'F1 0.862 (P 0.801, R 0.933)' for the question class."""
-    gold, pred = np.asarray(gold, dtype=int), np.asarray(pred, dtype=int)
-    tp = int(((pred == 1) & (gold == 1)).sum())
-    precision = tp / pred.sum() if pred.sum() else 0.0
-    recall = tp / gold.sum() if gold.sum() else 0.0
-    f1 = 2 * tp / (pred.sum() + gold.sum()) if pred.sum() + gold.sum() else 0.0
+    f1, precision, recall = question_class_scores(gold, pred)
     return f"F1 {f1:.3f} (P {precision:.3f}, R {recall:.3f})"
 
 

@@ -5,76 +5,58 @@ even- and odd-numbered dialogs apart) and Switchboard validation.
     python bench/question_rules.py --data_dir ../shared/data
 
 The dialog teacher's DailyDialog rules are read from errors on even-numbered dialogs; the odd-numbered ones are
-the check that a rule holds beyond the dialogs it was read from (docs/question_detection.md). No model is
-involved and nothing is trained: gold labels are only read here.
+the check that a rule holds beyond the dialogs it was read from (docs/question_detection.md). The sets are the
+question task's gold evaluation sets, read as train.py reads them. No model is involved and nothing is trained:
+gold labels are only read here.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
 
-import pandas as pd
+from common import markdown_table, question_class_scores  # first: puts the repository root on sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import data as mtdata  # noqa: E402
+from question import RULES  # noqa: E402
 
-from question import RULES, strip_question_marks  # noqa: E402
-
-COLUMNS = ("text", "is_question")
+# Each gold set: its view as written and its view with every `?` removed (the question task's eval sets).
+VIEWS = {"DailyDialog": ("question_gold", "question_gold_noqm"), "Switchboard": ("question_swda", "question_swda_noqm")}
 
 
-def scores(rule: Callable[[str], bool], texts: Sequence[str], gold: Sequence[int]) -> tuple[float, float, float]:
-    """Question-class F1, precision and recall of `rule` on `texts`."""
-    pred = [bool(rule(t)) for t in texts]
-    tp = sum(p and g for p, g in zip(pred, gold))
-    predicted, positives = sum(pred), sum(gold)
-    precision = tp / predicted if predicted else 0.0
-    recall = tp / positives if positives else 0.0
-    f1 = 2 * tp / (predicted + positives) if predicted + positives else 0.0
-    return f1, precision, recall
+def gold_sets(data_dir: str) -> dict[str, tuple[list[str], list[str], list[int]]]:
+    """set name -> (texts as written, texts without `?`, gold labels): DailyDialog (whole, even and odd dialogs)
+    and Switchboard validation."""
+    task = mtdata.TASKS["question"]
+    sources = {e.name: e.source for e in task.eval}
+    sets = {}
+    for set_name, (written, stripped) in VIEWS.items():
+        texts, gold = mtdata._read_source(sources[written], task, data_dir)
+        sets[set_name] = (texts, [sources[stripped].transform(t) for t in texts], gold)  # one read per file
+    dialogs = mtdata.load_source(mtdata.DAILYDIALOG, data_dir)
+    if "dialog_id" not in dialogs.column_names:
+        raise ValueError(
+            f"{mtdata.DAILYDIALOG.describe(data_dir)}: no column 'dialog_id' to split the dialogs by; the mirror's "
+            "README lists the columns."
+        )
+    written, stripped, gold = sets["DailyDialog"]
+    for half, parity in (("even", 0), ("odd", 1)):
+        rows = [i for i, dialog in enumerate(dialogs["dialog_id"][:]) if dialog % 2 == parity]
+        sets[f"DailyDialog, {half} dialogs"] = tuple([column[i] for i in rows] for column in (written, stripped, gold))
+    order = ("DailyDialog", "DailyDialog, even dialogs", "DailyDialog, odd dialogs", "Switchboard")
+    return {name: sets[name] for name in order}
 
 
-def gold_sets(data_dir: str) -> dict[str, pd.DataFrame]:
-    """DailyDialog (whole, even and odd dialogs) and Switchboard validation, each with `text` and `is_question`."""
-    paths = {"DailyDialog": "dailydialog/validation.parquet", "Switchboard": "swda/validation.parquet"}
-    frames = {}
-    for name, rel in paths.items():
-        path = Path(data_dir) / rel
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: pass --data_dir the data mirror (../shared/data).")
-        frame = pd.read_parquet(path)
-        missing = [c for c in COLUMNS if c not in frame.columns]
-        if missing:
-            raise ValueError(f"{path}: no column(s) {missing}; the mirror's README lists the columns.")
-        frames[name] = frame
-    dialogs = frames["DailyDialog"]
-    if "dialog_id" not in dialogs.columns:
-        raise ValueError(f"{Path(data_dir) / paths['DailyDialog']}: no column 'dialog_id' to split the dialogs by.")
-    return {
-        "DailyDialog": dialogs,
-        "DailyDialog, even dialogs": dialogs[dialogs["dialog_id"] % 2 == 0],
-        "DailyDialog, odd dialogs": dialogs[dialogs["dialog_id"] % 2 == 1],
-        "Switchboard": frames["Switchboard"],
-    }
-
-
-def table(sets: dict[str, pd.DataFrame]) -> str:
-    lines = [
-        "| rule | set | rows (questions) | F1 as written (P / R) | F1 with `?` removed (P / R) |",
-        "|---|---|---|---|---|",
-    ]
+def table(sets: dict[str, tuple[list[str], list[str], list[int]]]) -> str:
+    rows = []
     for rule_name, rule in RULES.items():
-        for set_name, frame in sets.items():
-            texts, gold = frame["text"].tolist(), [int(y) for y in frame["is_question"]]
+        for set_name, (written, stripped, gold) in sets.items():
             cells = []
-            for view in (texts, [strip_question_marks(t) for t in texts]):
-                f1, precision, recall = scores(rule, view, gold)
+            for texts in (written, stripped):
+                f1, precision, recall = question_class_scores(gold, [int(rule(t)) for t in texts])
                 cells.append(f"{f1:.4f} ({precision:.3f} / {recall:.3f})")
-            lines.append(f"| `{rule_name}` | {set_name} | {len(texts)} ({sum(gold)}) | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines)
+            rows.append([f"`{rule_name}`", set_name, f"{len(gold)} ({sum(gold)})", *cells])
+    columns = ["rule", "set", "rows (questions)", "F1 as written (P / R)", "F1 with `?` removed (P / R)"]
+    return markdown_table(columns, rows)
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -671,6 +671,7 @@ def test_seed_soup_refuses_runs_it_cannot_average(two_seed_runs, tiny_encoder_di
 
 
 def test_question_rules_scores_every_rule_on_every_gold_set_and_half(tiny_data_dir, capsys):
+    import common
     import pandas as pd
     import question_rules
     from question import RULES, strip_question_marks
@@ -683,21 +684,22 @@ def test_question_rules_scores_every_rule_on_every_gold_set_and_half(tiny_data_d
     dialogs = pd.read_parquet(tiny_data_dir / "dailydialog" / "validation.parquet")
     odd = dialogs[dialogs["dialog_id"] % 2 == 1]
     gold = odd["is_question"].astype(int).tolist()
-    f1, _, _ = question_rules.scores(RULES["dialog"], [strip_question_marks(t) for t in odd["text"]], gold)
+    f1 = common.question_class_scores(gold, [RULES["dialog"](strip_question_marks(t)) for t in odd["text"]])[0]
     row = next(r for r in rows if r.startswith("| `dialog` | DailyDialog, odd dialogs |"))
     assert row.split(" | ")[2] == f"{len(odd)} ({sum(gold)})"
     assert row.split(" | ")[4].startswith(f"{f1:.4f} (")
     assert 0 < len(odd) < len(dialogs)
 
 
-def test_question_rules_scores_are_the_question_class_f1():
-    import question_rules
+def test_question_class_scores_are_f1_precision_and_recall_of_the_question_class():
+    import common
+    import question_errors
 
-    rule = lambda t: t.endswith("?")  # noqa: E731
-    texts = ["a ?", "b ?", "c .", "d ?", "e ."]
-    gold = [1, 0, 1, 1, 0]  # tp 2, fp 1, fn 1
-    assert question_rules.scores(rule, texts, gold) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
-    assert question_rules.scores(rule, ["x ."], [0]) == (0.0, 0.0, 0.0)
+    gold, pred = [1, 0, 1, 1, 0, 1], [1, 1, 0, 1, 0, 1]  # tp 3, fp 1, fn 1
+    assert common.question_class_scores(gold, pred) == pytest.approx((3 / 4, 3 / 4, 3 / 4))
+    assert common.question_class_scores([1, 1], [1, 0]) == pytest.approx((2 / 3, 1.0, 0.5))
+    assert common.question_class_scores([0], [0]) == (0.0, 0.0, 0.0)
+    assert question_errors.question_scores([1, 1], [1, 0]) == "F1 0.667 (P 1.000, R 0.500)"
 
 
 def test_question_rules_names_the_missing_column(tmp_path, tiny_data_dir):
