@@ -106,6 +106,18 @@ _EXCLAMATIVE_HOW = frozenset(
     "nice wonderful great lovely beautiful sweet kind terrible awful funny interesting strange sad exciting "
     "stupid silly cute cool amazing romantic clever rude thoughtful generous marvelous".split()
 )
+# A question that is quoted or reported is not asked of the listener: "and I'm like , well , why can't she come",
+# "and then you go , what ?", "he said , 'do you want me to help you ?'". A reporting frame is a subject (or its
+# contraction with a form of be) and one of these verbs, where nothing before it asks a question; a bare subject and
+# verb ("he said", "you go") only where they open the sentence.
+_REPORTING_VERBS = frozenset("said says asked asks like goes go went going".split())
+_REPORTERS = frozenset("i you he she it we they people everybody everyone somebody someone".split())
+_REPORTER_CONTRACTIONS = frozenset("i'm you're he's she's it's we're they're".split())
+_BE = frozenset("is am are was were".split())
+# A directive that asks for agreement is a directive: "wait a minute , OK ?" ("..., right ?" is a question).
+_AGREEMENT_TAG = re.compile(r",\s*(?:ok|okay|all right|alright)\s*\??\s*$", re.IGNORECASE)
+# A speaker looking for words: "how shall I say it ," ends no question.
+_HEDGES = frozenset(("how", modal, "i", verb, "it") for modal in ("shall", "should", "can") for verb in ("say", "put"))
 _SENTENCE = re.compile(r"[^.!?]+[.!?]*")
 # The period of a title or of "a.m." ends no sentence: "May I speak to Mr . Smith ?" is one request, not a request
 # and the declarative question "Smith ?".
@@ -133,6 +145,8 @@ def _words(clause: str) -> list[str]:
 def _clause_kind(words: list[str], later: bool = False) -> str:
     """'request', 'question' or 'other', from the opening words of one comma-separated clause (`later`: not the
     sentence's first clause)."""
+    if tuple(words) in _HEDGES:
+        return "other"
     if words[:3] in (["how", "about", "you"], ["how", "about", "yourself"]):
         return "question"  # "how about you ?" hands the question back; "how about a walk ?" suggests
     if words[:3] == ["may", "i", "help"]:
@@ -158,6 +172,26 @@ def _clause_kind(words: list[str], later: bool = False) -> str:
     return "other"
 
 
+def _reports_a_question(words: list[str]) -> bool:
+    """Do these words (one sentence) report a question rather than ask one: a reporting frame ("she's like",
+    "he said", "you go") with nothing asked before it, followed by a question or request opening?"""
+    for i in range(1, len(words)):
+        verb, before = words[i], words[i - 1]
+        if verb not in _REPORTING_VERBS:
+            continue
+        framed = before in _REPORTER_CONTRACTIONS or (before in _BE and i >= 2 and words[i - 2] in _REPORTERS)
+        if not framed and (verb == "like" or before not in _REPORTERS or i > 1):
+            continue  # "I like what I see"; a bare "you go" only opens the sentence: not "if you go , where ..."
+        if _clause_kind(words[: i + 1]) != "other":
+            return False  # the sentence asks before anything is reported: "where do you go , what ..."
+        rest = words[i + 1 :]
+        while len(rest) > 1 and rest[0] in _LEAD_WORDS:
+            rest.pop(0)
+        if rest and _clause_kind(rest) != "other":
+            return True
+    return False
+
+
 def _sentence_is_question(sentence: str) -> bool:
     stripped = sentence.strip().rstrip("\"')]} ")
     if not stripped:
@@ -165,6 +199,8 @@ def _sentence_is_question(sentence: str) -> bool:
     ends_with_qmark = stripped.endswith("?")
     if not ends_with_qmark and stripped[-1] in ".!":
         return False  # closed as a statement or an exclamation, whatever its opening
+    if _AGREEMENT_TAG.search(stripped) or _reports_a_question(_words(stripped)):
+        return False
     for position, clause in enumerate(stripped.split(",")):
         kind = _clause_kind(_words(clause), later=position > 0)
         if kind != "other":  # the first clause with a question or request opening decides
@@ -188,7 +224,10 @@ def is_question_dialog(text: str) -> bool:
       "Mr ." or "a . m ." closes no sentence);
     - a wh-word before a subject pronoun opens a subordinate clause ("when we bought it , ...", "what I see is"),
       and after the first comma who/which/where/when open a relative clause unless an auxiliary follows;
-    - "how about you ?" is a question (it hands the question back), unlike "how about a walk ?".
+    - "how about you ?" is a question (it hands the question back), unlike "how about a walk ?";
+    - a reported or quoted question is not asked ("and I'm like , why can't she come", "he said , 'do you ...?'"),
+      a directive closed by ", OK ?" / ", all right ?" stays a directive (", right ?" asks), and "how shall I say
+      it" is a speaker looking for words.
     """
     return any(_sentence_is_question(s) for s in _SENTENCE.findall(_unabbreviate(text)))
 
@@ -347,10 +386,11 @@ def augment_questions(
 # it is. The teacher labels each result; the templates carry no label. `yes_no` pairs the request openers ("can you",
 # "will you", "could I") with the same auxiliaries before other subjects ("can I", "will that", "could it") and with
 # negated auxiliaries, `question` holds the short turns of dialogue ("why ?", "how about you ?") and offers of service
-# ("may I help you ?"), and `statement` the answers that follow a question ("yes , I ..."): without them the student
-# reads every modal opening as a request. `embedded` holds statements with a wh-word inside (relative clauses,
-# indirect questions, "what I want is ..."), some with the fillers of speech: the sources' statements seldom have one,
-# and joined rows ("... . Who is ... ?") would otherwise teach that a wh-word anywhere makes a question.
+# ("may I help you ?"), and `statement` the answers that follow a question ("yes , I ...") and directives closed by
+# ", OK ?": without them the student reads every modal opening as a request and every '?' as a question. `embedded`
+# holds statements with a wh-word inside (relative clauses, indirect questions, "what I want is ...", "how shall I
+# say it"), some with the fillers of speech: the sources' statements seldom have one, and joined rows ("... . Who is
+# ... ?") would otherwise teach that a wh-word anywhere makes a question.
 REPHRASE_TEMPLATES = {
     "question": (
         "do you {vp} ?", "did you {vp} ?", "have you ever tried to {vp} ?", "are you going to {vp} ?",
@@ -358,7 +398,8 @@ REPHRASE_TEMPLATES = {
         "do you have {np} ?", "is {np} included ?", "what about {np} ?", "did you see {np} ?", "where is {np} ?",
         "have you heard of {np} ?", "is that {np} ?", "can I get {np} ?", "may I help you ?",
         "may I help you with {np} ?", "why ?", "how much ?", "what for ?", "which one ?", "how come ?", "now what ?",
-        "how about you ?", "what about you ?", "how much is {np} ?",
+        "how about you ?", "what about you ?", "how much is {np} ?", "you {vp} , right ?",
+        "what did he say about {np} ?", "what did you say ?",
     ),
     "yes_no": (
         "can I {vp} ?", "can it {vp} ?", "will it be hard to {vp} ?", "will I need {np} ?", "will that be {np} ?",
@@ -380,7 +421,7 @@ REPHRASE_TEMPLATES = {
         "I'd like {np} .", "here is {np} .", "that's {np} .", "I have {np} .", "we need {np} .", "{np} , please .",
         "that would be {np} .", "it could be {np} .", "yes , I {vp} .", "yes , you can {vp} .", "no , it won't .",
         "yes , that's {np} .", "no , we don't have {np} .", "yes , of course .", "thanks for your help .",
-        "let me help you with {np} .",
+        "let me help you with {np} .", "please {vp} , OK ?", "let's {vp} , all right ?", "just {vp} , okay ?",
     ),
     "embedded": (
         "I don't know what {np} is .", "I wonder who {np} is .", "I asked him what {np} was .",
@@ -389,7 +430,8 @@ REPHRASE_TEMPLATES = {
         "which is {np} , I guess .", "what I want is {np} .", "what I'd like to do is {vp} .",
         "I don't know how they {vp} .", "it depends on where you {vp} .", "I remember when we used to {vp} .",
         "you know , that's what they do .", "I mean , when I was young , we used to {vp} .",
-        "so , uh , what I've seen is {np} .",
+        "so , uh , what I've seen is {np} .", "it was , uh , how shall I say it , {np} .",
+        "so , uh , how should I put it , we used to {vp} .",
     ),
 }
 _HOW_TO = re.compile(

@@ -130,6 +130,21 @@ DIALOG_TABLE = [
     ("How about you ?", True),  # hands the question back
     ("uh , how about yourself ?", True),
     ("Really ?", True),  # DailyDialog's acts: an echo question is a question
+    ("and I'm like , well , why can't she come", False),  # a reported question is not asked
+    ("and then you go , What ?", False),
+    ("He said , ' Do you want me to help you ? '", False),
+    ("and now if we go there she 's like , well , what are you doing ?", False),
+    ("It 's like , how do you know my name ,", False),
+    ("And I'm going well how about this way ?", False),
+    ("Where do you go , what do you see ?", True),  # it asks before anything is reported
+    ("What did he say ?", True),
+    ("I like what I see .", False),
+    ("Stay just a few minutes longer , OK ?", False),  # a directive asking for agreement
+    ("You have a good evening , all right ?", False),
+    ("You voted for him , right ?", True),  # "..., right ?" asks
+    ("how shall I say it ,", False),  # a speaker looking for words
+    ("so people , uh , how shall I say it , made more effort", False),
+    ("How can I put it on ?", True),
     ("", False),
     ("   ", False),
 ]
@@ -155,6 +170,7 @@ SWITCHBOARD_TABLE = [
     ("Really , what did you do then ?", True),
     ("How about you?", True),
     ("Can you change some money for me ?", False),
+    ("and then you go , What ?", False),  # reported, as for the dialog teacher
 ]
 
 
@@ -291,6 +307,24 @@ def test_rephrased_statements_with_a_wh_word_inside_are_statements_to_every_teac
     assert 150 < len(drawn) < 250  # one kind of five, drawn evenly
     assert {t for t, _ in drawn} == embedded and not any(label for _, label in drawn)
     assert all(set(question._TOKEN.findall(t.lower())) & question.WH_WORDS for t in embedded)
+
+
+def test_rephrased_agreement_tags_and_hedges_follow_the_teacher():
+    # Directives closed by ", OK ?": statements to the dialog teachers, questions to the plain heuristic (its '?'),
+    # so the rows carry whichever convention is chosen; the same words closed by ", right ?" stay a question.
+    tagged = [t for t in question.REPHRASE_TEMPLATES["statement"] if t.endswith("?")]
+    assert len(tagged) >= 3 and all(question._AGREEMENT_TAG.search(t) for t in tagged)
+    filled = [t.format(vp="make a paintball", np="the menu") for t in tagged]
+    for teacher, expected in (("dialog", 0), ("switchboard", 0), ("heuristic", 1)):
+        label_fn = question.question_label_fn(teacher)
+        assert [label_fn(t) for t in filled] == [expected] * len(filled), teacher
+    assert is_question_dialog("you make a paintball , right ?")
+    # "how shall I say it" mid-statement: a hedge, which no teacher calls a question
+    hedged = [t for t in question.REPHRASE_TEMPLATES["embedded"] if "say it" in t or "put it" in t]
+    assert len(hedged) == 2
+    for teacher in ("dialog", "switchboard", "heuristic"):
+        label_fn = question.question_label_fn(teacher)
+        assert not any(label_fn(t.format(vp="make a paintball", np="the menu")) for t in hedged), teacher
 
 
 def test_what_is_noun_phrases():
