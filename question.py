@@ -126,6 +126,8 @@ _ABBREVIATION = re.compile(r"\b(?:(mr|mrs|ms|dr|prof|st)|(?<![\w.])([ap]) ?\. ?m
 
 def _unabbreviate(text: str) -> str:
     return _ABBREVIATION.sub(lambda m: m[1] or m[2] + "m", text)
+
+
 _APOSTROPHE = re.compile(r"(\w) ?['’] ?(t|s|re|ve|ll|d|m)\b")  # "don ' t" / "don ’ t" -> "don't"
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)*|n't")
 
@@ -137,9 +139,15 @@ def _words(clause: str) -> list[str]:
             words[-1] = {"ca": "can", "wo": "won"}.get(words[-1], words[-1]) + "n't"
         else:
             words.append(word)
-    while len(words) > 1 and words[0] in _LEAD_WORDS:  # "well , how long ..." is a how-question
-        words.pop(0)
-    return words
+    return _skip_lead_words(words)
+
+
+def _skip_lead_words(words: list[str]) -> list[str]:
+    """Without the leading discourse words: "well , how long ..." is a how-question (a lone word is kept)."""
+    start = 0
+    while start < len(words) - 1 and words[start] in _LEAD_WORDS:
+        start += 1
+    return words[start:]
 
 
 def _clause_kind(words: list[str], later: bool = False) -> str:
@@ -184,9 +192,7 @@ def _reports_a_question(words: list[str]) -> bool:
             continue  # "I like what I see"; a bare "you go" only opens the sentence: not "if you go , where ..."
         if _clause_kind(words[: i + 1]) != "other":
             return False  # the sentence asks before anything is reported: "where do you go , what ..."
-        rest = words[i + 1 :]
-        while len(rest) > 1 and rest[0] in _LEAD_WORDS:
-            rest.pop(0)
+        rest = _skip_lead_words(words[i + 1 :])
         if rest and _clause_kind(rest) != "other":
             return True
     return False
@@ -199,13 +205,14 @@ def _sentence_is_question(sentence: str) -> bool:
     ends_with_qmark = stripped.endswith("?")
     if not ends_with_qmark and stripped[-1] in ".!":
         return False  # closed as a statement or an exclamation, whatever its opening
-    if _AGREEMENT_TAG.search(stripped) or _reports_a_question(_words(stripped)):
-        return False
+    asks = ends_with_qmark  # "you did what ?": a declarative question, unless a clause opening decides
     for position, clause in enumerate(stripped.split(",")):
         kind = _clause_kind(_words(clause), later=position > 0)
         if kind != "other":  # the first clause with a question or request opening decides
-            return kind == "question"
-    return ends_with_qmark  # "you did what ?": a declarative question
+            asks = kind == "question"
+            break
+    # what would ask is still a directive or a report: "wait a minute , OK ?", "and I'm like , why ..."
+    return asks and not (_AGREEMENT_TAG.search(stripped) or _reports_a_question(_words(stripped)))
 
 
 def is_question_dialog(text: str) -> bool:

@@ -31,7 +31,8 @@ def gold_sets(data_dir: str) -> dict[str, tuple[list[str], list[str], list[int]]
     sets = {}
     for set_name, (written, stripped) in VIEWS.items():
         texts, gold = mtdata._read_source(sources[written], task, data_dir)
-        sets[set_name] = (texts, [sources[stripped].transform(t) for t in texts], gold)  # one read per file
+        # the ?-free view from the rows just read, by the `*_noqm` source's own transform
+        sets[set_name] = (texts, [sources[stripped].transform(t) for t in texts], gold)
     dialogs = mtdata.load_source(mtdata.DAILYDIALOG, data_dir)
     if "dialog_id" not in dialogs.column_names:
         raise ValueError(
