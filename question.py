@@ -333,13 +333,6 @@ class QuestionArguments:
     question_strip_period_prob: float = field(
         default=0.0, metadata={"help": "Share of training statements whose closing '.' or '!' is removed."}
     )
-    question_disfluency_prob: float = field(
-        default=0.0,
-        metadata={
-            "help": "Share of training rows given a disfluency of speech (label kept): a filler such as 'uh ,' or "
-            "'I mean ,' at the start or inside, or a restart that repeats a word or two ('have you , have you')."
-        },
-    )
 
     def __post_init__(self):
         if self.question_pool_per_source is not None and self.question_pool_per_source <= 0:
@@ -361,7 +354,6 @@ class QuestionArguments:
             "question_lowercase_prob",
             "question_combine_prob",
             "question_strip_period_prob",
-            "question_disfluency_prob",
         ):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -373,36 +365,8 @@ class QuestionArguments:
 # Training rows made from the pool
 # ---------------------------------------------------------------------------------------------------------
 
-FILLERS = ("uh", "um", "uh", "um", "well", "you know", "I mean", "so")
-
-
-def add_disfluency(text: str, rng: np.random.Generator) -> str:
-    """One disfluency of speech, as transcribed telephone speech has them: a filler at the start ("uh , is it on
-    ?"), a filler between two words ("is it , um , on ?") or a restart that repeats the word or two before it ("is
-    it , is it on ?"). Never after the closing punctuation, so a question stays a question to the teacher's eye."""
-    words = text.split()
-    body = len(words) - (1 if words and words[-1] in {"?", ".", "!"} else 0)
-    if body < 2:
-        return text
-    kind = rng.integers(3)
-    if kind == 0:
-        return " ".join([FILLERS[rng.integers(len(FILLERS))], ","] + words)
-    at = int(rng.integers(1, body))  # a gap between two words of the body
-    if kind == 1:
-        inserted = [",", FILLERS[rng.integers(len(FILLERS))], ","]
-    else:
-        inserted = [","] + words[max(0, at - int(rng.integers(1, 3))) : at]
-    return " ".join(words[:at] + inserted + words[at:])
-
-
 def augment_questions(
-    texts: list[str],
-    labels: list[int],
-    strip_prob: float,
-    lower_prob: float,
-    seed: int,
-    period_prob: float = 0.0,
-    disfluency_prob: float = 0.0,
+    texts: list[str], labels: list[int], strip_prob: float, lower_prob: float, seed: int, period_prob: float = 0.0
 ):
     """Noise the training text of teacher-labelled rows so the student must learn syntax, not '?'.
 
@@ -410,13 +374,10 @@ def augment_questions(
     `strip_prob` removes the '?' of any row that holds one, questions and requests alike ("can you pass the salt"
     stays a request without its mark).
     `period_prob` drops the closing `.`/`!` of statements, so that `.` is no cue either.
-    `disfluency_prob` gives a row one filler or restart of speech (`add_disfluency`).
     """
     rng = np.random.default_rng(seed)
     out = []
     for text, label in zip(texts, labels):
-        if disfluency_prob > 0 and rng.random() < disfluency_prob:
-            text = add_disfluency(text, rng)
         if "?" in text and strip_prob > 0 and rng.random() < strip_prob:
             text = strip_question_marks(text) or text
         if label == 0 and period_prob > 0 and rng.random() < period_prob:
@@ -663,7 +624,6 @@ class QuestionPool:
             args.question_lowercase_prob,
             seed,
             period_prob=args.question_strip_period_prob,
-            disfluency_prob=args.question_disfluency_prob,
         )
         # Added after the noise: removing their `?` would leave statements labelled as questions ("so you 're
         # leaving", "really" under the dialog convention).

@@ -7,7 +7,6 @@ import importlib.util
 from collections import Counter
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 import data as mtdata
@@ -235,60 +234,6 @@ def test_strip_period_off_leaves_the_existing_noise_unchanged():
     assert before == augment_questions(POOL * 5, POOL_LABELS * 5, 0.5, 0.3, seed=7, period_prob=0.0)
 
 
-def _without_disfluency(text: str) -> str:
-    """A row with its one filler or restart taken out again (the inverse of add_disfluency)."""
-    for filler in question.FILLERS:
-        if text.startswith(f"{filler} , "):
-            return text.removeprefix(f"{filler} , ")
-        if f" , {filler} , " in text:
-            return text.replace(f" , {filler} , ", " ", 1)
-    words = text.split()
-    for i, word in enumerate(words):  # a restart: ", w" or ", w1 w2" repeating the word(s) before the comma
-        for m in (1, 2):
-            if word == "," and i >= m and words[i + 1 : i + 1 + m] == words[i - m : i]:
-                return " ".join(words[:i] + words[i + 1 + m :])
-    return text
-
-
-def test_disfluency_adds_one_filler_or_restart_and_keeps_the_closing_mark():
-    rows = ["is it on tonight ?", "what is the capital of france ?", "the cast is strong .", "great fun"]
-    rng = np.random.default_rng(0)
-    seen = Counter()
-    for _ in range(100):
-        for row in rows:
-            noisy = question.add_disfluency(row, rng)
-            assert noisy != row and _without_disfluency(noisy) == row, (row, noisy)
-            assert noisy.split()[-1] == row.split()[-1]  # the '?' / '.' stays last
-            first = noisy.split(" , ")[0]
-            seen["start" if first in question.FILLERS else "filler" if any(
-                f" , {f} , " in noisy for f in question.FILLERS) else "restart"] += 1
-    assert min(seen.values()) > 50, seen  # all three kinds, about a third each of 400
-    assert question.add_disfluency("why ?", rng) == "why ?"  # a single word has no gap to fill
-    assert question.add_disfluency("really", rng) == "really"
-
-
-def test_disfluency_noise_is_seeded_keeps_labels_and_is_off_by_default():
-    rows, labels = POOL * 20, POOL_LABELS * 20
-    noisy = augment_questions(rows, labels, 0.0, 0.0, seed=5, disfluency_prob=0.5)
-    assert noisy == augment_questions(rows, labels, 0.0, 0.0, seed=5, disfluency_prob=0.5)
-    changed = [(r, t) for r, t in zip(rows, noisy) if r != t]
-    assert 40 < len(changed) < 80  # about half of the 120
-    assert all(_without_disfluency(t) == r for r, t in changed)
-    # Off, the other noise is drawn exactly as before the option existed.
-    before = augment_questions(rows, labels, strip_prob=0.5, lower_prob=0.3, seed=7, period_prob=0.2)
-    assert before == augment_questions(rows, labels, 0.5, 0.3, seed=7, period_prob=0.2, disfluency_prob=0.0)
-
-
-def test_the_pool_passes_the_disfluency_option_to_its_training_rows():
-    def rows(prob):
-        pool = question.QuestionPool(QuestionArguments(question_teacher="dialog", question_disfluency_prob=prob))
-        return pool.training_rows(list(POOL), list(POOL_LABELS), source_texts=[], pool=POOL, seed=0)
-
-    (clean, clean_labels), (noisy, noisy_labels) = rows(0.0), rows(0.99)
-    assert clean == POOL and noisy_labels == clean_labels == POOL_LABELS  # labels are the clean rows'
-    assert sum(t != r for t, r in zip(noisy, POOL)) >= 5 and [_without_disfluency(t) for t in noisy] == POOL
-
-
 def test_backchannels_carry_the_teachers_convention():
     for teacher, asks in (("dialog", 1), ("switchboard", 0)):
         label_fn = question.question_label_fn(teacher)
@@ -432,7 +377,6 @@ def test_build_data_with_dialog_teacher_and_extras(tiny_data_dir, tiny_tokenizer
     [
         ("question_combine_prob", 1.0, "question_combine_prob must be in"),
         ("question_strip_period_prob", -0.1, "question_strip_period_prob must be in"),
-        ("question_disfluency_prob", 1.5, "question_disfluency_prob must be in"),
         ("question_rephrase_rows", -1, "question_rephrase_rows must be a number of rows >= 0"),
         ("question_trap_rows", -5, "question_trap_rows must be a number of rows >= 0"),
         ("question_declarative_rows", -2, "question_declarative_rows must be a number of rows >= 0"),
