@@ -252,6 +252,7 @@ def run_metrics(
             "max_train_samples": data_args.max_train_samples,
             "max_eval_samples": data_args.max_eval_samples,
             "max_gold_eval_samples": getattr(data_args, "max_gold_eval_samples", None),
+            "data_dir": data_args.data_dir,  # None: the datasets came from the Hub
             "report_to": list(training_args.report_to or []),
             "seed": training_args.seed,
             "hardware": hardware_summary(),
@@ -263,8 +264,19 @@ def run_metrics(
 def hardware_summary() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    processor = platform.processor() or platform.machine()
-    return f"CPU ({processor}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    return f"CPU ({cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def cpu_name() -> str:
+    """The processor's model name ("Intel(R) Xeon(R) Processor", "AMD EPYC 7B13") where Linux tells it, else the
+    platform's word for it ("arm", "x86_64"): CPU timings are only comparable on the same processor."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------------------

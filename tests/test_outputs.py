@@ -73,7 +73,7 @@ def one_epoch_run(tiny_encoder_dir, tiny_data_dir, tmp_path_factory):
     return type("Run", (), dict(out=out, trainer=trainer, metrics=metrics, messages=messages, stderr=stderr.getvalue()))
 
 
-def test_metrics_record_the_runs_own_teacher_pool_options_and_setup(one_epoch_run):
+def test_metrics_record_the_runs_own_teacher_pool_options_and_setup(one_epoch_run, tiny_data_dir):
     metrics = json.loads((one_epoch_run.out / "metrics.json").read_text())
     question = next(t for t in metrics["tasks"] if t["name"] == "question")
     assert question["teacher"] == "dialog" and question["headline_metric"] == "f1_pos"
@@ -86,10 +86,27 @@ def test_metrics_record_the_runs_own_teacher_pool_options_and_setup(one_epoch_ru
     assert (recipe["mixed_precision"], recipe["distributed_type"], recipe["num_processes"]) == ("no", "NO", 1)
     assert recipe["max_gold_eval_samples"] == 40 and recipe["max_eval_samples"] == 32
     assert recipe["max_seq_length"] == 32  # tiny_argv's: the value bench/seed_soup.py scores with
+    assert recipe["data_dir"] == str(tiny_data_dir)  # where the data came from (None: the Hub)
     held = metrics["eval_sets"]["question"]
     assert (held["dataset"], held["split"], held["labels"]) == ("question-pool-heldout", "heldout", "teacher")
     assert "`dialog` teacher" in held["dataset_name"]
     assert metrics["eval_sets"]["question_gold_noqm"]["transform"] == "strip_question_marks"
+
+
+def test_hardware_names_the_processor_model(tmp_path, monkeypatch):
+    import torch
+
+    import outputs
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n")
+    real_path = outputs.Path
+    monkeypatch.setattr(outputs, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    assert outputs.cpu_name() == "Intel(R) Xeon(R) Processor"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert outputs.hardware_summary().startswith("CPU (Intel(R) Xeon(R) Processor, ")
+    monkeypatch.setattr(outputs, "Path", lambda p: tmp_path / "missing")  # no /proc: the platform's word
+    assert outputs.cpu_name() == (outputs.platform.processor() or outputs.platform.machine())
 
 
 def test_gold_sets_are_capped_by_a_stratified_seeded_sample(one_epoch_run, tiny_data_dir):
