@@ -365,7 +365,7 @@ def check_custom_tasks(tasks: list[TaskSpec], data_dir: str | None) -> list[Task
                 task = replace(task, label_names=_label_names_from_data(task, data_dir))
                 logger.info("Task %r: label names from the data: %s", task.name, list(task.label_names))
             for source in (*task.train, *(e.source for e in task.eval)):
-                _read_source(source, task, data_dir)
+                read_source(source, task, data_dir)
         checked.append(task)
     return checked
 
@@ -650,7 +650,16 @@ def check_label_feature(ds, source: Source, task: TaskSpec, where: str) -> None:
         )
 
 
-def _read_source(source: Source, task: TaskSpec, data_dir: str | None) -> tuple[list[str], list[int]]:
+def read_source(source: Source, task: TaskSpec, data_dir: str | None) -> tuple[list[str], list[int]]:
+    """The texts (after the source's transform) and labels (the data's, or the task's label_fn) of one split,
+    checked as training checks them: an error names the file, column and row. The reader for scripts that score
+    a model or a rule on a task's data (bench/question_rules.py, question_errors.py, seed_soup.py)."""
+    _, texts, labels = read_dataset(source, task, data_dir)
+    return texts, labels
+
+
+def read_dataset(source: Source, task: TaskSpec, data_dir: str | None) -> tuple[object, list[str], list[int]]:
+    """`read_source`, with the loaded `datasets.Dataset` first, for a caller that needs another of its columns."""
     ds = load_source(source, data_dir)
     where = source.describe(data_dir)
     if len(ds) == 0:
@@ -674,7 +683,7 @@ def _read_source(source: Source, task: TaskSpec, data_dir: str | None) -> tuple[
         labels = [label_fn(t) for t in texts]
     else:
         raise ValueError(f"task {task.name!r}: source {where} has no label column and the task no label_fn.")
-    return texts, labels
+    return ds, texts, labels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -729,7 +738,7 @@ def _train_rows(data: MultiTaskData, task: TaskSpec, task_id: int, tokenizer, ar
     texts, labels = [], []
     source_texts = []  # every row of the weakly labelled sources, for the hook's mined and rephrased rows
     for i, source in enumerate(task.train):
-        t, y = _read_source(source, task, args.data_dir)
+        t, y = read_source(source, task, args.data_dir)
         if task.pool is not None and source.label_column is None:
             source_texts += t
             t, y = _subsample(t, y, task.pool.rows_per_source, seed + i)
@@ -782,7 +791,7 @@ def build_data(tasks: list[TaskSpec], tokenizer, args, seed: int = 42) -> MultiT
                         eval_source.source.dataset,
                     )
                 continue
-            t, y = _read_source(eval_source.source, task, args.data_dir)
+            t, y = read_source(eval_source.source, task, args.data_dir)
             # Gold sets have their own cap, a stratified sample (the same rows for every variant of a source).
             cap, how = args.max_eval_samples, "max_eval_samples, seeded random"
             subsample = _subsample

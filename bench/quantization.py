@@ -58,7 +58,7 @@ def eval_sets(task_names: list[str], data_dir: str) -> list[tuple[str, str, list
     for name in task_names:
         task = mtdata.TASKS.get(name)
         for eval_source in task.eval if task else ():
-            texts, labels = mtdata._read_source(eval_source.source, task, data_dir)
+            texts, labels = mtdata.read_source(eval_source.source, task, data_dir)
             sets.append((eval_source.name, name, texts, labels))
     return sets
 

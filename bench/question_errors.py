@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> str:
     for eval_source in task.eval:
         if eval_source.name not in VIEWS:
             continue
-        texts, gold = mtdata._read_source(eval_source.source, task, args.data_dir)
+        texts, gold = mtdata.read_source(eval_source.source, task, args.data_dir)
         model_pred = predict(model, tokenizer, texts, args.batch_size)
         rule_pred = [int(rule_fn(t)) for t in texts]
         sections.append(report(eval_source.name, texts, gold, model_pred, rule_pred, args.rule, args.limit, args.seed))

@@ -28,16 +28,16 @@ def gold_sets(data_dir: str) -> dict[str, tuple[list[str], list[str], list[int]]
     and Switchboard validation."""
     task = mtdata.TASKS["question"]
     sources = {e.name: e.source for e in task.eval}
-    sets = {}
+    sets, datasets = {}, {}
     for set_name, (written, stripped) in VIEWS.items():
-        texts, gold = mtdata._read_source(sources[written], task, data_dir)
+        datasets[set_name], texts, gold = mtdata.read_dataset(sources[written], task, data_dir)
         # the ?-free view from the rows just read, by the `*_noqm` source's own transform
         sets[set_name] = (texts, [sources[stripped].transform(t) for t in texts], gold)
-    dialogs = mtdata.load_source(mtdata.DAILYDIALOG, data_dir)
+    dialogs = datasets["DailyDialog"]
     if "dialog_id" not in dialogs.column_names:
         raise ValueError(
-            f"{mtdata.DAILYDIALOG.describe(data_dir)}: no column 'dialog_id' to split the dialogs by; the mirror's "
-            "README lists the columns."
+            f"{sources['question_gold'].describe(data_dir)}: no column 'dialog_id' to split the dialogs by; the "
+            "mirror's README lists the columns."
         )
     written, stripped, gold = sets["DailyDialog"]
     for half, parity in (("even", 0), ("odd", 1)):

@@ -144,7 +144,7 @@ def eval_sets(task_names: list[str], data_dir: str) -> dict[str, dict]:
             logger.warning("task %r is not built in; its evaluation set is not scored here.", task_name)
             continue
         for source in task.eval:
-            texts, labels = mtdata._read_source(source.source, task, data_dir)
+            texts, labels = mtdata.read_source(source.source, task, data_dir)
             sets[source.name] = {"task": task_name, "texts": list(texts), "labels": list(labels)}
     return sets
 

@@ -265,7 +265,7 @@ def test_custom_task_files_need_no_dataset_and_map_string_labels(shared_data_dir
     (task,) = mtdata.check_custom_tasks(mtdata.get_tasks(["topic"], specs), data_dir=None)
     assert task.label_names == tuple(sorted(set(frame["coarse"])))  # names from the data, sorted
     assert [e.name for e in task.eval] == ["topic"] and task.eval[0].source.split == "validation"
-    texts, labels = mtdata._read_source(task.train[0], task, None)
+    texts, labels = mtdata.read_source(task.train[0], task, None)
     assert texts == list(frame["question"])
     assert [task.label_names[i] for i in labels] == list(frame["coarse"])
 
@@ -276,7 +276,7 @@ def test_given_label_names_fix_the_class_ids(shared_data_dir, tmp_path):
     names = ["NUM", "LOC", "HUM", "ENTY", "DESC", "ABBR"]  # not sorted: this order is the id order
     specs = mtdata.parse_task_definitions([topic(data_files={"train": str(path)}, label_names=names)])
     (task,) = mtdata.check_custom_tasks(mtdata.get_tasks(["topic"], specs), data_dir=None)
-    _, labels = mtdata._read_source(task.train[0], task, None)
+    _, labels = mtdata.read_source(task.train[0], task, None)
     assert labels == [names.index(c) for c in frame["coarse"]]
 
 
@@ -376,7 +376,7 @@ def test_label_names_from_a_classlabel_column_or_from_integer_ids(shared_data_di
     tasks = mtdata.check_custom_tasks(mtdata.get_tasks(["topic", "ids"], specs), data_dir=str(shared_data_dir))
     assert tasks[0].label_names == ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")  # the mirror's ClassLabel names
     assert tasks[1].label_names == ("0", "1", "2")
-    assert mtdata._read_source(tasks[1].train[0], tasks[1], None)[1] == [2, 0, 1, 2]
+    assert mtdata.read_source(tasks[1].train[0], tasks[1], None)[1] == [2, 0, 1, 2]
 
 
 # ---- inputs that used to load silently: refused, naming where ----
@@ -390,7 +390,18 @@ def _topic(**overrides) -> dict:
 
 def _read(data_dir, definition=None):
     spec = mtdata.parse_task_definitions([definition or _topic()])["topic"]
-    return mtdata._read_source(spec.train[0], spec, str(data_dir))
+    return mtdata.read_source(spec.train[0], spec, str(data_dir))
+
+
+def test_read_dataset_gives_the_checked_rows_and_the_other_columns(tmp_path):
+    _write(tmp_path, "train.csv", b"text,label,speaker\nfine film,pos,a\ndull film,neg,b\n")
+    spec = mtdata.parse_task_definitions([_topic()])["topic"]
+    dataset, texts, labels = mtdata.read_dataset(spec.train[0], spec, str(tmp_path))
+    assert (texts, labels) == (["fine film", "dull film"], [1, 0]) == _read(tmp_path)
+    assert dataset["speaker"][:] == ["a", "b"]  # what bench/question_rules.py takes dialog_id from
+    _write(tmp_path, "train.csv", b"text,label\nfine film,pos\n,neg\n")
+    with pytest.raises(ValueError, match=r"train\.csv.*row 1"):  # the same checks as training, naming file and row
+        mtdata.read_dataset(spec.train[0], spec, str(tmp_path))
 
 
 def _write(data_dir, name: str, content: bytes):

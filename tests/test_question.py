@@ -419,7 +419,7 @@ def test_error_report_on_a_tiny_model(make_model, tiny_tokenizer, tiny_data_dir,
     # The printed counts are those of the grouping applied to the model's and the rule's own predictions.
     task = mtdata.TASKS["question"]
     for eval_source in task.eval:
-        texts, gold = mtdata._read_source(eval_source.source, task, str(tiny_data_dir))
+        texts, gold = mtdata.read_source(eval_source.source, task, str(tiny_data_dir))
         predicted = errors.predict(model, tiny_tokenizer, texts)
         groups = errors.disagreements(gold, predicted, [int(question.is_question_heuristic(t)) for t in texts])
         section = text.split(f"== {eval_source.name} ")[1].split("\n\n")[0]
