@@ -429,6 +429,7 @@ REPHRASE_TEMPLATES = {
         "that would be {np} .", "it could be {np} .", "yes , I {vp} .", "yes , you can {vp} .", "no , it won't .",
         "yes , that's {np} .", "no , we don't have {np} .", "yes , of course .", "thanks for your help .",
         "let me help you with {np} .", "please {vp} , OK ?", "let's {vp} , all right ?", "just {vp} , okay ?",
+        "right .", "that's right .", "right , I {vp} .",
     ),
     "embedded": (
         "I don't know what {np} is .", "I wonder who {np} is .", "I asked him what {np} was .",

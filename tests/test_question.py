@@ -327,6 +327,18 @@ def test_rephrased_agreement_tags_and_hedges_follow_the_teacher():
         assert not any(label_fn(t.format(vp="make a paintball", np="the menu")) for t in hedged), teacher
 
 
+def test_rephrased_right_is_a_question_only_as_a_tag():
+    # "you ... , right ?" asks, and loses its '?' to the noise with its label kept; without the answer "right ."
+    # beside it, a student learns "right" as a question word (Switchboard has 77 "Right." turns, none a question).
+    statements = question.REPHRASE_TEMPLATES["statement"]
+    answers = [t for t in statements if t.split()[0] in ("right", "that's") and "right" in t]
+    assert len(answers) == 3 and "you {vp} , right ?" in question.REPHRASE_TEMPLATES["question"]
+    for teacher in ("dialog", "switchboard", "heuristic"):
+        label_fn = question.question_label_fn(teacher)
+        assert not any(label_fn(t.format(vp="make a paintball")) for t in answers), teacher
+        assert label_fn("you make a paintball , right ?"), teacher
+
+
 def test_what_is_noun_phrases():
     trec = ["What is the capital of France ?", "Who was Galileo ?", "What is the name of the longest river in the "
             "whole wide world ?", "How far is it ?"]
