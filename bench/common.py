@@ -67,6 +67,8 @@ def setting(device: str) -> dict:
     import accelerate
     import transformers
 
+    import outputs
+
     versions = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -81,7 +83,7 @@ def setting(device: str) -> dict:
     if device == "cuda":
         hardware = f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
     else:
-        hardware = f"CPU {cpu_model()}"
+        hardware = f"CPU {outputs.cpu_name()}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "hardware": hardware,
@@ -92,16 +94,6 @@ def setting(device: str) -> dict:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def synchronize(device: str) -> None:
