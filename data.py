@@ -653,7 +653,7 @@ def check_label_feature(ds, source: Source, task: TaskSpec, where: str) -> None:
 def read_source(source: Source, task: TaskSpec, data_dir: str | None) -> tuple[list[str], list[int]]:
     """The texts (after the source's transform) and labels (the data's, or the task's label_fn) of one split,
     checked as training checks them: an error names the file, column and row. The reader for scripts that score
-    a model or a rule on a task's data (bench/question_rules.py, question_errors.py, seed_soup.py)."""
+    a model or a rule on a task's data (bench/question_rules.py, question_errors.py, seed_soup.py, quantization.py)."""
     _, texts, labels = read_dataset(source, task, data_dir)
     return texts, labels
 

@@ -406,7 +406,8 @@ REPHRASE_TEMPLATES = {
         "have you heard of {np} ?", "is that {np} ?", "can I get {np} ?", "may I help you ?",
         "may I help you with {np} ?", "why ?", "how much ?", "what for ?", "which one ?", "how come ?", "now what ?",
         "how about you ?", "what about you ?", "how much is {np} ?", "you {vp} , right ?",
-        "what did he say about {np} ?", "what did you say ?",
+        "what did he say about {np} ?", "what did you say ?", "can I help you ?", "what would you like ?",
+        "what would you like to {vp} ?",
     ),
     "yes_no": (
         "can I {vp} ?", "can it {vp} ?", "will it be hard to {vp} ?", "will I need {np} ?", "will that be {np} ?",
@@ -420,7 +421,8 @@ REPHRASE_TEMPLATES = {
         "how about {np} ?", "would you like {np} ?", "could you show me {np} ?", "can you get me {np} ?",
         "may I have {np} ?", "can I have {np} ?", "why not {np} ?", "why not ?", "can we {vp} ?", "could I {vp} ?",
         "do you mind if I {vp} ?", "could you tell me {np} ?", "can you help me {vp} ?",
-        "could you help me with {np} ?",
+        "could you help me with {np} ?", "can you tell me where {np} is ?", "could you tell me what {np} is ?",
+        "can you tell me how to {vp} ?", "may I ask what {np} is ?",
     ),
     "statement": (
         "I want to {vp} .", "we should {vp} .", "let's {vp} .", "you need to {vp} .", "I'd like to {vp} .",

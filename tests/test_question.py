@@ -339,6 +339,23 @@ def test_rephrased_right_is_a_question_only_as_a_tag():
         assert label_fn("you make a paintball , right ?"), teacher
 
 
+def test_rephrased_indirect_requests_and_wh_offers_follow_the_teacher():
+    # "can you tell me where ... is ?" holds a wh-word and asks for something: a request under the dialogue
+    # conventions, a question to the plain heuristic (its '?'). "what would you like ...?" opens like the request
+    # "would you like ...?" after a wh-word, and "can I help you ?" like "can I have ...?": questions to every teacher.
+    fill = dict(vp="make a paintball", np="the menu")
+    requests = [
+        t for t in question.REPHRASE_TEMPLATES["request"]
+        if (" tell me " in t or t.startswith("may I ask")) and set(question._TOKEN.findall(t)) & question.WH_WORDS
+    ]
+    offers = [t for t in question.REPHRASE_TEMPLATES["question"] if "would you like" in t or t == "can I help you ?"]
+    assert len(requests) == 4 and len(offers) == 3
+    for teacher, request_label in (("dialog", 0), ("switchboard", 0), ("heuristic", 1)):
+        label_fn = question.question_label_fn(teacher)
+        assert [label_fn(t.format(**fill)) for t in requests] == [request_label] * len(requests), teacher
+        assert all(label_fn(t.format(**fill)) for t in offers), teacher
+
+
 def test_what_is_noun_phrases():
     trec = ["What is the capital of France ?", "Who was Galileo ?", "What is the name of the longest river in the "
             "whole wide world ?", "How far is it ?"]
