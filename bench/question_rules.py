@@ -3,9 +3,12 @@
 even- and odd-numbered dialogs apart) and Switchboard validation.
 
     python bench/question_rules.py --data_dir ../shared/data
+    python bench/question_rules.py --data_dir ../shared/data --disagree dialog switchboard
 
 The dialog teacher's DailyDialog rules are read from errors on even-numbered dialogs; the odd-numbered ones are
-the check that a rule holds beyond the dialogs it was read from (docs/question_detection.md). The sets are the
+the check that a rule holds beyond the dialogs it was read from (docs/question_detection.md). `--disagree A B`
+adds the utterances on which two rules differ, set by set, with how many of them are gold questions: for `dialog`
+and `switchboard`, the rows where the two conventions part. The sets are the
 question task's gold evaluation sets, read as train.py reads them. No model is involved and nothing is trained:
 gold labels are only read here.
 """
@@ -60,11 +63,39 @@ def table(sets: dict[str, tuple[list[str], list[str], list[int]]]) -> str:
     return markdown_table(columns, rows)
 
 
+def disagreement_table(sets: dict[str, tuple[list[str], list[str], list[int]]], first: str, second: str) -> str:
+    """The utterances on which rules `first` and `second` differ, per set (the whole ones, not the halves) and view:
+    each distinct text with its rows, the gold questions among them and each rule's answer."""
+    rows = []
+    for set_name, (written, stripped, gold) in sets.items():
+        if "," in set_name:  # a half of DailyDialog: its rows are already in the whole set
+            continue
+        for view, texts in (("as written", written), ("`?` removed", stripped)):
+            counts: dict[str, list[int]] = {}
+            for text, label in zip(texts, gold):
+                if RULES[first](text) != RULES[second](text):
+                    counts.setdefault(text, []).append(label)
+            for text, labels in sorted(counts.items(), key=lambda item: (-len(item[1]), item[0])):
+                answers = [("question" if RULES[name](text) else "not") for name in (first, second)]
+                rows.append([set_name, view, f"`{text}`", str(len(labels)), str(sum(labels)), *answers])
+            if not counts:
+                rows.append([set_name, view, "(none)", "0", "0", "", ""])
+    columns = ["set", "view", "text", "rows", "gold questions", f"`{first}`", f"`{second}`"]
+    return markdown_table(columns, rows)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", required=True, help="The data mirror holding dailydialog/ and swda/.")
+    parser.add_argument(
+        "--disagree", nargs=2, metavar=("RULE", "RULE"), choices=sorted(RULES),
+        help="Also list the gold utterances on which these two rules differ, e.g. `dialog switchboard`.",
+    )
     args = parser.parse_args(argv)
-    text = table(gold_sets(args.data_dir))
+    sets = gold_sets(args.data_dir)
+    text = table(sets)
+    if args.disagree:
+        text += "\n\n" + disagreement_table(sets, *args.disagree)
     print(text)
     return text
 

@@ -713,3 +713,25 @@ def test_question_rules_names_the_missing_column(tmp_path, tiny_data_dir):
     pd.read_parquet(path).drop(columns=["dialog_id"]).to_parquet(path)
     with pytest.raises(ValueError, match=r"validation\.parquet: no column 'dialog_id'"):
         question_rules.main(["--data_dir", str(tmp_path / "data")])
+
+
+def test_question_rules_lists_the_utterances_two_rules_disagree_on(tmp_path, tiny_data_dir):
+    import shutil
+
+    import pandas as pd
+    import question_rules
+
+    shutil.copytree(tiny_data_dir, tmp_path / "data")
+    for rel, text, label in (("dailydialog", "Really ?", 1), ("swda", "Oh, really?", 0)):
+        path = tmp_path / "data" / rel / "validation.parquet"
+        frame = pd.read_parquet(path)
+        extra = frame.head(2).assign(text=text, is_question=frame["is_question"].dtype.type(label))
+        pd.concat([frame, extra], ignore_index=True).to_parquet(path)
+    text = question_rules.main(["--data_dir", str(tmp_path / "data"), "--disagree", "dialog", "switchboard"])
+    table = text.split("\n\n")[-1].splitlines()
+    assert table[0] == "| set | view | text | rows | gold questions | `dialog` | `switchboard` |"
+    assert "| DailyDialog | as written | `Really ?` | 2 | 2 | question | not |" in table
+    assert "| Switchboard | as written | `Oh, really?` | 2 | 0 | question | not |" in table
+    assert "| DailyDialog | `?` removed | (none) | 0 | 0 |  |  |" in table
+    with pytest.raises(SystemExit):
+        question_rules.main(["--data_dir", str(tmp_path / "data"), "--disagree", "dialog", "dialgo"])
