@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------
 # The rules
@@ -610,6 +613,12 @@ class QuestionPool:
         self, texts: list[str], labels: list[int], source_texts: Sequence[str], pool: Sequence[str], seed: int
     ) -> tuple[list[str], list[int]]:
         args, label_fn = self.args, self.label_fn
+        if args.question_teacher == "switchboard" and args.question_backchannel_rows == 0:
+            logger.warning(
+                "question_teacher switchboard with question_backchannel_rows 0: SST-2 and TREC hold no backchannel, "
+                "so this teacher labels every training row as dialog does and the student learns the DailyDialog "
+                "convention. Add backchannel rows (--question_backchannel_rows 150) to teach Switchboard's."
+            )
         traps = mine_traps(source_texts, args.question_trap_rows, label_fn, seed, exclude=pool)
         rephrased = rephrase_questions(
             how_to_verb_phrases(source_texts),

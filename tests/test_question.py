@@ -247,9 +247,16 @@ def test_backchannels_carry_the_teachers_convention():
     assert question.backchannels(0, label_fn, seed=0) == ([], [])
 
 
-def test_backchannel_rows_reach_the_training_rows_only(tiny_data_dir, tiny_tokenizer):
-    plain = _build(tiny_data_dir, tiny_tokenizer, question_teacher="switchboard")
-    more = _build(tiny_data_dir, tiny_tokenizer, question_teacher="switchboard", question_backchannel_rows=30)
+def test_backchannel_rows_reach_the_training_rows_only(tiny_data_dir, tiny_tokenizer, caplog):
+    with caplog.at_level("WARNING", logger="question"):
+        plain = _build(tiny_data_dir, tiny_tokenizer, question_teacher="switchboard")
+    # Without backchannel rows the switchboard teacher labels SST-2/TREC as dialog does: the user is told.
+    assert "question_backchannel_rows 0" in caplog.text and "--question_backchannel_rows 150" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="question"):
+        more = _build(tiny_data_dir, tiny_tokenizer, question_teacher="switchboard", question_backchannel_rows=30)
+        _build(tiny_data_dir, tiny_tokenizer, question_teacher="dialog")
+    assert "question_backchannel_rows" not in caplog.text
     assert more.task_sizes[0] == plain.task_sizes[0] + 30
     assert more.eval_texts["question"] == plain.eval_texts["question"]
     for name in ("question", "question_gold", "question_swda_noqm"):
