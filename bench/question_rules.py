@@ -67,9 +67,8 @@ def disagreement_table(sets: dict[str, tuple[list[str], list[str], list[int]]], 
     """The utterances on which rules `first` and `second` differ, per set (the whole ones, not the halves) and view:
     each distinct text with its rows, the gold questions among them and each rule's answer."""
     rows = []
-    for set_name, (written, stripped, gold) in sets.items():
-        if "," in set_name:  # a half of DailyDialog: its rows are already in the whole set
-            continue
+    for set_name in VIEWS:  # the whole sets: the halves of DailyDialog hold the same rows again
+        written, stripped, gold = sets[set_name]
         for view, texts in (("as written", written), ("`?` removed", stripped)):
             counts: dict[str, list[int]] = {}
             for text, label in zip(texts, gold):
