@@ -467,6 +467,67 @@ def test_error_report_on_a_tiny_model(make_model, tiny_tokenizer, tiny_data_dir,
     assert "(DailyDialog, every '?' removed)" in text and "(Switchboard, every '?' removed)" in text
 
 
+def test_override_takes_the_second_rules_answer_only_where_the_rules_differ():
+    errors = _load_errors_module()
+    model, first, second = [1, 1, 0, 0, 1], [1, 0, 1, 0, 1], [0, 0, 0, 0, 1]
+    assert errors.override(model, first, second) == ([0, 1, 0, 0, 1], [0, 2])
+    with pytest.raises(ValueError, match="differ in length: 2, 1, 1"):
+        errors.override([1, 0], [1], [0])
+
+
+def test_error_report_scores_each_model_under_the_other_convention(make_model, tiny_tokenizer, tiny_data_dir, tmp_path):
+    import numpy as np
+    import torch
+
+    import shutil
+
+    import pandas as pd
+
+    errors = _load_errors_module()
+    data_dir = tmp_path / "data"  # the slices plus backchannels of both sets, where the conventions part
+    shutil.copytree(tiny_data_dir, data_dir)
+    for rel, extra in (
+        ("dailydialog/validation.parquet", {"text": "Really ?", "act": 2, "is_question": 1, "dialog_id": 9, "turn": 0}),
+        ("swda/validation.parquet", {"text": "Oh, really?", "tag": "bh", "is_question": 0}),
+    ):
+        frame = pd.read_parquet(data_dir / rel)
+        pd.concat([frame, pd.DataFrame([extra] * 3).astype(frame.dtypes)]).to_parquet(data_dir / rel)
+    folders = []
+    for name, bias in (("plain", 0.0), ("leans_question", 0.3)):
+        model = make_model()
+        with torch.no_grad():
+            model.heads["question"].bias[1] += bias
+        model.save_pretrained(tmp_path / name, safe_serialization=True)
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+        folders.append((str(tmp_path / name), model))
+    args = [folder for folder, _ in folders] + ["--data_dir", str(data_dir), "--limit", "0", "--rule", "dialog"]
+    text = errors.main(args + ["--override", "dialog", "switchboard"])
+    assert "[gold" not in text  # --limit 0: counts only
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.split("\n\n")[-1].splitlines()[2:]]
+    table = {(cells[0], cells[1]): cells[2:] for cells in rows}  # the closing table, past its header
+
+    task = mtdata.TASKS["question"]
+    differing = 0
+    for eval_source in task.eval:
+        texts, gold = mtdata.read_source(eval_source.source, task, str(data_dir))
+        first, second = ([int(question.RULES[n](t)) for t in texts] for n in ("dialog", "switchboard"))
+        differ = [i for i in range(len(texts)) if first[i] != second[i]]
+        differing += len(differ)
+        scores = []
+        for folder, model in folders:
+            predicted = list(errors.predict(model, tiny_tokenizer, texts))
+            merged = [second[i] if i in differ else predicted[i] for i in range(len(texts))]
+            scores.append(errors.question_class_scores(gold, merged)[0])
+            assert table[(eval_source.name, folder)] == [
+                f"{errors.question_class_scores(gold, predicted)[0]:.4f}",
+                f"{len(differ)} ({sum(gold[i] for i in differ)})",
+                str(sum(predicted[i] for i in differ)),
+                f"{scores[-1]:.4f}",
+            ]
+        assert table[(eval_source.name, "**mean of 2**")][-1] == f"**{np.mean(scores):.4f}**"
+    assert differing == 6  # the three backchannels of each set as written; without '?' the rules agree
+
+
 def test_error_report_rejects_a_folder_without_model(tmp_path, tiny_data_dir):
     errors = _load_errors_module()
     with pytest.raises(ValueError, match="holds no config.json"):
