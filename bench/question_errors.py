@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.limit < 0:
         parser.error(f"--limit {args.limit}: pass 0 or more sentences per group.")
+    if args.max_length is not None and args.max_length < 1:
+        parser.error(f"--max_length {args.max_length}: pass a positive number of tokens, or leave it out.")
 
     from predict import load_model, load_tokenizer
 

@@ -534,6 +534,16 @@ def test_error_report_rejects_a_folder_without_model(tmp_path, tiny_data_dir):
         errors.main([str(tmp_path), "--data_dir", str(tiny_data_dir)])
 
 
+@pytest.mark.parametrize(
+    "option, message", [("--limit=-1", "--limit -1: pass 0 or more"), ("--max_length=0", "--max_length 0: pass a")]
+)
+def test_error_report_rejects_bad_numbers_before_loading(tmp_path, tiny_data_dir, capsys, option, message):
+    errors = _load_errors_module()
+    with pytest.raises(SystemExit):
+        errors.main([str(tmp_path), "--data_dir", str(tiny_data_dir), option])
+    assert message in capsys.readouterr().err
+
+
 def test_declarative_questions_are_closed_statements_with_a_question_mark():
     label_fn = question.question_label_fn("dialog")
     texts = ["so you 're leaving .", "the film is good !", "high-minded snoozer", "what is it ?", "a fine cast ."]
