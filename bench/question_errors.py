@@ -42,12 +42,18 @@ VIEWS = {
 }
 
 
+def aligned(what: str, *columns: Sequence[int]) -> list[np.ndarray]:
+    """The columns as int arrays; a ValueError naming `what` and the lengths when they are not all one length."""
+    arrays = [np.asarray(column, dtype=int) for column in columns]
+    if len({len(a) for a in arrays}) > 1:
+        raise ValueError(f"{what} differ in length: {', '.join(str(len(a)) for a in arrays)}.")
+    return arrays
+
+
 def disagreements(gold: Sequence[int], model: Sequence[int], rule: Sequence[int]) -> dict[str, list[int]]:
     """Row indices where model and rule disagree, split by who matches gold: {'model_right': [...], 'rule_right':
     [...]}. With binary labels, a disagreement always has exactly one side right."""
-    gold, model, rule = (np.asarray(x, dtype=int) for x in (gold, model, rule))
-    if not len(gold) == len(model) == len(rule):
-        raise ValueError(f"gold, model and rule predictions differ in length: {len(gold)}, {len(model)}, {len(rule)}.")
+    gold, model, rule = aligned("gold, model and rule predictions", gold, model, rule)
     differ = model != rule
     return {
         "model_right": np.flatnonzero(differ & (model == gold)).tolist(),
@@ -64,9 +70,7 @@ def question_scores(gold: Sequence[int], pred: Sequence[int]) -> str:
 def override(model: Sequence[int], first: Sequence[int], second: Sequence[int]) -> tuple[list[int], list[int]]:
     """The model's predictions with rule `second`'s answer on the rows where rules `first` and `second` differ,
     and those rows' indices."""
-    model, first, second = (np.asarray(x, dtype=int) for x in (model, first, second))
-    if not len(model) == len(first) == len(second):
-        raise ValueError(f"model and rule predictions differ in length: {len(model)}, {len(first)}, {len(second)}.")
+    model, first, second = aligned("model and rule predictions", model, first, second)
     rows = np.flatnonzero(first != second)
     merged = model.copy()
     merged[rows] = second[rows]
