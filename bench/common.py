@@ -231,6 +231,12 @@ def replaced(module, **attributes):
             setattr(module, name, value)
 
 
+def recorded_max_length(metrics: dict) -> int | None:
+    """The max_seq_length a run was trained and evaluated with, as its metrics.json records it (None if it does
+    not): scoring a run's folder at this length gives the figures of its metrics.json."""
+    return metrics.get("recipe", {}).get("max_seq_length")
+
+
 def headlines(metrics_by_set: dict[str, dict], eval_tasks: dict[str, str]) -> dict[str, float]:
     """set -> its headline metric (question-class F1 for question sets, accuracy otherwise)."""
     import data as mtdata

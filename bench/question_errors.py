@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import data as mtdata  # noqa: E402
 from question import RULES  # noqa: E402
-from common import head_predictions, markdown_table, question_class_scores  # noqa: E402
+from common import head_predictions, markdown_table, question_class_scores, recorded_max_length  # noqa: E402
 from modeling_multitask import MultiTaskModel  # noqa: E402
 
 VIEWS = {
@@ -88,7 +88,7 @@ def trained_length(model_dir: Path, default: int = 128) -> int:
     metrics = model_dir / "metrics.json"
     if not metrics.is_file():
         return default
-    return json.loads(metrics.read_text()).get("recipe", {}).get("max_seq_length") or default
+    return recorded_max_length(json.loads(metrics.read_text(encoding="utf-8"))) or default
 
 
 def report(name: str, texts, gold, model, rule, rule_name: str, limit: int, seed: int) -> str:

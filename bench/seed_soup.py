@@ -30,7 +30,7 @@ from pathlib import Path
 import common  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 import torch
-from common import head_predictions, headlines, markdown_table, report, setting
+from common import head_predictions, headlines, markdown_table, recorded_max_length, report, setting
 
 logger = logging.getLogger("bench.seed_soup")
 
@@ -107,9 +107,9 @@ def check_same_recipe(runs: list[dict]) -> None:
 def max_length_of(runs: list[dict], given: int | None) -> int:
     if given is not None:
         return given
-    lengths = {run["metrics"].get("recipe", {}).get("max_seq_length") for run in runs}
+    lengths = {recorded_max_length(run["metrics"]) for run in runs}
     if None in lengths:
-        missing = next(r["folder"] for r in runs if r["metrics"].get("recipe", {}).get("max_seq_length") is None)
+        missing = next(r["folder"] for r in runs if recorded_max_length(r["metrics"]) is None)
         raise ValueError(
             f"{missing}: metrics.json does not record max_seq_length; pass --max_length (the runs' value)."
         )

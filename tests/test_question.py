@@ -476,12 +476,11 @@ def test_override_takes_the_second_rules_answer_only_where_the_rules_differ():
 
 
 def test_error_report_scores_each_model_under_the_other_convention(make_model, tiny_tokenizer, tiny_data_dir, tmp_path):
-    import numpy as np
-    import torch
-
     import shutil
 
+    import numpy as np
     import pandas as pd
+    import torch
 
     errors = _load_errors_module()
     data_dir = tmp_path / "data"  # the slices plus backchannels of both sets, where the conventions part
@@ -526,6 +525,17 @@ def test_error_report_scores_each_model_under_the_other_convention(make_model, t
             ]
         assert table[(eval_source.name, "**mean of 2**")][-1] == f"**{np.mean(scores):.4f}**"
     assert differing == 6  # the three backchannels of each set as written; without '?' the rules agree
+
+
+def test_error_report_truncates_at_the_length_the_run_recorded(tmp_path):
+    import json
+
+    errors = _load_errors_module()
+    assert errors.trained_length(tmp_path) == 128  # no metrics.json: a folder from elsewhere
+    (tmp_path / "metrics.json").write_text(json.dumps({"recipe": {"max_seq_length": 64}}), encoding="utf-8")
+    assert errors.trained_length(tmp_path) == 64  # so the F1 printed is the run's own
+    (tmp_path / "metrics.json").write_text(json.dumps({"recipe": {}}), encoding="utf-8")
+    assert errors.trained_length(tmp_path, default=96) == 96
 
 
 def test_error_report_rejects_a_folder_without_model(tmp_path, tiny_data_dir):
