@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import question
+from distill import soft_targets
 
 logger = logging.getLogger(__name__)
 
@@ -704,6 +705,7 @@ class MultiTaskData:
     samples: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # a few (text, label) per task
     truncated: dict[str, int] = field(default_factory=dict)  # "task/split" -> texts cut to max_seq_length
     eval_capped: dict[str, dict] = field(default_factory=dict)  # eval set name -> {"of": rows before, "how": ...}
+    distilled_tasks: list[str] = field(default_factory=list)  # tasks whose rows carry a teacher's logits
 
 
 def _subsample(texts: list[str], labels: list[int], limit: int | None, seed: int) -> tuple[list[str], list[int]]:
@@ -759,10 +761,10 @@ def _train_rows(data: MultiTaskData, task: TaskSpec, task_id: int, tokenizer, ar
     return task.pool.training_rows(texts, labels, source_texts, pool_texts, seed)
 
 
-def build_data(tasks: list[TaskSpec], tokenizer, args, seed: int = 42) -> MultiTaskData:
+def build_data(tasks: list[TaskSpec], tokenizer, args, seed: int = 42, teacher=None) -> MultiTaskData:
     """Load, label, check and tokenize every task. `args` is train.DataArguments (data_dir, max_seq_length,
     max_train_samples, max_eval_samples, max_gold_eval_samples, gold_eval); a weakly labelled task brings its own
-    options in its pool."""
+    options in its pool. With a `distill.Teacher`, the training rows get a `teacher_logits` column."""
     import datasets
 
     # A custom task without label_names takes them from its data (train.py has done so in check_custom_tasks).
@@ -778,9 +780,14 @@ def build_data(tasks: list[TaskSpec], tokenizer, args, seed: int = 42) -> MultiT
                 f"{list(task.label_names)}; a classifier needs examples of at least two classes."
             )
         data.samples[task.name] = list(zip(texts[:3], labels[:3]))
-        train_parts.append(
-            _tokenize(texts, labels, task_id, tokenizer, args.max_seq_length, f"{task.name}/train", data.truncated)
-        )
+        part = _tokenize(texts, labels, task_id, tokenizer, args.max_seq_length, f"{task.name}/train", data.truncated)
+        if teacher is not None:
+            width = max(t.num_labels for t in tasks)
+            column = soft_targets(teacher, task.name, task.num_labels, width, texts)
+            part = part.add_column("teacher_logits", column.tolist())
+            if task.name in teacher.tasks:
+                data.distilled_tasks.append(task.name)
+        train_parts.append(part)
         data.task_sizes.append(len(texts))
         for eval_source in task.eval:
             if eval_source.mirror_only and (args.data_dir is None or not args.gold_eval):
@@ -916,4 +923,6 @@ class MultiTaskCollator:
             batch["task_ids"] = torch.tensor([f["task_ids"] for f in features], dtype=torch.long)
         if "labels" in features[0]:
             batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+        if "teacher_logits" in features[0]:
+            batch["teacher_logits"] = torch.tensor([f["teacher_logits"] for f in features], dtype=torch.float32)
         return batch

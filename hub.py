@@ -199,6 +199,14 @@ def _learning_rates(recipe: dict) -> str:
     return text
 
 
+def _distillation(distillation: dict) -> str:
+    tasks = ", ".join(distillation["tasks"])
+    return (
+        f"soft targets of `{distillation['teacher']}` on the {tasks} training rows: cross-entropy + "
+        f"{distillation['weight']:g} x T^2 x KL at T = {distillation['temperature']:g}"
+    )
+
+
 def _seeds(seed) -> str:
     """A run's seed, or a seed soup's list of them."""
     if isinstance(seed, list):
@@ -264,6 +272,7 @@ def _recipe_rows(metrics: dict, config: dict) -> list[tuple[str, str]]:
         ("Parameters", f"{train['trainable_parameters']:,} trainable of {train['total_parameters']:,}"),
         ("Task sampling", f"{sampling}, one task per batch"),
         ("Loss weighting", f"{recipe['loss_weighting']} ({weights})" if weights else recipe["loss_weighting"]),
+        *([("Distillation", _distillation(recipe["distillation"]))] if recipe.get("distillation") else []),
         *[("Weak labels", line) for line in weak],
         ("Training rows", ", ".join(f"{k} {v:,}" for k, v in train["rows_per_task"].items())),
         *([("Row caps", ", ".join(caps))] if caps else []),

@@ -244,6 +244,7 @@ def run_metrics(
             "task_sampling": mt_args.task_sampling,
             "task_sampling_temperature": mt_args.task_sampling_temperature,
             "loss_weighting": mt_args.loss_weighting,
+            "distillation": distillation_recipe(mt_args, mt),
             "per_device_train_batch_size": training_args.per_device_train_batch_size,
             "learning_rate": training_args.learning_rate,
             "num_processes": training_args.world_size,
@@ -258,6 +259,19 @@ def run_metrics(
             "hardware": hardware_summary(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         },
+    }
+
+
+def distillation_recipe(mt_args, mt) -> dict | None:
+    """What --distill_from did in this run: the teacher, the tasks it labelled and the loss settings; None without
+    a teacher."""
+    if getattr(mt_args, "distill_from", None) is None:
+        return None
+    return {
+        "teacher": mt_args.distill_from,
+        "tasks": list(mt.distilled_tasks),
+        "weight": mt_args.distill_weight,
+        "temperature": mt_args.distill_temperature,
     }
 
 

@@ -59,6 +59,7 @@ from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set
 
 import checks
 import data as mtdata
+import distill
 import lora
 import question
 import run_folder
@@ -236,6 +237,22 @@ class MultiTaskArguments:
             "gradient_accumulation_steps 1; combines with --torch_compile in mode default, not reduce-overhead."
         },
     )
+    distill_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "A train.py output folder (or Hub repo of one) whose logits are soft targets for the training "
+            "rows of the tasks it has heads for (distill.py); e.g. a larger encoder trained on the same task."
+        },
+    )
+    distill_tasks: list[str] = field(
+        default_factory=list, metadata={"help": "The tasks to distill; default: every task the teacher has."}
+    )
+    distill_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the distillation term beside the hard-label cross-entropy."}
+    )
+    distill_temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature T of teacher and student in the distillation term."}
+    )
     export_sentence_transformers: str = field(
         default="inline",
         metadata={
@@ -250,6 +267,9 @@ class MultiTaskArguments:
         if self.loss_weights_learning_rate is not None and self.loss_weights_learning_rate <= 0:
             raise ValueError(f"loss_weights_learning_rate must be > 0, got {self.loss_weights_learning_rate}.")
         self.pad_to_buckets = list(mtdata.check_padding(self.pad_to_multiple_of, self.pad_to_buckets))
+        distill.check_arguments(self.distill_from, self.distill_tasks, self.distill_weight, self.distill_temperature)
+        if self.distill_from is not None and self.cuda_graphs:
+            raise ValueError("--cuda_graphs records the step without the distillation term; drop one of the two.")
 
     def weights(self) -> dict[str, float]:
         out = {}
@@ -362,7 +382,10 @@ def setup_logging(training_args: TrainingArguments, threads_note: str | None = N
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     log_level = training_args.get_process_log_level()
-    ours = (__name__, "data", "question", "sampler", "trainer", "freezing", "cuda_graphs", "checks", "outputs", "hub")
+    ours = (
+        __name__, "data", "question", "sampler", "trainer", "freezing", "cuda_graphs", "checks", "outputs", "hub",
+        "distill",
+    )  # fmt: skip
     for name in ours:
         logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -507,6 +530,15 @@ def build_trainer(model, tokenizer, mt, training_args: TrainingArguments, mt_arg
     return trainer
 
 
+def load_teacher(mt_args, data_args, config: MultiTaskConfig) -> distill.Teacher | None:
+    """The --distill_from model, checked against the run's tasks before any output is written."""
+    if mt_args.distill_from is None:
+        return None
+    teacher = distill.Teacher(mt_args.distill_from, data_args.max_seq_length)
+    teacher.check_tasks(config.tasks, mt_args.distill_tasks)
+    return teacher
+
+
 def evaluate_before_training(trainer, eval_names: list[str]) -> dict:
     logger.info("*** Evaluate before training ***")
     before = split_eval_metrics(trainer.evaluate(), eval_names)
@@ -531,6 +563,7 @@ def run(argv: list[str] | None, claim: run_folder.OutputClaim) -> dict:
     # built-in task loads.
     tasks = mtdata.check_custom_tasks(tasks, data_args.data_dir)
     config.tasks = [t.to_config() for t in tasks]
+    teacher = load_teacher(mt_args, data_args, config)
 
     # Set seed before initializing model.
     set_seed(training_args.seed)
@@ -538,7 +571,10 @@ def run(argv: list[str] | None, claim: run_folder.OutputClaim) -> dict:
     # Data
     tokenizer = AutoTokenizer.from_pretrained(encoder_path)
     with training_args.main_process_first(desc="loading and tokenizing the data"):
-        mt = mtdata.build_data(tasks, tokenizer, data_args, seed=training_args.data_seed or training_args.seed)
+        mt = mtdata.build_data(
+            tasks, tokenizer, data_args, seed=training_args.data_seed or training_args.seed, teacher=teacher
+        )
+    del teacher  # its logits are in the training rows now
     log_data(tasks, mt, tokenizer)
 
     # Model: the encoder and heads, LoRA adapters if asked, freezing

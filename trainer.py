@@ -27,6 +27,7 @@ from transformers.trainer_utils import EvalPrediction, has_length
 import checkpoints
 import checks
 import cuda_graphs
+import distill
 from sampler import MultiTaskBatchSampler, make_batch_sampler
 
 if TYPE_CHECKING:  # train.py imports this module
@@ -249,8 +250,14 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         return outputs.loss.detach().clone()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher_logits = inputs.pop("teacher_logits", None)  # training rows of a --distill_from run
         outputs = model(**inputs)
         loss = outputs.loss
+        if teacher_logits is not None and model.training:
+            distilled = distill.distillation_loss(
+                outputs.logits, teacher_logits, inputs["task_ids"], self.task_names, self.mt_args.distill_temperature
+            )
+            loss = loss + self.mt_args.distill_weight * distilled
         if model.training:
             self._accumulate(outputs, inputs)
             if self._check_every_step and not self._all_ranks:

@@ -1,0 +1,216 @@
+"""Knowledge distillation: a trained model's logits as soft targets for the student's training rows.
+
+    accelerate launch train.py configs/default.yaml --data_dir ../shared/data --distill_from runs/teacher
+
+`--distill_from` names a folder saved by train.py (or a Hub repo of one), e.g. a larger encoder trained on the same
+task. Before training, the teacher labels every training row of each task it has a head for (`--distill_tasks`
+narrows them) with its own tokenizer; each such row's loss then adds
+
+    distill_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))     (T = --distill_temperature)
+
+to the head's cross-entropy on its hard label (Hinton et al., 2015), averaged over the task's rows in the batch.
+The teacher's logits are cached on disk (under the `datasets` cache, one file per teacher weights and task, each
+input keyed by a digest of its token ids), so runs with other seeds, slices or settings label each input once. The
+teacher loads as predict.py loads a model: safetensors only, through this repository's class, running no code of its
+folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+# The cache's layout; bump it when the logits a key names would change.
+CACHE_VERSION = 1
+
+
+def check_arguments(distill_from: str | None, tasks: Sequence[str], weight: float, temperature: float) -> None:
+    """The distillation flags on their own (the teacher's heads are checked by `Teacher.check_tasks`)."""
+    if distill_from is None:
+        if tasks:
+            raise ValueError(f"--distill_tasks {list(tasks)} needs --distill_from (the teacher's output folder).")
+        return
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(
+            f"--distill_weight must be a finite number > 0, got {weight}; leave out --distill_from to train without it."
+        )
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"--distill_temperature must be a finite number > 0, got {temperature} (1 keeps the teacher's logits)."
+        )
+
+
+class Teacher:
+    """A saved multi-task model that labels training texts for the heads it shares with the student."""
+
+    def __init__(self, name_or_path: str, max_length: int, batch_size: int = 128):
+        import predict
+
+        self.name = name_or_path
+        self.path = self._local_folder(name_or_path)
+        try:
+            self.model = predict.load_model(self.path, device="cuda" if torch.cuda.is_available() else "cpu")
+            self.tokenizer = predict.load_tokenizer(self.path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--distill_from {name_or_path!r}: {err}") from err
+        self.max_length = min(max_length, self.model.max_input_length(self.tokenizer))
+        self.batch_size = batch_size
+        self.heads = {t["name"]: t for t in self.model.config.tasks}
+        self.tasks: list[str] = []
+
+    @staticmethod
+    def _local_folder(name_or_path: str) -> Path:
+        if Path(name_or_path).is_dir():
+            return Path(name_or_path)
+        if Path(name_or_path).exists() or name_or_path.startswith((".", "/", "~")):
+            raise ValueError(
+                f"--distill_from {name_or_path!r}: no such folder; pass the output folder of a train.py run."
+            )
+        from huggingface_hub import snapshot_download
+
+        try:  # a Hub repo of a train.py run; its weights and config, no code
+            return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        except Exception as err:
+            raise ValueError(
+                f"--distill_from {name_or_path!r} is not a local folder and could not be fetched from the Hub "
+                f"({type(err).__name__}: {str(err)[:200]})."
+            ) from err
+
+    def check_tasks(self, student_tasks: list[dict], wanted: Sequence[str]) -> list[str]:
+        """The tasks to distill: `wanted`, or every student task the teacher has a head for; each must have the
+        student's classes in the student's order."""
+        student = {t["name"]: t for t in student_tasks}
+        unknown = [t for t in wanted if t not in student]
+        if unknown:
+            raise ValueError(f"--distill_tasks {unknown}: not among the run's tasks {list(student)}.")
+        names = list(wanted) or [t for t in student if t in self.heads]
+        missing = [t for t in names if t not in self.heads]
+        if not names or missing:
+            raise ValueError(
+                f"--distill_from {self.name!r} has heads for {list(self.heads)}, none for "
+                f"{missing or list(student)}: distill from a model trained on the same task(s)."
+            )
+        for name in names:
+            ours, theirs = student[name], self.heads[name]
+            our_labels = [ours["id2label"][i] for i in range(ours["num_labels"])]
+            their_labels = [theirs["id2label"][i] for i in range(theirs["num_labels"])]
+            if our_labels != their_labels:
+                raise ValueError(
+                    f"--distill_from {self.name!r}: its {name!r} head has classes {their_labels}, the run's task has "
+                    f"{our_labels}; a teacher must predict the same classes in the same order."
+                )
+        self.tasks = names
+        return names
+
+    def fingerprint(self) -> str:
+        """A digest of the teacher's weights (every safetensors file, by content)."""
+        digest = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+        for file in sorted(self.path.glob("*.safetensors")):
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
+    def logits(self, task: str, texts: list[str], cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+        """(len(texts), num_labels) float32 logits of the teacher's `task` head. A cache file per teacher and task
+        holds the logits of every input it has labelled, keyed by a digest of the input's token ids (as truncated
+        to the run's length): only new inputs run."""
+        cache = Path(cache_dir or default_cache_dir()) / f"{self.fingerprint()[:32]}-{task}.npz"
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        digests = [hashlib.sha256(np.asarray(ids, np.int64).tobytes()).digest()[:16] for ids in encoded]
+        keys = np.array(digests, dtype="S16")
+        known_keys = np.empty(0, dtype="S16")
+        known = np.empty((0, self.heads[task]["num_labels"]), dtype=np.float32)
+        if cache.is_file():
+            with np.load(cache, allow_pickle=False) as stored:
+                if stored["logits"].shape[1:] == known.shape[1:]:
+                    known_keys, known = stored["keys"], stored["logits"]
+        index = {k: i for i, k in enumerate(known_keys.tolist())}
+        missing = sorted({k: i for i, k in enumerate(keys.tolist()) if k not in index}.values())
+        logger.info(
+            "Distillation: %d of %d %s rows labelled by the teacher (%s), the rest from %s",
+            len(missing), len(texts), task, self.name, cache,
+        )  # fmt: skip
+        if missing:
+            new_logits = self._run(task, [encoded[i] for i in missing])
+            known_keys = np.concatenate([known_keys, keys[missing]])
+            known = np.concatenate([known, new_logits])
+            index = {k: i for i, k in enumerate(known_keys.tolist())}
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".part", delete=False) as handle:
+                np.savez(handle, keys=known_keys, logits=known)
+            os.replace(handle.name, cache)
+        return known[[index[k] for k in keys.tolist()]]
+
+    @torch.inference_mode()
+    def _run(self, task: str, encoded: list[list[int]]) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        order = np.argsort([-len(ids) for ids in encoded], kind="stable")
+        out = np.empty((len(encoded), self.heads[task]["num_labels"]), dtype=np.float32)
+        pad = self.tokenizer.pad_token_id or 0
+        with tqdm(total=len(encoded), unit="text", desc=f"Teacher logits ({task})") as bar:
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                width = max(len(encoded[i]) for i in rows)
+                ids = torch.full((len(rows), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for j, i in enumerate(rows):
+                    ids[j, : len(encoded[i])] = torch.tensor(encoded[i])
+                    mask[j, : len(encoded[i])] = 1
+                logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device))
+                out[rows] = logits.logits[task].float().cpu().numpy()
+                bar.update(len(rows))
+        return out
+
+
+def default_cache_dir() -> Path:
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "teacher_logits"
+
+
+def soft_targets(teacher: Teacher | None, task: str, num_labels: int, width: int, texts: list[str]) -> np.ndarray:
+    """The `teacher_logits` column of a task's training rows: the teacher's logits in the first `num_labels`
+    places, NaN elsewhere and on every row of a task it does not distill (the loss skips NaN rows)."""
+    column = np.full((len(texts), width), np.nan, dtype=np.float32)
+    if teacher is not None and task in teacher.tasks:
+        column[:, :num_labels] = teacher.logits(task, texts)
+    return column
+
+
+def distillation_loss(
+    logits: dict[str, torch.Tensor],
+    teacher_logits: torch.Tensor,
+    task_ids: torch.Tensor,
+    task_names: Sequence[str],
+    temperature: float,
+) -> torch.Tensor:
+    """Sum over tasks of T^2 * KL(teacher || student) at temperature T, each the mean over the task's rows that
+    have teacher logits (0 for a task without such rows in the batch). No shape depends on the data."""
+    total = None
+    for index, name in enumerate(task_names):
+        student = logits[name].float()
+        target = teacher_logits[:, : student.shape[-1]].float()
+        rows = (task_ids == index) & torch.isfinite(target).all(-1)
+        target = torch.where(rows[:, None], target, 0.0)
+        per_row = F.kl_div(
+            F.log_softmax(student / temperature, -1),
+            F.log_softmax(target / temperature, -1),
+            reduction="none",
+            log_target=True,
+        ).sum(-1)
+        term = torch.where(rows, per_row, 0.0).sum() / rows.sum().clamp(min=1) * temperature**2
+        total = term if total is None else total + term
+    return total

@@ -1,0 +1,163 @@
+"""--distill_from: a trained model's logits as soft targets (distill.py), from the loss to a run's metrics.json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import run_main, tiny_argv
+
+import distill
+import predict
+import train
+
+
+def test_distillation_loss_is_t_squared_kl_over_each_tasks_distilled_rows():
+    torch.manual_seed(0)
+    student = {"a": torch.randn(6, 2), "b": torch.randn(6, 3)}
+    teacher = torch.randn(6, 3)
+    teacher[0] = float("nan")  # an "a" row without teacher logits: skipped
+    teacher[4:, 2] = float("nan")  # "b" rows hold 3 logits, so these are skipped too
+    task_ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    got = distill.distillation_loss(student, teacher, task_ids, ["a", "b"], temperature=2.0)
+
+    def kl(s, t):
+        p = F.softmax(t / 2.0, -1)
+        return float((p * (p.log() - F.log_softmax(s / 2.0, -1))).sum())
+
+    a = np.mean([kl(student["a"][i], teacher[i, :2]) for i in (1, 2)])
+    b = kl(student["b"][3], teacher[3])
+    assert got.item() == pytest.approx(4.0 * (a + b), rel=1e-5)
+    # The student matching the teacher adds nothing; rows of other tasks get no gradient.
+    same = {"a": teacher[:, :2].nan_to_num(), "b": teacher.nan_to_num()}
+    assert distill.distillation_loss(same, teacher, task_ids, ["a", "b"], 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    leaf = {k: v.clone().requires_grad_() for k, v in student.items()}
+    distill.distillation_loss(leaf, teacher, task_ids, ["a", "b"], 2.0).backward()
+    assert leaf["a"].grad[[0, 3, 4, 5]].abs().sum() == 0 and leaf["a"].grad[1:3].abs().sum() > 0
+    assert leaf["b"].grad[[0, 1, 2, 4, 5]].abs().sum() == 0 and leaf["b"].grad[3].abs().sum() > 0
+    # A batch without distilled rows adds exactly 0.
+    none = torch.full((6, 3), float("nan"))
+    assert distill.distillation_loss(student, none, task_ids, ["a", "b"], 2.0).item() == 0.0
+
+
+@pytest.fixture(scope="module")
+def sentiment_teacher(tiny_encoder_dir, tiny_data_dir, tmp_path_factory):
+    """A tiny single-task sentiment model saved by train.py."""
+    out = tmp_path_factory.mktemp("teacher")
+    train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--tasks", "sentiment", "--max_steps", "4"))
+    return out
+
+
+def test_student_trains_on_the_teachers_logits_and_records_it(
+    sentiment_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(distill, "default_cache_dir", lambda: cache)
+    flags = ("--distill_from", str(sentiment_teacher), "--distill_weight", "0.5", "--distill_temperature", "3")
+    out = tmp_path / "student"
+    argv = tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--max_steps", "3", *flags)
+    trainer, metrics = run_main(monkeypatch, argv)
+
+    # Sentiment rows carry the teacher's own logits (recomputed here through predict.py's loader), question rows NaN.
+    rows = trainer.train_dataset
+    sizes = dict(zip(["sentiment", "question"], trainer.task_sizes))
+    soft = np.asarray(rows["teacher_logits"][:], dtype=np.float32)
+    assert np.isnan(soft[sizes["sentiment"] :]).all()
+    model, tokenizer = predict.load(sentiment_teacher)
+    student_tokenizer = trainer.processing_class
+    texts = student_tokenizer.batch_decode(rows["input_ids"][:3], skip_special_tokens=True)
+    with torch.no_grad():
+        expected = model(**tokenizer(texts, padding=True, return_tensors="pt"), task="sentiment").logits
+    np.testing.assert_allclose(soft[:3], expected.numpy(), atol=1e-4)
+    assert len(list(cache.glob("*-sentiment.npz"))) == 1
+
+    # The training loss is the joint cross-entropy plus weight x the distillation term.
+    model_s = trainer.model
+    model_s.train()
+    batch = trainer.data_collator([rows[i] for i in range(4)])
+    torch.manual_seed(1)
+    got = trainer.compute_loss(model_s, dict(batch))
+    torch.manual_seed(1)
+    teacher_logits = batch.pop("teacher_logits")
+    outputs = model_s(**batch)
+    extra = distill.distillation_loss(outputs.logits, teacher_logits, batch["task_ids"], ["sentiment", "question"], 3.0)
+    assert extra.item() > 0
+    assert got.item() == pytest.approx((outputs.loss + 0.5 * extra).item(), rel=1e-5)
+
+    recorded = json.loads((out / "metrics.json").read_text())["recipe"]["distillation"]
+    assert recorded == {"teacher": str(sentiment_teacher), "tasks": ["sentiment"], "weight": 0.5, "temperature": 3.0}
+    assert metrics["recipe"]["distillation"] == recorded
+    assert f"soft targets of `{sentiment_teacher}` on the sentiment training rows" in (out / "README.md").read_text()
+
+
+def test_a_second_run_reads_the_teachers_logits_from_the_cache(
+    sentiment_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(distill, "default_cache_dir", lambda: cache)
+    argv = tiny_argv(
+        tiny_encoder_dir, tiny_data_dir, tmp_path / "a", "--max_steps", "1", "--distill_from", str(sentiment_teacher)
+    )
+    train.main(argv)
+    (cached,) = cache.glob("*.npz")
+    with np.load(cached) as stored:
+        keys, logits = stored["keys"], stored["logits"]
+    assert len(keys) == len(set(keys.tolist())) > 0
+    # The same keys with other values: a run that reads the cache trains on these. Drop one text, which the next
+    # run must label anew (and add back to the file).
+    np.savez(cached, keys=keys[1:], logits=logits[1:] + 100.0)
+    trainer, _ = run_main(monkeypatch, [*argv, "--output_dir", str(tmp_path / "b")])
+    soft = np.asarray(trainer.train_dataset["teacher_logits"][: trainer.task_sizes[0]], dtype=np.float32)
+    from_cache = soft.min(axis=1) > 50
+    assert not from_cache.all()  # the dropped text's rows ran through the teacher again: its own logits
+    np.testing.assert_allclose(soft[~from_cache], np.broadcast_to(logits[0], soft[~from_cache].shape), atol=1e-5)
+    stored_rows = {tuple(np.round(row, 4)) for row in logits[1:] + 100.0}
+    assert all(tuple(np.round(row, 4)) in stored_rows for row in soft[from_cache])
+    with np.load(cached) as stored:
+        assert len(stored["keys"]) == len(keys)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--distill_weight", "0"), "--distill_weight must be a finite number > 0"),
+        (("--distill_weight", "inf"), "--distill_weight must be a finite number > 0"),
+        (("--distill_temperature", "-1"), "--distill_temperature must be a finite number > 0"),
+        (("--distill_temperature", "nan"), "--distill_temperature must be a finite number > 0"),
+        (("--distill_tasks", "sentimnt"), "--distill_tasks ['sentimnt']: not among the run's tasks"),
+        (("--distill_tasks", "question"), "has heads for ['sentiment'], none for ['question']"),
+    ],
+)
+def test_bad_distillation_settings_are_refused_before_any_output(
+    sentiment_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path, flags, message
+):
+    out = tmp_path / "run"
+    argv = tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--distill_from", str(sentiment_teacher), *flags)
+    with pytest.raises(ValueError) as err:
+        train.main(argv)
+    assert message in str(err.value)
+    assert not out.exists()
+
+
+def test_a_teacher_without_the_tasks_or_with_other_classes_is_refused(
+    sentiment_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path
+):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="none for \\['question'\\]: distill from a model trained on the same task"):
+        train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--tasks", "question", "--distill_from",
+                             str(sentiment_teacher)))  # fmt: skip
+    with pytest.raises(ValueError, match="--distill_from .*: no such folder"):
+        train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--distill_from", str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="--distill_tasks \\['sentiment'\\] needs --distill_from"):
+        train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--distill_tasks", "sentiment"))
+    assert not out.exists()
+
+    config = json.loads((sentiment_teacher / "config.json").read_text())
+    teacher = distill.Teacher.__new__(distill.Teacher)
+    teacher.name, teacher.heads = "t", {"sentiment": {**config["tasks"][0], "id2label": {0: "positive", 1: "negative"}}}
+    student = [{"name": "sentiment", "num_labels": 2, "id2label": {0: "negative", 1: "positive"}}]
+    with pytest.raises(ValueError, match="classes \\['positive', 'negative'\\], the run's task has"):
+        teacher.check_tasks(student, [])
