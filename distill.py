@@ -60,7 +60,9 @@ class Teacher:
         self.name = name_or_path
         self.path = self._local_folder(name_or_path)
         try:
-            self.model = predict.load_model(self.path, device="cuda" if torch.cuda.is_available() else "cpu")
+            # Each process of a multi-GPU run labels on its own GPU (the first labels, the others read its cache).
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+            self.model = predict.load_model(self.path, device=device)
             self.tokenizer = predict.load_tokenizer(self.path)
         except (OSError, ValueError) as err:
             raise ValueError(f"--distill_from {name_or_path!r}: {err}") from err
