@@ -192,16 +192,16 @@ def soft_targets(teacher: Teacher | None, task: str, num_labels: int, width: int
     return column
 
 
-def distillation_loss(
+def distillation_terms(
     logits: dict[str, torch.Tensor],
     teacher_logits: torch.Tensor,
     task_ids: torch.Tensor,
     task_names: Sequence[str],
     temperature: float,
-) -> torch.Tensor:
-    """Sum over tasks of T^2 * KL(teacher || student) at temperature T, each the mean over the task's rows that
-    have teacher logits (0 for a task without such rows in the batch). No shape depends on the data."""
-    total = None
+) -> dict[str, torch.Tensor]:
+    """Per task, T^2 * KL(teacher || student) at temperature T, the mean over the task's rows that have teacher
+    logits (0 for a task without such rows in the batch). No shape depends on the data."""
+    terms = {}
     for index, name in enumerate(task_names):
         student = logits[name].float()
         target = teacher_logits[:, : student.shape[-1]].float()
@@ -213,6 +213,5 @@ def distillation_loss(
             reduction="none",
             log_target=True,
         ).sum(-1)
-        term = torch.where(rows, per_row, 0.0).sum() / rows.sum().clamp(min=1) * temperature**2
-        total = term if total is None else total + term
-    return total
+        terms[name] = torch.where(rows, per_row, 0.0).sum() / rows.sum().clamp(min=1) * temperature**2
+    return terms

@@ -516,6 +516,7 @@ def build_trainer(model, tokenizer, mt, training_args: TrainingArguments, mt_arg
         task_sizes=mt.task_sizes,
         eval_tasks=mt.eval_tasks,
         mt_args=mt_args,
+        distilled_tasks=mt.distilled_tasks,
     )
     setup = trainer.precision_and_distribution()
     logger.info(

@@ -103,7 +103,7 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
     `eval_<name>_{loss,accuracy,f1,precision,recall,f1_pos}`.
     """
 
-    def __init__(self, *args, task_sizes, eval_tasks, mt_args: MultiTaskArguments, **kwargs):
+    def __init__(self, *args, task_sizes, eval_tasks, mt_args: MultiTaskArguments, distilled_tasks=(), **kwargs):
         model, tokenizer = kwargs.get("model"), kwargs.get("processing_class")
         if model is not None and getattr(tokenizer, "pad_token_id", None) is not None:
             # The Trainer copies the tokenizer's pad id into the config, with a warning, when they differ.
@@ -112,16 +112,18 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         self.task_sizes = list(task_sizes)
         self.eval_tasks = dict(eval_tasks)
         self.mt_args = mt_args
+        self.distilled_tasks = list(distilled_tasks)  # tasks whose training rows carry a teacher's logits
         self.task_names = self.model.config.task_names
         self.batch_sampler: MultiTaskBatchSampler | None = None
         self._eval_task: str | None = None
         self._eval_name: str | None = None
         # (head, input ids) -> logits over one evaluate() round of every set; None outside a round (_deduplicated)
         self._eval_logits: dict[tuple, np.ndarray] | None = None
-        # Per task: [sum of loss * rows, rows, correct rows], over the logging interval and over the epoch.
+        # Per task: [sum of loss * rows, rows, correct rows, sum of the distillation term * rows], over the logging
+        # interval and over the epoch.
         # Kept on the training device and read only at log time: a per-step .cpu() makes the CPU wait for the GPU.
         device = self.args.device
-        self.task_stats = {k: torch.zeros(len(self.task_names), 3, device=device) for k in ("interval", "epoch")}
+        self.task_stats = {k: torch.zeros(len(self.task_names), 4, device=device) for k in ("interval", "epoch")}
         self.nonfinite = checks.NonFiniteWatch(self.task_names, device, self.accelerator)
         # On the CPU reading the watch costs nothing, so check every step and stop before the bad update reaches
         # the weights; on an accelerator check at each log (one read) so no step waits for the GPU.
@@ -253,13 +255,14 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         teacher_logits = inputs.pop("teacher_logits", None)  # training rows of a --distill_from run
         outputs = model(**inputs)
         loss = outputs.loss
+        terms = None
         if teacher_logits is not None and model.training:
-            distilled = distill.distillation_loss(
+            terms = distill.distillation_terms(
                 outputs.logits, teacher_logits, inputs["task_ids"], self.task_names, self.mt_args.distill_temperature
             )
-            loss = loss + self.mt_args.distill_weight * distilled
+            loss = loss + self.mt_args.distill_weight * torch.stack(list(terms.values())).sum()
         if model.training:
-            self._accumulate(outputs, inputs)
+            self._accumulate(outputs, inputs, terms)
             if self._check_every_step and not self._all_ranks:
                 # Several processes: the check waits for _get_grad_norm, which every rank reaches at each optimizer
                 # step (a non-finite loss makes the averaged gradients non-finite on every rank).
@@ -285,8 +288,9 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         return grad_norm
 
     @torch.no_grad()
-    def _accumulate(self, outputs, inputs) -> None:
-        """Add this step's per-task loss, rows and correct rows to the stats, and note a non-finite loss.
+    def _accumulate(self, outputs, inputs, distill_terms: dict[str, torch.Tensor] | None = None) -> None:
+        """Add this step's per-task loss, rows, correct rows and distillation term to the stats, and note a
+        non-finite loss.
 
         Only tensor ops on the device: nothing here waits for the GPU, so the next step is queued at once.
         """
@@ -296,7 +300,10 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
         task_losses = torch.stack([outputs.task_losses[name].float() for name in self.task_names])  # (tasks,)
         rows = own.sum(0).float()
         correct = ((predictions == labels[:, None]) & own).sum(0).float()
-        step = torch.stack([task_losses * rows, rows, correct], dim=1)  # (tasks, 3)
+        distilled = torch.zeros_like(task_losses)
+        if distill_terms is not None:
+            distilled = torch.stack([distill_terms[name].detach().float() for name in self.task_names])
+        step = torch.stack([task_losses * rows, rows, correct, distilled * rows], dim=1)  # (tasks, 4)
         for stats in self.task_stats.values():
             stats += step
         self.nonfinite.note_loss(self.state.global_step + 1, outputs.loss, rows, task_losses)
@@ -315,10 +322,12 @@ class MultiTaskTrainer(checkpoints.SafeCheckpointMixin, Trainer):
             stats = self.accelerator.reduce(stats.to(self.accelerator.device), "sum").cpu()
         logs = {}
         for index, name in enumerate(self.task_names):
-            loss_sum, rows, correct = stats[index].tolist()
+            loss_sum, rows, correct, distill_sum = stats[index].tolist()
             if rows > 0:
                 logs[f"{prefix}_{name}_loss"] = loss_sum / rows
                 logs[f"{prefix}_{name}_accuracy"] = correct / rows
+                if name in self.distilled_tasks:
+                    logs[f"{prefix}_{name}_distill_loss"] = distill_sum / rows
         self.task_stats[which].zero_()
         return logs
 

@@ -15,14 +15,18 @@ import predict
 import train
 
 
-def test_distillation_loss_is_t_squared_kl_over_each_tasks_distilled_rows():
+def total(*args, **kwargs):
+    return sum(distill.distillation_terms(*args, **kwargs).values())
+
+
+def test_distillation_term_is_t_squared_kl_over_each_tasks_distilled_rows():
     torch.manual_seed(0)
     student = {"a": torch.randn(6, 2), "b": torch.randn(6, 3)}
     teacher = torch.randn(6, 3)
     teacher[0] = float("nan")  # an "a" row without teacher logits: skipped
     teacher[4:, 2] = float("nan")  # "b" rows hold 3 logits, so these are skipped too
     task_ids = torch.tensor([0, 0, 0, 1, 1, 1])
-    got = distill.distillation_loss(student, teacher, task_ids, ["a", "b"], temperature=2.0)
+    got = distill.distillation_terms(student, teacher, task_ids, ["a", "b"], temperature=2.0)
 
     def kl(s, t):
         p = F.softmax(t / 2.0, -1)
@@ -30,17 +34,18 @@ def test_distillation_loss_is_t_squared_kl_over_each_tasks_distilled_rows():
 
     a = np.mean([kl(student["a"][i], teacher[i, :2]) for i in (1, 2)])
     b = kl(student["b"][3], teacher[3])
-    assert got.item() == pytest.approx(4.0 * (a + b), rel=1e-5)
+    assert got["a"].item() == pytest.approx(4.0 * a, rel=1e-5)
+    assert got["b"].item() == pytest.approx(4.0 * b, rel=1e-5)
     # The student matching the teacher adds nothing; rows of other tasks get no gradient.
     same = {"a": teacher[:, :2].nan_to_num(), "b": teacher.nan_to_num()}
-    assert distill.distillation_loss(same, teacher, task_ids, ["a", "b"], 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert total(same, teacher, task_ids, ["a", "b"], 2.0).item() == pytest.approx(0.0, abs=1e-6)
     leaf = {k: v.clone().requires_grad_() for k, v in student.items()}
-    distill.distillation_loss(leaf, teacher, task_ids, ["a", "b"], 2.0).backward()
+    total(leaf, teacher, task_ids, ["a", "b"], 2.0).backward()
     assert leaf["a"].grad[[0, 3, 4, 5]].abs().sum() == 0 and leaf["a"].grad[1:3].abs().sum() > 0
     assert leaf["b"].grad[[0, 1, 2, 4, 5]].abs().sum() == 0 and leaf["b"].grad[3].abs().sum() > 0
     # A batch without distilled rows adds exactly 0.
     none = torch.full((6, 3), float("nan"))
-    assert distill.distillation_loss(student, none, task_ids, ["a", "b"], 2.0).item() == 0.0
+    assert total(student, none, task_ids, ["a", "b"], 2.0).item() == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +88,13 @@ def test_student_trains_on_the_teachers_logits_and_records_it(
     torch.manual_seed(1)
     teacher_logits = batch.pop("teacher_logits")
     outputs = model_s(**batch)
-    extra = distill.distillation_loss(outputs.logits, teacher_logits, batch["task_ids"], ["sentiment", "question"], 3.0)
+    extra = total(outputs.logits, teacher_logits, batch["task_ids"], ["sentiment", "question"], 3.0)
     assert extra.item() > 0
     assert got.item() == pytest.approx((outputs.loss + 0.5 * extra).item(), rel=1e-5)
+    # The logs give the sentiment head's distillation term beside its cross-entropy; the question head has none.
+    logged = [row for row in trainer.state.log_history if "train_sentiment_loss" in row]
+    assert logged and all(row["train_sentiment_distill_loss"] > 0 for row in logged)
+    assert not any("train_question_distill_loss" in row for row in trainer.state.log_history)
 
     recorded = json.loads((out / "metrics.json").read_text())["recipe"]["distillation"]
     assert recorded == {"teacher": str(sentiment_teacher), "tasks": ["sentiment"], "weight": 0.5, "temperature": 3.0}
