@@ -159,20 +159,18 @@ class Teacher:
     def _run(self, task: str, encoded: list[list[int]]) -> np.ndarray:
         from tqdm.auto import tqdm
 
+        from data import MultiTaskCollator  # data.py imports this module
+
+        # Longest first, each batch padded to its own longest row by the training collator.
+        collate = MultiTaskCollator(self.tokenizer.pad_token_id or 0)
         order = np.argsort([-len(ids) for ids in encoded], kind="stable")
         out = np.empty((len(encoded), self.heads[task]["num_labels"]), dtype=np.float32)
-        pad = self.tokenizer.pad_token_id or 0
         with tqdm(total=len(encoded), unit="text", desc=f"Teacher logits ({task})") as bar:
             for start in range(0, len(order), self.batch_size):
                 rows = order[start : start + self.batch_size]
-                width = max(len(encoded[i]) for i in rows)
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for j, i in enumerate(rows):
-                    ids[j, : len(encoded[i])] = torch.tensor(encoded[i])
-                    mask[j, : len(encoded[i])] = 1
-                logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device))
-                out[rows] = logits.logits[task].float().cpu().numpy()
+                batch = collate([{"input_ids": encoded[i]} for i in rows])
+                logits = self.model(**{k: v.to(self.model.device) for k, v in batch.items()}, task=task).logits
+                out[rows] = logits.float().cpu().numpy()
                 bar.update(len(rows))
         return out
 

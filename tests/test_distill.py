@@ -138,6 +138,7 @@ def test_a_second_run_reads_the_teachers_logits_from_the_cache(
         (("--distill_temperature", "nan"), "--distill_temperature must be a finite number > 0"),
         (("--distill_tasks", "sentimnt"), "--distill_tasks ['sentimnt']: not among the run's tasks"),
         (("--distill_tasks", "question"), "has heads for ['sentiment'], none for ['question']"),
+        (("--cuda_graphs", "true"), "--cuda_graphs records the step without the distillation term"),
     ],
 )
 def test_bad_distillation_settings_are_refused_before_any_output(
