@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 
 logger = logging.getLogger(__name__)
 
@@ -132,28 +133,43 @@ class Teacher:
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         digests = [hashlib.sha256(np.asarray(ids, np.int64).tobytes()).digest()[:16] for ids in encoded]
         keys = np.array(digests, dtype="S16")
-        known_keys = np.empty(0, dtype="S16")
-        known = np.empty((0, self.heads[task]["num_labels"]), dtype=np.float32)
-        if cache.is_file():
-            with np.load(cache, allow_pickle=False) as stored:
-                if stored["logits"].shape[1:] == known.shape[1:]:
-                    known_keys, known = stored["keys"], stored["logits"]
-        index = {k: i for i, k in enumerate(known_keys.tolist())}
-        missing = sorted({k: i for i, k in enumerate(keys.tolist()) if k not in index}.values())
-        logger.info(
-            "Distillation: %d of %d %s rows labelled by the teacher (%s), the rest from %s",
-            len(missing), len(texts), task, self.name, cache,
-        )  # fmt: skip
-        if missing:
-            new_logits = self._run(task, [encoded[i] for i in missing])
-            known_keys = np.concatenate([known_keys, keys[missing]])
-            known = np.concatenate([known, new_logits])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # Runs started together (seeds side by side, a multi-GPU run's processes) take turns: the first labels, the
+        # others wait and read its file, and none drops what another added.
+        with FileLock(f"{cache}.lock"):
+            known_keys = np.empty(0, dtype="S16")
+            known = np.empty((0, self.heads[task]["num_labels"]), dtype=np.float32)
+            if cache.is_file():
+                with np.load(cache, allow_pickle=False) as stored:
+                    if stored["logits"].shape[1:] == known.shape[1:]:
+                        known_keys, known = stored["keys"], stored["logits"]
             index = {k: i for i, k in enumerate(known_keys.tolist())}
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".part", delete=False) as handle:
-                np.savez(handle, keys=known_keys, logits=known)
-            os.replace(handle.name, cache)
-        return known[[index[k] for k in keys.tolist()]]
+            missing = sorted({k: i for i, k in enumerate(keys.tolist()) if k not in index}.values())
+            logger.info(
+                "Distillation: %d of %d %s rows labelled by the teacher (%s), the rest from %s",
+                len(missing), len(texts), task, self.name, cache,
+            )  # fmt: skip
+            if missing:
+                new_logits = self._run(task, [encoded[i] for i in missing])
+                self._check_finite(new_logits, [texts[i] for i in missing], task, "the teacher's weights are broken "
+                                   "(an fp16 overflow?); train the teacher again")  # fmt: skip
+                known_keys = np.concatenate([known_keys, keys[missing]])
+                known = np.concatenate([known, new_logits])
+                index = {k: i for i, k in enumerate(known_keys.tolist())}
+                with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".part", delete=False) as handle:
+                    np.savez(handle, keys=known_keys, logits=known)
+                os.replace(handle.name, cache)
+        out = known[[index[k] for k in keys.tolist()]]
+        self._check_finite(out, texts, task, f"the cache file {cache} is corrupt; delete it to label them anew")
+        return out
+
+    def _check_finite(self, logits: np.ndarray, texts: list[str], task: str, cause: str) -> None:
+        bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+        if len(bad):
+            raise ValueError(
+                f"--distill_from {self.name!r}: its {task!r} logits are not finite (inf or NaN) for {len(bad)} "
+                f"training row(s), the first {texts[bad[0]][:60]!r}: {cause}."
+            )
 
     @torch.inference_mode()
     def _run(self, task: str, encoded: list[list[int]]) -> np.ndarray:

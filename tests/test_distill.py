@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -127,6 +129,69 @@ def test_a_second_run_reads_the_teachers_logits_from_the_cache(
     assert all(tuple(np.round(row, 4)) in stored_rows for row in soft[from_cache])
     with np.load(cached) as stored:
         assert len(stored["keys"]) == len(keys)
+
+
+def test_runs_labelling_at_once_keep_each_others_logits(sentiment_teacher, tmp_path, monkeypatch):
+    # Two runs started together (seeds side by side) with a slow teacher: without the cache's lock each would read
+    # the empty cache, label its texts and replace the file, and the second write would drop the first's logits.
+    teacher = distill.Teacher(str(sentiment_teacher), 32)
+    head = teacher.heads["sentiment"]
+    teacher.check_tasks([{"name": "sentiment", "num_labels": head["num_labels"], "id2label": head["id2label"]}], [])
+    run = distill.Teacher._run
+    calls = []
+
+    def slow(self, task, encoded):
+        calls.append(len(encoded))
+        time.sleep(1.0)
+        return run(self, task, encoded)
+
+    monkeypatch.setattr(distill.Teacher, "_run", slow)
+    texts = [f"a film {word} as any" for word in ("good", "bad", "dull", "bright", "long", "short")]
+    halves = [texts[:4], texts[2:]]  # two texts in both: labelled once
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda part: teacher.logits("sentiment", part, tmp_path), halves))
+    assert sorted(calls) == [2, 4]
+    (cached,) = tmp_path.glob("*.npz")
+    with np.load(cached) as stored:
+        assert len(stored["keys"]) == len(texts)
+    again = teacher.logits("sentiment", texts, tmp_path)
+    assert len(calls) == 2  # every text from the file
+    np.testing.assert_array_equal(again, np.concatenate([got[0], got[1][2:]]))
+
+
+def test_non_finite_teacher_logits_are_refused_before_any_output(
+    sentiment_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(distill, "default_cache_dir", lambda: cache)
+    argv = tiny_argv(
+        tiny_encoder_dir, tiny_data_dir, tmp_path / "a", "--max_steps", "1", "--distill_from", str(sentiment_teacher)
+    )
+    not_finite = "not finite \\(inf or NaN\\) for 1 training row\\(s\\)"
+    # A teacher whose head overflows (as one saved in fp16 can): refused, and nothing cached.
+    run = distill.Teacher._run
+
+    def overflowing(self, task, encoded):
+        logits = run(self, task, encoded)
+        logits[3, 1] = np.inf
+        return logits
+
+    monkeypatch.setattr(distill.Teacher, "_run", overflowing)
+    with pytest.raises(ValueError, match=f"{not_finite}.*the teacher's weights are broken"):
+        train.main(argv)
+    assert not (tmp_path / "a").exists() and not list(cache.glob("*.npz"))
+    monkeypatch.setattr(distill.Teacher, "_run", run)
+    train.main(argv)
+    # A cache file holding such a value (the loss would skip its row unseen): refused, naming the file.
+    (cached,) = cache.glob("*.npz")
+    with np.load(cached) as stored:
+        keys, logits = stored["keys"], stored["logits"]
+    logits[3, 1] = np.nan
+    np.savez(cached, keys=keys, logits=logits)
+    out = tmp_path / "b"
+    with pytest.raises(ValueError, match=f"{not_finite}.*the cache file .*{cached.name} is corrupt; delete it"):
+        train.main([*argv, "--output_dir", str(out)])
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
