@@ -17,6 +17,7 @@ folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -134,9 +135,7 @@ class Teacher:
         digests = [hashlib.sha256(np.asarray(ids, np.int64).tobytes()).digest()[:16] for ids in encoded]
         keys = np.array(digests, dtype="S16")
         cache.parent.mkdir(parents=True, exist_ok=True)
-        # Runs started together (seeds side by side, a multi-GPU run's processes) take turns: the first labels, the
-        # others wait and read its file, and none drops what another added.
-        with FileLock(f"{cache}.lock"):
+        with _cache_lock(cache):
             known_keys = np.empty(0, dtype="S16")
             known = np.empty((0, self.heads[task]["num_labels"]), dtype=np.float32)
             if cache.is_file():
@@ -156,9 +155,7 @@ class Teacher:
                 known_keys = np.concatenate([known_keys, keys[missing]])
                 known = np.concatenate([known, new_logits])
                 index = {k: i for i, k in enumerate(known_keys.tolist())}
-                with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".part", delete=False) as handle:
-                    np.savez(handle, keys=known_keys, logits=known)
-                os.replace(handle.name, cache)
+                _write_cache(cache, known_keys, known)
         out = known[[index[k] for k in keys.tolist()]]
         self._check_finite(out, texts, task, f"the cache file {cache} is corrupt; delete it to label them anew")
         return out
@@ -189,6 +186,34 @@ class Teacher:
                 out[rows] = logits.float().cpu().numpy()
                 bar.update(len(rows))
         return out
+
+
+@contextlib.contextmanager
+def _cache_lock(cache: Path):
+    """Runs started together (seeds side by side, a multi-GPU run's processes) take turns on a cache file: the first
+    labels, the others wait and read its file, and none drops what another added. A directory where no lock file can
+    be made (read-only, e.g. a shared pre-filled cache) is read without one."""
+    lock = FileLock(f"{cache}.lock")
+    try:
+        lock.acquire()
+    except OSError as err:
+        logger.warning("Distillation: no lock on %s (%s); reading it without one.", cache, err)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _write_cache(cache: Path, keys: np.ndarray, logits: np.ndarray) -> None:
+    try:
+        with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".part", delete=False) as handle:
+            np.savez(handle, keys=keys, logits=logits)
+        os.replace(handle.name, cache)
+    except OSError as err:
+        logger.warning("Distillation: the teacher's logits could not be cached in %s (%s); the next run labels "
+                       "these inputs again.", cache, err)  # fmt: skip
 
 
 def default_cache_dir() -> Path:

@@ -159,6 +159,36 @@ def test_runs_labelling_at_once_keep_each_others_logits(sentiment_teacher, tmp_p
     np.testing.assert_array_equal(again, np.concatenate([got[0], got[1][2:]]))
 
 
+def test_a_read_only_cache_directory_is_read_without_a_lock(sentiment_teacher, tmp_path, monkeypatch, caplog):
+    # A shared, pre-filled cache on a read-only file system: no lock file can be made there, and no new logits kept.
+    teacher = distill.Teacher(str(sentiment_teacher), 32)
+    head = teacher.heads["sentiment"]
+    teacher.check_tasks([{"name": "sentiment", "num_labels": head["num_labels"], "id2label": head["id2label"]}], [])
+    texts = ["a fine film", "a dull film", "a long film"]
+    filled = teacher.logits("sentiment", texts[:2], tmp_path)
+
+    class ReadOnlyLock:
+        def __init__(self, path):
+            self.path = path
+
+        def acquire(self):
+            raise OSError(30, "Read-only file system", self.path)
+
+    def no_write(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(tmp_path))
+
+    monkeypatch.setattr(distill, "FileLock", ReadOnlyLock)
+    monkeypatch.setattr(distill.tempfile, "NamedTemporaryFile", no_write)
+    with caplog.at_level("WARNING", logger="distill"):
+        got = teacher.logits("sentiment", texts, tmp_path)  # two from the file, one labelled and not kept
+    np.testing.assert_array_equal(got[:2], filled)
+    np.testing.assert_allclose(got[2:], teacher.logits("sentiment", texts[2:], tmp_path / "elsewhere"), atol=1e-6)
+    assert "no lock on" in caplog.text and "could not be cached" in caplog.text
+    (cached,) = tmp_path.glob("*.npz")
+    with np.load(cached) as stored:
+        assert len(stored["keys"]) == 2
+
+
 def test_non_finite_teacher_logits_are_refused_before_any_output(
     sentiment_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch
 ):
