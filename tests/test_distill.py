@@ -58,6 +58,26 @@ def sentiment_teacher(tiny_encoder_dir, tiny_data_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def student_argv(sentiment_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """A one-step student run of `sentiment_teacher` writing to tmp_path/"a", its teacher cache in tmp_path/"cache"."""
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(distill, "default_cache_dir", lambda: cache)
+    argv = tiny_argv(
+        tiny_encoder_dir, tiny_data_dir, tmp_path / "a", "--max_steps", "1", "--distill_from", str(sentiment_teacher)
+    )
+    return cache, argv
+
+
+@pytest.fixture
+def labeller(sentiment_teacher):
+    """`sentiment_teacher` as distill.Teacher, set to label its sentiment head."""
+    teacher = distill.Teacher(str(sentiment_teacher), 32)
+    head = teacher.heads["sentiment"]
+    teacher.check_tasks([{"name": "sentiment", "num_labels": head["num_labels"], "id2label": head["id2label"]}], [])
+    return teacher
+
+
 def test_student_trains_on_the_teachers_logits_and_records_it(
     sentiment_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch
 ):
@@ -104,14 +124,8 @@ def test_student_trains_on_the_teachers_logits_and_records_it(
     assert f"soft targets of `{sentiment_teacher}` on the sentiment training rows" in (out / "README.md").read_text()
 
 
-def test_a_second_run_reads_the_teachers_logits_from_the_cache(
-    sentiment_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch
-):
-    cache = tmp_path / "cache"
-    monkeypatch.setattr(distill, "default_cache_dir", lambda: cache)
-    argv = tiny_argv(
-        tiny_encoder_dir, tiny_data_dir, tmp_path / "a", "--max_steps", "1", "--distill_from", str(sentiment_teacher)
-    )
+def test_a_second_run_reads_the_teachers_logits_from_the_cache(student_argv, tmp_path, monkeypatch):
+    cache, argv = student_argv
     train.main(argv)
     (cached,) = cache.glob("*.npz")
     with np.load(cached) as stored:
@@ -131,12 +145,10 @@ def test_a_second_run_reads_the_teachers_logits_from_the_cache(
         assert len(stored["keys"]) == len(keys)
 
 
-def test_runs_labelling_at_once_keep_each_others_logits(sentiment_teacher, tmp_path, monkeypatch):
+def test_runs_labelling_at_once_keep_each_others_logits(labeller, tmp_path, monkeypatch):
     # Two runs started together (seeds side by side) with a slow teacher: without the cache's lock each would read
     # the empty cache, label its texts and replace the file, and the second write would drop the first's logits.
-    teacher = distill.Teacher(str(sentiment_teacher), 32)
-    head = teacher.heads["sentiment"]
-    teacher.check_tasks([{"name": "sentiment", "num_labels": head["num_labels"], "id2label": head["id2label"]}], [])
+    teacher = labeller
     run = distill.Teacher._run
     calls = []
 
@@ -159,11 +171,9 @@ def test_runs_labelling_at_once_keep_each_others_logits(sentiment_teacher, tmp_p
     np.testing.assert_array_equal(again, np.concatenate([got[0], got[1][2:]]))
 
 
-def test_a_read_only_cache_directory_is_read_without_a_lock(sentiment_teacher, tmp_path, monkeypatch, caplog):
+def test_a_read_only_cache_directory_is_read_without_a_lock(labeller, tmp_path, monkeypatch, caplog):
     # A shared, pre-filled cache on a read-only file system: no lock file can be made there, and no new logits kept.
-    teacher = distill.Teacher(str(sentiment_teacher), 32)
-    head = teacher.heads["sentiment"]
-    teacher.check_tasks([{"name": "sentiment", "num_labels": head["num_labels"], "id2label": head["id2label"]}], [])
+    teacher = labeller
     texts = ["a fine film", "a dull film", "a long film"]
     filled = teacher.logits("sentiment", texts[:2], tmp_path)
 
@@ -189,14 +199,8 @@ def test_a_read_only_cache_directory_is_read_without_a_lock(sentiment_teacher, t
         assert len(stored["keys"]) == 2
 
 
-def test_non_finite_teacher_logits_are_refused_before_any_output(
-    sentiment_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch
-):
-    cache = tmp_path / "cache"
-    monkeypatch.setattr(distill, "default_cache_dir", lambda: cache)
-    argv = tiny_argv(
-        tiny_encoder_dir, tiny_data_dir, tmp_path / "a", "--max_steps", "1", "--distill_from", str(sentiment_teacher)
-    )
+def test_non_finite_teacher_logits_are_refused_before_any_output(student_argv, tmp_path, monkeypatch):
+    cache, argv = student_argv
     not_finite = "not finite \\(inf or NaN\\) for 1 training row\\(s\\)"
     # A teacher whose head overflows (as one saved in fp16 can): refused, and nothing cached.
     run = distill.Teacher._run
