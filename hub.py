@@ -48,6 +48,26 @@ ST_ROOT_FILES = ("modules.json", "config_sentence_transformers.json")
 # ---------------------------------------------------------------------------------------------------------
 
 
+def read_metrics(folder: str | Path, required: bool = True) -> dict:
+    """`folder`/metrics.json, the record train.py writes last in a run's folder; {} for a folder without one unless
+    `required`. A file that is not a JSON mapping (cut short, edited) is refused naming it."""
+    path = Path(folder) / "metrics.json"
+    if not path.is_file():
+        if required:
+            raise ValueError(f"{folder} has no metrics.json; pass the output folder of a finished train.py run.")
+        return {}
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}): it was cut short or edited after the run. train.py writes it "
+            f"whole; take it from a copy of the folder (the folder's manifest.json holds its sha256) or run again."
+        ) from err
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path} holds a {type(metrics).__name__}, not the mapping train.py writes; run again.")
+    return metrics
+
+
 def hub_id_or_none(name: str | None) -> str | None:
     """`name` if it can be a Hub model id (metadata `base_model` must be one), None for local folders."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -465,7 +485,7 @@ def render_card(
     for required in ("metrics.json", "config.json"):
         if not (folder / required).is_file():
             raise ValueError(f"{folder} has no {required}; render the card from a finished train.py output folder.")
-    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    metrics = read_metrics(folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     model_id = model_id or str(folder.resolve())
     context = card_context(metrics, config, model_id, folder, image_prefix)

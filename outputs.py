@@ -239,6 +239,7 @@ def run_metrics(
         "recipe": {
             "encoder": model_args.encoder,
             "tasks": data_args.tasks,
+            "task_definitions": task_definitions_record(data_args.task_definitions, data_args.tasks),
             "freeze": mt_args.freeze,
             "unfreeze": mt_args.unfreeze,
             "task_sampling": mt_args.task_sampling,
@@ -260,6 +261,15 @@ def run_metrics(
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         },
     }
+
+
+def task_definitions_record(definitions, tasks: list[str]) -> list[dict] | None:
+    """The config's `task_definitions` of the run's tasks (the list, or its JSON as on the command line), so that
+    the record names where a custom task's data came from; None when the run has none."""
+    if isinstance(definitions, str):
+        definitions = json.loads(definitions) if definitions.strip() else None
+    used = [d for d in definitions or [] if d.get("name") in tasks]
+    return used or None
 
 
 def distillation_recipe(mt_args, mt) -> dict | None:

@@ -18,7 +18,6 @@ are only read here, never trained on.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import data as mtdata  # noqa: E402
+from hub import read_metrics  # noqa: E402
 from question import RULES  # noqa: E402
 from common import head_predictions, markdown_table, question_class_scores, recorded_max_length  # noqa: E402
 from modeling_multitask import MultiTaskModel  # noqa: E402
@@ -85,10 +85,7 @@ def predict(model: MultiTaskModel, tokenizer, texts: Sequence[str], batch_size: 
 def trained_length(model_dir: Path, default: int = 128) -> int:
     """The max_seq_length the run was trained and evaluated with (its metrics.json), so the F1 printed here is the
     one of metrics.json; `default` for a folder without one."""
-    metrics = model_dir / "metrics.json"
-    if not metrics.is_file():
-        return default
-    return recorded_max_length(json.loads(metrics.read_text(encoding="utf-8"))) or default
+    return recorded_max_length(read_metrics(model_dir, required=False)) or default
 
 
 def report(name: str, texts, gold, model, rule, rule_name: str, limit: int, seed: int) -> str:

@@ -1,5 +1,6 @@
 """Seed soups: the uniform average of the weights of several train.py runs of one recipe that differ only in
-`--seed`, scored beside each run on every evaluation set of the built-in tasks.
+`--seed`, scored beside each run on every evaluation set of their tasks (custom tasks from the definitions the runs'
+metrics.json records).
 
 Runs of one recipe start from the same pretrained encoder and, after fine-tuning, still lie close enough that the
 average of their weights is a working model of its own (a "uniform model soup", Wortsman et al., 2022): one
@@ -63,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_run(folder: Path) -> dict:
     """The run's model (this repository's class, safetensors only, no folder code), tokenizer and metrics.json."""
+    from hub import read_metrics
     from predict import load_model, load_tokenizer
 
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
@@ -70,8 +72,7 @@ def read_run(folder: Path) -> dict:
             f"{folder}: not a finished train.py run (config.json and model.safetensors are needed); pass the "
             f"--output_dir of a run that saved its model."
         )
-    metrics_path = folder / "metrics.json"
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    metrics = read_metrics(folder, required=False)
     if "soup" in metrics:
         made_of = " ".join(run["folder"] for run in metrics["soup"]["runs"])
         raise ValueError(f"{folder} is a seed soup, not a training run; average the runs it was made from: {made_of}")
@@ -133,19 +134,28 @@ def average_weights(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, tor
     return averaged
 
 
-def eval_sets(task_names: list[str], data_dir: str) -> dict[str, dict]:
-    """name -> {"task", "texts", "labels"} for every eval set of the built-in tasks among `task_names`."""
+def eval_sets(model_tasks: list[dict], data_dir: str, definitions: list[dict] | None = None) -> dict[str, dict]:
+    """name -> {"task", "texts", "labels"} for every eval set of the runs' tasks (`model_tasks`, the config's
+    records): built-in tasks from `data.TASKS`, custom ones from the definitions the runs' metrics.json records
+    (`recipe.task_definitions`), their class ids those of the runs' `id2label`."""
+    from dataclasses import replace
+
     import data as mtdata
 
+    custom = mtdata.parse_task_definitions(definitions)
     sets = {}
-    for task_name in task_names:
-        task = mtdata.TASKS.get(task_name)
+    for record in model_tasks:
+        task = mtdata.TASKS.get(record["name"]) or custom.get(record["name"])
         if task is None:
-            logger.warning("task %r is not built in; its evaluation set is not scored here.", task_name)
+            logger.warning("task %r: not built in, and the runs' metrics.json records no definition of it; its "
+                           "evaluation set is not scored here.", record["name"])  # fmt: skip
             continue
+        if record["name"] in custom:
+            id2label = {int(k): v for k, v in record["id2label"].items()}
+            task = replace(task, label_names=tuple(id2label[i] for i in range(len(id2label))))
         for source in task.eval:
             texts, labels = mtdata.read_source(source.source, task, data_dir)
-            sets[source.name] = {"task": task_name, "texts": list(texts), "labels": list(labels)}
+            sets[source.name] = {"task": task.name, "texts": list(texts), "labels": list(labels)}
     return sets
 
 
@@ -253,9 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
     max_length = max_length_of(runs, args.max_length)
     if args.save_dir and "tasks" not in runs[0]["metrics"]:
         raise ValueError(f"{runs[0]['folder']}: no metrics.json; the soup's folder and card are built from it.")
-    sets = eval_sets(runs[0]["model"].config.task_names, args.data_dir)
+    definitions = runs[0]["metrics"].get("recipe", {}).get("task_definitions")
+    sets = eval_sets(runs[0]["model"].config.tasks, args.data_dir, definitions)
     if not sets:
-        raise ValueError("the runs have no built-in task with an evaluation set to score.")
+        raise ValueError("the runs have no task with an evaluation set to score (built in, or defined in metrics.json).")
     metric = classification_metric()
 
     rows = {}

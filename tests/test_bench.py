@@ -670,6 +670,65 @@ def test_seed_soup_refuses_runs_it_cannot_average(two_seed_runs, tiny_encoder_di
         seed_soup.main([str(two_seed_runs[0]), str(old), *data, "--max_length", "32"])
 
 
+def test_seed_soup_scores_a_custom_task_from_the_definition_its_runs_recorded(
+    tiny_encoder_dir, tiny_data_dir, shared_data_dir, tmp_path
+):
+    import datasets
+    import pandas as pd
+    import seed_soup
+    import train
+    from helpers import tiny_argv
+
+    trec = datasets.Dataset.from_parquet(str(shared_data_dir / "trec" / "train.parquet"))
+    names = trec.features["coarse_label"].names
+    for split, rows in (("train", range(0, 120)), ("dev", range(120, 180))):
+        part = trec.select(rows)
+        frame = pd.DataFrame({"question": part["text"], "coarse": [names[i] for i in part["coarse_label"]]})
+        frame.to_csv(tmp_path / f"{split}.csv", index=False)
+    # No label_names: the runs took them from the data; the soup scores with the class ids of the runs' id2label.
+    definition = {"name": "topic", "text_column": "question", "label_column": "coarse",
+                  "data_files": {"train": str(tmp_path / "train.csv"), "validation": str(tmp_path / "dev.csv")}}
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        flags = ["--tasks", "sentiment", "topic", "--task_definitions", json.dumps([definition]), "--seed", str(seed)]
+        train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, out, *flags, "--max_eval_samples", "1000"))
+        runs.append(out)
+    recorded = json.loads((runs[0] / "metrics.json").read_text())["recipe"]["task_definitions"]
+    assert recorded == [definition]
+
+    result = seed_soup.main([*map(str, runs), "--data_dir", str(tiny_data_dir)])
+    assert list(result["headline"]["soup"]) == ["sentiment", "topic"]
+    for folder, heads in zip(runs, result["headline"]["runs"].values()):
+        final = json.loads((folder / "metrics.json").read_text())["final"]
+        assert heads == pytest.approx([final["sentiment"]["accuracy"], final["topic"]["accuracy"]], abs=1e-9)
+
+
+def test_a_damaged_metrics_json_is_refused_naming_the_file(two_seed_runs, tiny_data_dir, tmp_path):
+    import shutil
+
+    import hub
+    import question_errors
+    import seed_soup
+
+    cut = tmp_path / "cut"
+    shutil.copytree(two_seed_runs[0], cut)
+    text = (cut / "metrics.json").read_text()
+    (cut / "metrics.json").write_text(text[: len(text) // 2])
+    message = f"{cut / 'metrics.json'} is not valid JSON .*: it was cut short or edited after the run"
+    with pytest.raises(ValueError, match=message):
+        hub.render_card(cut)
+    with pytest.raises(ValueError, match=message):
+        seed_soup.main([str(two_seed_runs[1]), str(cut), "--data_dir", str(tiny_data_dir)])
+    with pytest.raises(ValueError, match=message):
+        question_errors.trained_length(cut)
+    (cut / "metrics.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"metrics.json holds a list, not the mapping train.py writes"):
+        hub.render_card(cut)
+    (cut / "metrics.json").unlink()
+    assert question_errors.trained_length(cut, default=77) == 77  # a folder without one: the default length
+
+
 def test_question_rules_scores_every_rule_on_every_gold_set_and_half(tiny_data_dir, capsys):
     import common
     import pandas as pd
