@@ -400,6 +400,19 @@ def test_render_card_names_a_missing_metrics_file(tmp_path):
         hub.render_card(tmp_path)
 
 
+def test_cli_prints_a_refusal_as_one_line_without_a_traceback(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "metrics.json").write_text('{"tasks": [')
+    env = {**os.environ, "MULTITASK_DEBUG": "0"}
+    card = [sys.executable, str(root / "hub.py"), "card", str(tmp_path)]
+    done = subprocess.run(card, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'metrics.json'} is not valid JSON")
+    done = subprocess.run(card, capture_output=True, text=True, env={**env, "MULTITASK_DEBUG": "1"}, timeout=120)
+    assert done.returncode == 1 and "Traceback" in done.stderr  # the debugging switch shows where it came from
+
+
 def test_sample_card_is_current(tiny_run, tiny_data_dir, tmp_path):
     """docs/sample_model_card.md is generated (see the module docstring); it must have today's template's layout."""
     if os.environ.get("WRITE_SAMPLE_CARD") == "1":
