@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     definitions = runs[0]["metrics"].get("recipe", {}).get("task_definitions")
     sets = eval_sets(runs[0]["model"].config.tasks, args.data_dir, definitions)
     if not sets:
-        raise ValueError("the runs have no task with an evaluation set to score (built in, or defined in metrics.json).")
+        raise ValueError("the runs have no task with an evaluation set to score (built in, or defined in metrics.json)")
     metric = classification_metric()
 
     rows = {}
