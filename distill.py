@@ -207,11 +207,16 @@ def _cache_lock(cache: Path):
 
 
 def _write_cache(cache: Path, keys: np.ndarray, logits: np.ndarray) -> None:
+    """The whole file written beside the cache and moved over it; a write that fails (a full disk) leaves no part."""
+    part = None
     try:
         with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".part", delete=False) as handle:
+            part = Path(handle.name)
             np.savez(handle, keys=keys, logits=logits)
-        os.replace(handle.name, cache)
+        os.replace(part, cache)
     except OSError as err:
+        if part is not None:
+            part.unlink(missing_ok=True)
         logger.warning("Distillation: the teacher's logits could not be cached in %s (%s); the next run labels "
                        "these inputs again.", cache, err)  # fmt: skip
 

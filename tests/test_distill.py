@@ -199,6 +199,25 @@ def test_a_read_only_cache_directory_is_read_without_a_lock(labeller, tmp_path, 
         assert len(stored["keys"]) == 2
 
 
+def test_a_cache_write_that_fails_leaves_the_old_file_and_no_part(labeller, tmp_path, monkeypatch, caplog):
+    teacher = labeller
+    filled = teacher.logits("sentiment", ["a fine film"], tmp_path)
+    (cached,) = tmp_path.glob("*.npz")
+    before = cached.read_bytes()
+
+    def disk_full(handle, **arrays):
+        handle.write(b"half of a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(distill.np, "savez", disk_full)
+    with caplog.at_level("WARNING", logger="distill"):
+        got = teacher.logits("sentiment", ["a fine film", "a dull film"], tmp_path)
+    np.testing.assert_array_equal(got[:1], filled)
+    assert "could not be cached" in caplog.text
+    assert cached.read_bytes() == before  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cached.name, f"{cached.name}.lock"]  # no .part left
+
+
 def test_non_finite_teacher_logits_are_refused_before_any_output(student_argv, tmp_path, monkeypatch):
     cache, argv = student_argv
     not_finite = "not finite \\(inf or NaN\\) for 1 training row\\(s\\)"
