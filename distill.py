@@ -3,8 +3,9 @@
     accelerate launch train.py configs/default.yaml --data_dir ../shared/data --distill_from runs/teacher
 
 `--distill_from` names a folder saved by train.py (or a Hub repo of one), e.g. a larger encoder trained on the same
-task. Before training, the teacher labels every training row of each task it has a head for (`--distill_tasks`
-narrows them) with its own tokenizer; each such row's loss then adds
+task; several names make an ensemble whose logits are the mean of theirs. Before training, the teacher labels every
+training row of each task it has a head for (`--distill_tasks` narrows them) with its own tokenizer; each such row's
+loss then adds
 
     distill_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))     (T = --distill_temperature)
 
@@ -37,12 +38,15 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
-def check_arguments(distill_from: str | None, tasks: Sequence[str], weight: float, temperature: float) -> None:
-    """The distillation flags on their own (the teacher's heads are checked by `Teacher.check_tasks`)."""
-    if distill_from is None:
+def check_arguments(distill_from: Sequence[str], tasks: Sequence[str], weight: float, temperature: float) -> None:
+    """The distillation flags on their own (the teachers' heads are checked by `Teachers.check_tasks`)."""
+    if not distill_from:
         if tasks:
             raise ValueError(f"--distill_tasks {list(tasks)} needs --distill_from (the teacher's output folder).")
         return
+    repeated = sorted({name for name in distill_from if list(distill_from).count(name) > 1})
+    if repeated:
+        raise ValueError(f"--distill_from names {repeated} more than once; name each teacher once.")
     if not (math.isfinite(weight) and weight > 0):
         raise ValueError(
             f"--distill_weight must be a finite number > 0, got {weight}; leave out --distill_from to train without it."
@@ -188,6 +192,33 @@ class Teacher:
         return out
 
 
+class Teachers:
+    """The --distill_from models: one, or an ensemble whose logits are the mean of its members' logits (so its
+    softmax is the normalised geometric mean of theirs). Each member labels and caches its own logits."""
+
+    def __init__(self, names: Sequence[str], max_length: int, batch_size: int = 128):
+        self.members = [Teacher(name, max_length, batch_size) for name in names]
+        self.name = " + ".join(names)
+        self.tasks: list[str] = []
+
+    def check_tasks(self, student_tasks: list[dict], wanted: Sequence[str]) -> list[str]:
+        """`Teacher.check_tasks` for every member; all of them must distill the same tasks."""
+        chosen = {member.name: member.check_tasks(student_tasks, wanted) for member in self.members}
+        if len({tuple(names) for names in chosen.values()}) > 1:
+            raise ValueError(
+                f"--distill_from: the teachers have heads for different tasks of the run ({chosen}); pass "
+                f"--distill_tasks with the tasks every one of them has."
+            )
+        self.tasks = next(iter(chosen.values()))
+        return self.tasks
+
+    def logits(self, task: str, texts: list[str], cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+        if len(self.members) == 1:
+            return self.members[0].logits(task, texts, cache_dir)
+        logger.info("Distillation: %s logits are the mean of %d teachers'", task, len(self.members))
+        return np.mean([member.logits(task, texts, cache_dir) for member in self.members], axis=0, dtype=np.float32)
+
+
 @contextlib.contextmanager
 def _cache_lock(cache: Path):
     """Runs started together (seeds side by side, a multi-GPU run's processes) take turns on a cache file: the first
@@ -227,7 +258,7 @@ def default_cache_dir() -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "teacher_logits"
 
 
-def soft_targets(teacher: Teacher | None, task: str, num_labels: int, width: int, texts: list[str]) -> np.ndarray:
+def soft_targets(teacher: Teachers | None, task: str, num_labels: int, width: int, texts: list[str]) -> np.ndarray:
     """The `teacher_logits` column of a task's training rows: the teacher's logits in the first `num_labels`
     places, NaN elsewhere and on every row of a task it does not distill (the loss skips NaN rows)."""
     column = np.full((len(texts), width), np.nan, dtype=np.float32)

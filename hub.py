@@ -222,8 +222,10 @@ def _learning_rates(recipe: dict) -> str:
 
 def _distillation(distillation: dict) -> str:
     tasks = ", ".join(distillation["tasks"])
+    teachers = distillation.get("teachers") or [distillation.get("teacher")]
+    source = f"`{teachers[0]}`" if len(teachers) == 1 else "the mean logits of " + ", ".join(f"`{t}`" for t in teachers)
     return (
-        f"soft targets of `{distillation['teacher']}` on the {tasks} training rows: cross-entropy + "
+        f"soft targets of {source} on the {tasks} training rows: cross-entropy + "
         f"{distillation['weight']:g} x T^2 x KL at T = {distillation['temperature']:g}"
     )
 

@@ -275,10 +275,10 @@ def task_definitions_record(definitions, tasks: list[str]) -> list[dict] | None:
 def distillation_recipe(mt_args, mt) -> dict | None:
     """What --distill_from did in this run: the teacher, the tasks it labelled and the loss settings; None without
     a teacher."""
-    if getattr(mt_args, "distill_from", None) is None:
+    if not getattr(mt_args, "distill_from", None):
         return None
     return {
-        "teacher": mt_args.distill_from,
+        "teachers": list(mt_args.distill_from),
         "tasks": list(mt.distilled_tasks),
         "weight": mt_args.distill_weight,
         "temperature": mt_args.distill_temperature,

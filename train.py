@@ -237,11 +237,12 @@ class MultiTaskArguments:
             "gradient_accumulation_steps 1; combines with --torch_compile in mode default, not reduce-overhead."
         },
     )
-    distill_from: str | None = field(
-        default=None,
+    distill_from: list[str] = field(
+        default_factory=list,
         metadata={
             "help": "A train.py output folder (or Hub repo of one) whose logits are soft targets for the training "
-            "rows of the tasks it has heads for (distill.py); e.g. a larger encoder trained on the same task."
+            "rows of the tasks it has heads for (distill.py); e.g. a larger encoder trained on the same task. "
+            "Several: an ensemble, the mean of their logits."
         },
     )
     distill_tasks: list[str] = field(
@@ -268,7 +269,7 @@ class MultiTaskArguments:
             raise ValueError(f"loss_weights_learning_rate must be > 0, got {self.loss_weights_learning_rate}.")
         self.pad_to_buckets = list(mtdata.check_padding(self.pad_to_multiple_of, self.pad_to_buckets))
         distill.check_arguments(self.distill_from, self.distill_tasks, self.distill_weight, self.distill_temperature)
-        if self.distill_from is not None and self.cuda_graphs:
+        if self.distill_from and self.cuda_graphs:
             raise ValueError("--cuda_graphs records the step without the distillation term; drop one of the two.")
 
     def weights(self) -> dict[str, float]:
@@ -531,11 +532,11 @@ def build_trainer(model, tokenizer, mt, training_args: TrainingArguments, mt_arg
     return trainer
 
 
-def load_teacher(mt_args, data_args, config: MultiTaskConfig) -> distill.Teacher | None:
-    """The --distill_from model, checked against the run's tasks before any output is written."""
-    if mt_args.distill_from is None:
+def load_teacher(mt_args, data_args, config: MultiTaskConfig) -> distill.Teachers | None:
+    """The --distill_from model(s), checked against the run's tasks before any output is written."""
+    if not mt_args.distill_from:
         return None
-    teacher = distill.Teacher(mt_args.distill_from, data_args.max_seq_length)
+    teacher = distill.Teachers(mt_args.distill_from, data_args.max_seq_length)
     teacher.check_tasks(config.tasks, mt_args.distill_tasks)
     return teacher
 

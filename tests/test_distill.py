@@ -119,9 +119,80 @@ def test_student_trains_on_the_teachers_logits_and_records_it(
     assert not any("train_question_distill_loss" in row for row in trainer.state.log_history)
 
     recorded = json.loads((out / "metrics.json").read_text())["recipe"]["distillation"]
-    assert recorded == {"teacher": str(sentiment_teacher), "tasks": ["sentiment"], "weight": 0.5, "temperature": 3.0}
+    assert recorded == {"teachers": [str(sentiment_teacher)], "tasks": ["sentiment"], "weight": 0.5, "temperature": 3.0}
     assert metrics["recipe"]["distillation"] == recorded
     assert f"soft targets of `{sentiment_teacher}` on the sentiment training rows" in (out / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def second_teacher(tiny_encoder_dir, tiny_data_dir, tmp_path_factory):
+    """Another tiny sentiment model (another seed and more steps): other weights, other logits."""
+    out = tmp_path_factory.mktemp("teacher2")
+    train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--tasks", "sentiment", "--max_steps", "6",
+                         "--seed", "7"))  # fmt: skip
+    return out
+
+
+def test_an_ensemble_of_teachers_gives_the_mean_of_their_logits(
+    sentiment_teacher, second_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(distill, "default_cache_dir", lambda: cache)
+    out = tmp_path / "student"
+    teachers = [str(sentiment_teacher), str(second_teacher)]
+    argv = tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--max_steps", "2", "--distill_from", *teachers)
+    trainer, metrics = run_main(monkeypatch, argv)
+
+    # Each sentiment row carries the mean of the two teachers' own logits (each recomputed through predict.py).
+    n = trainer.task_sizes[0]
+    rows = trainer.train_dataset
+    soft = np.asarray(rows["teacher_logits"][:n], dtype=np.float32)
+    texts = trainer.processing_class.batch_decode(rows["input_ids"][:n], skip_special_tokens=True)
+    each = []
+    for folder in teachers:
+        model, tokenizer = predict.load(folder)
+        with torch.no_grad():
+            each.append(model(**tokenizer(texts, padding=True, return_tensors="pt"), task="sentiment").logits.numpy())
+    assert np.abs(each[0] - each[1]).max() > 1e-3  # two different teachers, so the mean is neither of them
+    np.testing.assert_allclose(soft, (each[0] + each[1]) / 2, atol=1e-4)
+    assert np.isnan(np.asarray(rows["teacher_logits"][n:], dtype=np.float32)).all()
+    assert len(list(cache.glob("*-sentiment.npz"))) == 2  # one cache per teacher: each reusable on its own
+
+    recorded = json.loads((out / "metrics.json").read_text())["recipe"]["distillation"]
+    assert recorded["teachers"] == teachers and metrics["recipe"]["distillation"] == recorded
+    card = (out / "README.md").read_text()
+    assert f"soft targets of the mean logits of `{teachers[0]}`, `{teachers[1]}` on the sentiment" in card
+
+
+def test_an_ensemble_that_repeats_a_teacher_or_whose_teachers_differ_in_tasks_is_refused(
+    sentiment_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path
+):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="--distill_from names \\[.*\\] more than once"):
+        train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--distill_from", str(sentiment_teacher),
+                             str(sentiment_teacher)))  # fmt: skip
+    assert not out.exists()
+
+    config = json.loads((sentiment_teacher / "config.json").read_text())
+    sentiment = {**config["tasks"][0], "id2label": {0: "negative", 1: "positive"}}
+    question = {"name": "question", "num_labels": 2, "id2label": {0: "not_question", 1: "question"}}
+    members = []
+    for name, heads in (("a", {"sentiment": sentiment}), ("b", {"sentiment": sentiment, "question": question})):
+        member = distill.Teacher.__new__(distill.Teacher)
+        member.name, member.heads = name, heads
+        members.append(member)
+    teachers = distill.Teachers.__new__(distill.Teachers)
+    teachers.members = members
+    student = [{"name": "sentiment", "num_labels": 2, "id2label": {0: "negative", 1: "positive"}}, question]
+    with pytest.raises(ValueError, match="the teachers have heads for different tasks .*pass --distill_tasks"):
+        teachers.check_tasks(student, [])
+    assert teachers.check_tasks(student, ["sentiment"]) == ["sentiment"]
+
+
+def test_a_config_file_may_name_one_teacher_as_a_string(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("distill_from: runs/teacher\n")
+    assert train.load_config(str(config))["distill_from"] == ["runs/teacher"]
 
 
 def test_a_second_run_reads_the_teachers_logits_from_the_cache(student_argv, tmp_path, monkeypatch):
