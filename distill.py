@@ -198,7 +198,6 @@ class Teachers:
 
     def __init__(self, names: Sequence[str], max_length: int, batch_size: int = 128):
         self.members = [Teacher(name, max_length, batch_size) for name in names]
-        self.name = " + ".join(names)
         self.tasks: list[str] = []
 
     def check_tasks(self, student_tasks: list[dict], wanted: Sequence[str]) -> list[str]:
