@@ -749,17 +749,9 @@ def cli(argv: list[str] | None = None) -> int:
     """`python hub.py ...`: `main`, with a refusal (a missing or damaged file, a symlink in the folder, no token) or
     an OS error printed as `error: <message>` on stderr, exit 1, no traceback (MULTITASK_DEBUG=1 shows it), as
     train.py prints its own."""
-    try:
-        main(argv)
-    except (ValueError, OSError) as err:
-        if os.environ.get("MULTITASK_DEBUG", "0") not in ("", "0"):
-            raise
-        from run_folder import os_error_message
+    from run_folder import run_cli
 
-        has_path = isinstance(err, OSError) and (err.filename or err.errno)
-        print(f"error: {os_error_message(err) if has_path else err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +268,20 @@ OS_ERROR_FIXES = {
     errno.EEXIST: "it already exists",
     errno.ENOENT: "no such file or folder",
 }
+
+
+def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
+    """`main(argv)` for a command line: a refusal (ValueError) or an OS error is printed as one `error: <message>`
+    line on stderr, exit status 1, no traceback (MULTITASK_DEBUG=1 shows it), as train.py prints its own."""
+    try:
+        main(argv)
+    except (ValueError, OSError) as err:
+        if os.environ.get("MULTITASK_DEBUG", "0") not in ("", "0"):
+            raise
+        has_path = isinstance(err, OSError) and (err.filename or err.errno)
+        print(f"error: {os_error_message(err) if has_path else err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def os_error_message(err: OSError) -> str:

@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -313,4 +314,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from run_folder import run_cli
+
+    sys.exit(run_cli(main))

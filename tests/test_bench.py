@@ -4,6 +4,7 @@ themselves are only meaningful on a quiet machine, see docs/performance.md)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -668,6 +669,15 @@ def test_seed_soup_refuses_runs_it_cannot_average(two_seed_runs, tiny_encoder_di
     (old / "model.safetensors").unlink()
     with pytest.raises(ValueError, match=f"{old}: not a finished train.py run"):
         seed_soup.main([str(two_seed_runs[0]), str(old), *data, "--max_length", "32"])
+    # On the command line (`make soup`), the same refusal is one `error:` line, exit 1, no traceback.
+    import subprocess
+
+    script = Path(seed_soup.__file__)
+    command = [sys.executable, str(script), str(two_seed_runs[0]), str(old), *data, "--max_length", "32"]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "MULTITASK_DEBUG": "0"},
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {old}: not a finished train.py run")
 
 
 def test_seed_soup_scores_a_custom_task_from_the_definition_its_runs_recorded(
