@@ -222,7 +222,7 @@ def _learning_rates(recipe: dict) -> str:
 
 def _distillation(distillation: dict) -> str:
     tasks = ", ".join(distillation["tasks"])
-    teachers = distillation.get("teachers") or [distillation.get("teacher")]
+    teachers = distillation.get("teachers") or [distillation.get("teacher")]  # a run folder may name one `teacher`
     source = f"`{teachers[0]}`" if len(teachers) == 1 else "the mean logits of " + ", ".join(f"`{t}`" for t in teachers)
     return (
         f"soft targets of {source} on the {tasks} training rows: cross-entropy + "

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from helpers import run_main, tiny_argv
 
 import distill
+import hub
 import predict
 import train
 
@@ -162,6 +163,9 @@ def test_an_ensemble_of_teachers_gives_the_mean_of_their_logits(
     assert recorded["teachers"] == teachers and metrics["recipe"]["distillation"] == recorded
     card = (out / "README.md").read_text()
     assert f"soft targets of the mean logits of `{teachers[0]}`, `{teachers[1]}` on the sentiment" in card
+    # A metrics.json that names its one teacher as "teacher" still renders.
+    one = {"teacher": "runs/t", "tasks": ["sentiment"], "weight": 1.0, "temperature": 2.0}
+    assert hub._distillation(one).startswith("soft targets of `runs/t` on the sentiment training rows")
 
 
 def test_an_ensemble_that_repeats_a_teacher_or_whose_teachers_differ_in_tasks_is_refused(
