@@ -273,8 +273,8 @@ def task_definitions_record(definitions, tasks: list[str]) -> list[dict] | None:
 
 
 def distillation_recipe(mt_args, mt) -> dict | None:
-    """What --distill_from did in this run: the teacher, the tasks it labelled and the loss settings; None without
-    a teacher."""
+    """What --distill_from did in this run: the teacher(s), the tasks they labelled and the loss settings; None
+    without a teacher."""
     if not getattr(mt_args, "distill_from", None):
         return None
     return {
