@@ -44,9 +44,11 @@ def check_arguments(distill_from: Sequence[str], tasks: Sequence[str], weight: f
         if tasks:
             raise ValueError(f"--distill_tasks {list(tasks)} needs --distill_from (the teacher's output folder).")
         return
-    repeated = sorted({name for name in distill_from if list(distill_from).count(name) > 1})
+    # A local folder is compared by where it really is (`runs/t`, `runs/t/` and a link to it are one teacher).
+    where = [os.path.realpath(name) if Path(name).exists() else name for name in distill_from]
+    repeated = [name for name, place in zip(distill_from, where) if where.count(place) > 1]
     if repeated:
-        raise ValueError(f"--distill_from names {repeated} more than once; name each teacher once.")
+        raise ValueError(f"--distill_from names one teacher more than once ({repeated}); name each teacher once.")
     if not (math.isfinite(weight) and weight > 0):
         raise ValueError(
             f"--distill_weight must be a finite number > 0, got {weight}; leave out --distill_from to train without it."

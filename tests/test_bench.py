@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -670,8 +671,6 @@ def test_seed_soup_refuses_runs_it_cannot_average(two_seed_runs, tiny_encoder_di
     with pytest.raises(ValueError, match=f"{old}: not a finished train.py run"):
         seed_soup.main([str(two_seed_runs[0]), str(old), *data, "--max_length", "32"])
     # On the command line (`make soup`), the same refusal is one `error:` line, exit 1, no traceback.
-    import subprocess
-
     script = Path(seed_soup.__file__)
     command = [sys.executable, str(script), str(two_seed_runs[0]), str(old), *data, "--max_length", "32"]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "MULTITASK_DEBUG": "0"},

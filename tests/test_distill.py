@@ -172,9 +172,10 @@ def test_an_ensemble_that_repeats_a_teacher_or_whose_teachers_differ_in_tasks_is
     sentiment_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path
 ):
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match="--distill_from names \\[.*\\] more than once"):
-        train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--distill_from", str(sentiment_teacher),
-                             str(sentiment_teacher)))  # fmt: skip
+    same = (str(sentiment_teacher), f"{sentiment_teacher}/", str(sentiment_teacher / ".." / sentiment_teacher.name))
+    for again in same:
+        with pytest.raises(ValueError, match="--distill_from names one teacher more than once"):
+            train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--distill_from", str(sentiment_teacher), again))
     assert not out.exists()
 
     config = json.loads((sentiment_teacher / "config.json").read_text())
