@@ -12,8 +12,8 @@ loss then adds
 to the head's cross-entropy on its hard label (Hinton et al., 2015), averaged over the task's rows in the batch.
 The teacher's logits are cached on disk (under the `datasets` cache, one file per teacher weights and task, each
 input keyed by a digest of its token ids), so runs with other seeds, slices or settings label each input once. The
-teacher loads as predict.py loads a model: safetensors only, through this repository's class, running no code of its
-folder.
+teacher loads as predict.py loads a model (safetensors only, through this repository's class, running no code of its
+folder), and only when some input is not in its cache.
 """
 
 from __future__ import annotations
@@ -64,20 +64,36 @@ class Teacher:
 
     def __init__(self, name_or_path: str, max_length: int, batch_size: int = 128):
         import predict
+        from modeling_multitask import MultiTaskConfig
 
         self.name = name_or_path
         self.path = self._local_folder(name_or_path)
-        try:
-            # Each process of a multi-GPU run labels on its own GPU (the first labels, the others read its cache).
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-            self.model = predict.load_model(self.path, device=device)
+        try:  # the weights load only when an input is not in the cache (`model`)
+            predict.check_folder(self.path)
+            self.config = MultiTaskConfig.from_pretrained(self.path)
             self.tokenizer = predict.load_tokenizer(self.path)
         except (OSError, ValueError) as err:
             raise ValueError(f"--distill_from {name_or_path!r}: {err}") from err
-        self.max_length = min(max_length, self.model.max_input_length(self.tokenizer))
+        self.max_length = min(max_length, self.config.max_input_length(self.tokenizer))
         self.batch_size = batch_size
-        self.heads = {t["name"]: t for t in self.model.config.tasks}
+        self.heads = {t["name"]: t for t in self.config.tasks}
         self.tasks: list[str] = []
+        self._model = None
+        self._fingerprint: str | None = None
+
+    @property
+    def model(self):
+        """The teacher's weights, loaded on first use as predict.py loads a model."""
+        if self._model is None:
+            import predict
+
+            # Each process of a multi-GPU run labels on its own GPU (the first labels, the others read its cache).
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+            try:
+                self._model = predict.load_model(self.path, device=device)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"--distill_from {self.name!r}: {err}") from err
+        return self._model
 
     @staticmethod
     def _local_folder(name_or_path: str) -> Path:
@@ -124,13 +140,15 @@ class Teacher:
         return names
 
     def fingerprint(self) -> str:
-        """A digest of the teacher's weights (every safetensors file, by content)."""
-        digest = hashlib.sha256(f"v{CACHE_VERSION}".encode())
-        for file in sorted(self.path.glob("*.safetensors")):
-            with open(file, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(block)
-        return digest.hexdigest()
+        """A digest of the teacher's weights (every safetensors file, by content), read once per `Teacher`."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+            for file in sorted(self.path.glob("*.safetensors")):
+                with open(file, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 24), b""):
+                        digest.update(block)
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def logits(self, task: str, texts: list[str], cache_dir: str | os.PathLike | None = None) -> np.ndarray:
         """(len(texts), num_labels) float32 logits of the teacher's `task` head. A cache file per teacher and task

@@ -120,6 +120,11 @@ class MultiTaskConfig(PretrainedConfig):
                         f"config.json is damaged or was edited by hand."
                     )
 
+    def max_input_length(self, tokenizer) -> int:
+        """Longest input a model of this config takes (`MultiTaskModel.max_input_length`), without building it."""
+        positions = getattr(self.encoder_config(), "max_position_embeddings", None) or 512
+        return int(min(tokenizer.model_max_length, positions))
+
     def to_dict(self) -> dict:
         # config.json names the encoder's built-in model type (e.g. "bert"), not this class's: AutoTokenizer reads
         # config.json through AutoConfig before tokenizer_config.json, and a model type unknown to transformers
@@ -443,8 +448,7 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
     def max_input_length(self, tokenizer) -> int:
         """Longest input this model takes: the tokenizer's limit, capped by the encoder's position table
         (tokenizers without a limit report a huge sentinel as `model_max_length`)."""
-        positions = getattr(self.encoder.config, "max_position_embeddings", None) or 512
-        return int(min(tokenizer.model_max_length, positions))
+        return self.config.max_input_length(tokenizer)
 
     @torch.inference_mode()
     def predict(

@@ -62,6 +62,18 @@ def check_weights(model_name_or_path: str | os.PathLike) -> None:
     raise ValueError(f"{folder} holds no model.safetensors: pass the output folder of a finished train.py run.")
 
 
+def check_folder(model_name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> None:
+    """What `load_model` checks before it reads any weights: safetensors present, and a model saved by train.py
+    unless `trust_remote_code`."""
+    check_weights(model_name_or_path)
+    model_type = read_model_type(model_name_or_path)
+    if model_type != MODEL_TYPE and not trust_remote_code:
+        raise ValueError(
+            f"{model_name_or_path}: config.json has model_type {model_type!r}, expected {MODEL_TYPE!r} (a model "
+            f"saved by train.py). Pass --trust_remote_code to load another model class with its own code."
+        )
+
+
 def read_model_type(model_name_or_path: str | os.PathLike) -> str | None:
     """The model type of a saved folder: `multitask_sentence_encoder` for ours (whose config.json names the
     encoder's type, see `MultiTaskConfig.to_dict`), else what config.json says."""
@@ -78,24 +90,24 @@ def load_model(model_name_or_path: str | os.PathLike, trust_remote_code: bool = 
     `trust_remote_code=True` builds the class from the folder's or repo's own `modeling_multitask.py`.
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     from modeling_multitask import MultiTaskModel
 
-    check_weights(model_name_or_path)
-    model_type = read_model_type(model_name_or_path)
-    if model_type != MODEL_TYPE and not trust_remote_code:
-        raise ValueError(
-            f"{model_name_or_path}: config.json has model_type {model_type!r}, expected {MODEL_TYPE!r} (a model "
-            f"saved by train.py). Pass --trust_remote_code to load another model class with its own code."
-        )
+    check_folder(model_name_or_path, trust_remote_code)
     hf_logging.disable_progress_bar()  # the weight-loading bar; the texts' bar is the one that matters
     try:
         if trust_remote_code:
             model = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=True, use_safetensors=True)
         else:
             model = MultiTaskModel.from_pretrained(model_name_or_path, use_safetensors=True)
+    except SafetensorError as exc:
+        raise ValueError(
+            f"{model_name_or_path}: its safetensors weights cannot be read ({exc}); the file is damaged or was cut "
+            f"short: copy or download the model again."
+        ) from exc
     except OSError as exc:
         if "safetensors" in str(exc).lower() or "no file named" in str(exc).lower():
             raise ValueError(

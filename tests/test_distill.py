@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -221,6 +222,29 @@ def test_a_second_run_reads_the_teachers_logits_from_the_cache(student_argv, tmp
         assert len(stored["keys"]) == len(keys)
 
 
+def test_a_teacher_loads_its_weights_only_for_inputs_not_in_its_cache(
+    labeller, sentiment_teacher, tmp_path, monkeypatch
+):
+    texts = ["a fine film", "a dull film"]
+    filled = labeller.logits("sentiment", texts, tmp_path)
+    loads = []
+    load_model = predict.load_model
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "load_model", counted)
+    again = distill.Teacher(str(sentiment_teacher), 32)
+    again.tasks = ["sentiment"]
+    np.testing.assert_array_equal(again.logits("sentiment", texts, tmp_path), filled)
+    assert loads == [] and again._model is None  # every input from the cache: the weights stay on disk
+    got = again.logits("sentiment", [*texts, "a long film"], tmp_path)
+    assert len(loads) == 1  # one new input: the weights load, once
+    np.testing.assert_array_equal(got[:2], filled)
+    np.testing.assert_allclose(got[2:], labeller.logits("sentiment", ["a long film"], tmp_path / "b"), atol=1e-6)
+
+
 def test_runs_labelling_at_once_keep_each_others_logits(labeller, tmp_path, monkeypatch):
     # Two runs started together (seeds side by side) with a slow teacher: without the cache's lock each would read
     # the empty cache, label its texts and replace the file, and the second write would drop the first's logits.
@@ -347,8 +371,9 @@ def test_bad_distillation_settings_are_refused_before_any_output(
 
 
 def test_a_teacher_without_the_tasks_or_with_other_classes_is_refused(
-    sentiment_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path
+    sentiment_teacher, tiny_encoder_dir, tiny_data_dir, tmp_path, monkeypatch
 ):
+    monkeypatch.setattr(distill, "default_cache_dir", lambda: tmp_path / "cache")
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="none for \\['question'\\]: distill from a model trained on the same task"):
         train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--tasks", "question", "--distill_from",
@@ -357,6 +382,13 @@ def test_a_teacher_without_the_tasks_or_with_other_classes_is_refused(
         train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--distill_from", str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="--distill_tasks \\['sentiment'\\] needs --distill_from"):
         train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--distill_tasks", "sentiment"))
+    # Weights cut short: found when the teacher first labels (it loads only for inputs not in its cache).
+    cut = tmp_path / "cut"
+    shutil.copytree(sentiment_teacher, cut)
+    (cut / "model.safetensors").write_bytes((sentiment_teacher / "model.safetensors").read_bytes()[:1000])
+    unreadable = "--distill_from .*safetensors weights cannot be read.*download the model again"
+    with pytest.raises(ValueError, match=unreadable):
+        train.main(tiny_argv(tiny_encoder_dir, tiny_data_dir, out, "--distill_from", str(cut)))
     assert not out.exists()
 
     config = json.loads((sentiment_teacher / "config.json").read_text())

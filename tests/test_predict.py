@@ -242,6 +242,19 @@ def test_cli_refuses_pickle_weights_naming_the_file(saved_model, tmp_path):
         assert "holds pickle weights (pytorch_model.bin) and no model.safetensors" in done.stderr
 
 
+def test_cli_refuses_weights_cut_short_in_one_line(saved_model, tmp_path):
+    import shutil
+
+    folder = tmp_path / "cut"
+    shutil.copytree(saved_model, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy or download that stopped part-way
+    done = _run_cli(folder, "is this any good", env=_env(tmp_path))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert "safetensors weights cannot be read" in done.stderr and "copy or download the model again" in done.stderr
+
+
 def test_cli_refuses_another_model_type_without_trust(saved_model, tmp_path):
     import shutil
 
