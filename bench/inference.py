@@ -51,6 +51,7 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 from pathlib import Path
 
 import common  # noqa: F401  (puts the repository root on sys.path)
@@ -657,4 +658,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
-    main()
+    from run_folder import run_cli
+
+    sys.exit(run_cli(main))

@@ -23,6 +23,7 @@ import argparse
 import logging
 import shutil
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -178,4 +179,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
-    main()
+    from run_folder import run_cli
+
+    sys.exit(run_cli(main))

@@ -201,4 +201,6 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from run_folder import run_cli
+
+    sys.exit(run_cli(main))

@@ -16,6 +16,7 @@ gold labels are only read here.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from common import markdown_table, question_class_scores  # first: puts the repository root on sys.path
 
@@ -100,4 +101,6 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from run_folder import run_cli
+
+    sys.exit(run_cli(main))

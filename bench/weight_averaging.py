@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
@@ -124,4 +125,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from run_folder import run_cli
+
+    sys.exit(run_cli(main))

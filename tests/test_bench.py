@@ -736,6 +736,19 @@ def test_a_damaged_metrics_json_is_refused_naming_the_file(two_seed_runs, tiny_d
         hub.render_card(cut)
     (cut / "metrics.json").unlink()
     assert question_errors.trained_length(cut, default=77) == 77  # a folder without one: the default length
+    # A folder that is not a run, on the command line: one `error:` line, exit 1, no traceback.
+    done = _bench_cli("question_errors.py", str(tmp_path), "--data_dir", str(tiny_data_dir))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path} holds no config.json: pass the output folder of a finished train.py run."
+    )
+
+
+def _bench_cli(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python bench/<script> args...` as a user runs it (MULTITASK_DEBUG off: no traceback)."""
+    command = [sys.executable, str(BENCH / script), *args]
+    env = {**os.environ, "MULTITASK_DEBUG": "0"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_question_rules_scores_every_rule_on_every_gold_set_and_half(tiny_data_dir, capsys):
@@ -781,6 +794,10 @@ def test_question_rules_names_the_missing_column(tmp_path, tiny_data_dir):
     pd.read_parquet(path).drop(columns=["dialog_id"]).to_parquet(path)
     with pytest.raises(ValueError, match=r"validation\.parquet: no column 'dialog_id'"):
         question_rules.main(["--data_dir", str(tmp_path / "data")])
+    # On the command line: one `error:` line, exit 1, no traceback.
+    done = _bench_cli("question_rules.py", "--data_dir", str(tmp_path / "data"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert re.match(r"error: .*validation\.parquet: no column 'dialog_id'", done.stderr.strip().splitlines()[-1])
 
 
 def test_question_rules_lists_the_utterances_two_rules_disagree_on(tmp_path, tiny_data_dir):
