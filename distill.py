@@ -72,9 +72,9 @@ class Teacher:
             predict.check_folder(self.path)
             self.config = MultiTaskConfig.from_pretrained(self.path)
             self.tokenizer = predict.load_tokenizer(self.path)
+            self.max_length = min(max_length, self.config.max_input_length(self.tokenizer))
         except (OSError, ValueError) as err:
             raise ValueError(f"--distill_from {name_or_path!r}: {err}") from err
-        self.max_length = min(max_length, self.config.max_input_length(self.tokenizer))
         self.batch_size = batch_size
         self.heads = {t["name"]: t for t in self.config.tasks}
         self.tasks: list[str] = []

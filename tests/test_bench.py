@@ -671,10 +671,7 @@ def test_seed_soup_refuses_runs_it_cannot_average(two_seed_runs, tiny_encoder_di
     with pytest.raises(ValueError, match=f"{old}: not a finished train.py run"):
         seed_soup.main([str(two_seed_runs[0]), str(old), *data, "--max_length", "32"])
     # On the command line (`make soup`), the same refusal is one `error:` line, exit 1, no traceback.
-    script = Path(seed_soup.__file__)
-    command = [sys.executable, str(script), str(two_seed_runs[0]), str(old), *data, "--max_length", "32"]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "MULTITASK_DEBUG": "0"},
-                          timeout=300)  # fmt: skip
+    done = _bench_cli("seed_soup.py", str(two_seed_runs[0]), str(old), *data, "--max_length", "32")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: {old}: not a finished train.py run")
 
